@@ -1,0 +1,13 @@
+"""Differentiable Gaussian rasterization: one :func:`rasterize`, three backends.
+
+- ``cpu``: ours, compiled with numba and parallel over tiles, hand-written backward.
+- ``gsplat``: gsplat's CUDA kernels, for CUDA tensors (optional extra ``splatforge[cuda]``).
+- ``reference``: slow, readable pure torch; the oracle the tests compare against.
+
+Importing this package compiles nothing and never imports gsplat.
+"""
+
+from splatforge.errors import BackendUnavailableError
+from splatforge.raster.api import BACKENDS, RENDER_MODES, available_backends, rasterize, resolve_backend
+
+__all__ = ["rasterize", "available_backends", "resolve_backend", "BackendUnavailableError", "BACKENDS", "RENDER_MODES"]

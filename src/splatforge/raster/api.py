@@ -1,0 +1,245 @@
+"""``rasterize``: the one entry point every part of splatforge renders through."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor
+
+from splatforge.errors import BackendUnavailableError, ConfigError
+from splatforge.geometry.sh import num_sh_bases
+
+__all__ = ["rasterize", "available_backends", "resolve_backend", "BACKENDS", "RENDER_MODES"]
+
+BACKENDS = ("auto", "cpu", "gsplat", "reference")
+RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
+RASTERIZE_MODES = ("classic", "antialiased")
+GSPLAT_VERSION = "1.5.3"
+
+
+def _gsplat_installed() -> bool:
+    # find_spec only looks for the package: nothing of gsplat is imported or compiled here.
+    return importlib.util.find_spec("gsplat") is not None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can render tensors on ``device``, without importing or building gsplat."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ["cpu", "reference"]
+    out = ["reference"]
+    if device.type == "cuda" and _gsplat_installed():
+        out.insert(0, "gsplat")
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on ``device``.
+
+    ``auto`` is ``gsplat`` for CUDA tensors when gsplat is installed, ``cpu`` for CPU tensors.
+
+    Raises:
+        ConfigError: unknown backend name.
+        BackendUnavailableError: the backend cannot run on ``device`` (says what is missing).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and _gsplat_installed():
+            return "gsplat"
+        raise BackendUnavailableError(
+            f"no compiled backend for tensors on {device}: the cpu backend needs CPU tensors and the "
+            f"gsplat backend needs CUDA tensors and `pip install 'splatforge[cuda]'` (gsplat=={GSPLAT_VERSION})"
+        )
+    if backend == "cpu" and device.type != "cpu":
+        raise BackendUnavailableError(f"the cpu backend needs CPU tensors, got tensors on {device}; move them with .cpu()")
+    if backend == "gsplat":
+        if device.type != "cuda":
+            raise BackendUnavailableError(
+                f"the gsplat backend needs CUDA tensors, got tensors on {device}; use backend='cpu' here"
+            )
+        if not _gsplat_installed():
+            raise BackendUnavailableError(
+                f"the gsplat backend needs gsplat=={GSPLAT_VERSION}: pip install 'splatforge[cuda]'"
+            )
+    return backend
+
+
+def _check(name: str, t: Any, shape: tuple, device: torch.device) -> None:
+    """Shape/dtype/device check; ``shape`` holds ints or None (any size)."""
+    if not isinstance(t, Tensor):
+        raise ConfigError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ConfigError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ConfigError(f"{name} must be a floating point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ConfigError(f"{name} is on {t.device} but means is on {device}; put all inputs on one device")
+
+
+def rasterize(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    sh_degree: Optional[int] = None,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    backgrounds: Optional[Tensor] = None,
+    render_mode: Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"] = "RGB",
+    rasterize_mode: Literal["classic", "antialiased"] = "classic",
+    absgrad: bool = False,
+    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Render N 3D Gaussians into C pinhole cameras, differentiably.
+
+    Same meaning as ``gsplat.rasterization`` (gsplat 1.5.3, ``packed=False``): EWA splatting
+    (Zwicker et al. 2002) as in 3D Gaussian Splatting (Kerbl et al. 2023), with gsplat's constants
+    (eps2d blur, opacity-aware 3.33-sigma radius, 16 px tiles, alpha <= 0.999, skip alpha < 1/255,
+    stop before T <= 1e-4).
+
+    Args:
+        means: ``[N, 3]`` centres, world units.
+        quats: ``[N, 4]`` rotations, **wxyz**, any non-zero length (normalised inside).
+        scales: ``[N, 3]`` standard deviations, **activated** (world units, not log space).
+        opacities: ``[N]`` **activated** opacities in [0, 1] (not logits).
+        colors: ``[N, D]`` or ``[C, N, D]`` features when ``sh_degree`` is None, else SH
+            coefficients ``[N, K, 3]`` with ``K >= (sh_degree + 1) ** 2`` (rendered as
+            ``max(SH(dir) + 0.5, 0)`` with ``dir`` from the camera centre to the Gaussian).
+        viewmats: ``[C, 4, 4]`` world-to-camera matrices, OpenCV axes (+x right, +y down, +z
+            forward).
+        Ks: ``[C, 3, 3]`` intrinsics in pixels; pixel centres are at integer + 0.5.
+        width, height: image size in pixels.
+        sh_degree: SH degree 0..3 to evaluate, or None for plain colours.
+        near_plane, far_plane: camera-z culling range, world units.
+        eps2d: screen-space dilation added to the 2D covariance diagonal, pixels^2.
+        backgrounds: ``[C, D]`` colour behind the Gaussians, or None for black/zero.
+        render_mode: ``RGB``; ``D`` accumulated depth ``sum_i w_i z_i``; ``ED`` expected depth
+            ``D / alpha``; ``RGB+D`` / ``RGB+ED`` append it as the last channel. Depth is
+            camera z, world units; its background is 0.
+        rasterize_mode: ``classic``, or ``antialiased`` (Mip-Splatting, Yu et al. 2024: opacities
+            times ``sqrt(det(cov2d) / det(cov2d + eps2d I))``).
+        absgrad: also provide ``info["means2d"].absgrad`` after backward (AbsGS): the sum over
+            pixels of the absolute per-pixel gradients.
+        backend: ``auto`` (gsplat on CUDA, cpu on CPU), ``cpu`` (ours, compiled, float32 CPU
+            tensors), ``gsplat`` (CUDA), or ``reference`` (slow pure torch, any device/dtype).
+
+    Returns:
+        ``render [C, H, W, D']`` (D' = D, or 3/4 with depth, 1 for depth only),
+        ``alpha [C, H, W, 1]``, and ``info`` with gsplat's keys: ``means2d [C, N, 2]`` (pixels,
+        non-leaf: ``.grad`` after backward once ``retain_grad()`` was called), ``radii [C, N, 2]``
+        int32 pixels, ``depths [C, N]``, ``conics [C, N, 3]``, ``opacities [C, N]``, ``width``,
+        ``height``, ``n_cameras``, ``gaussian_ids`` (None: unpacked layout), ``backend``.
+
+    Raises:
+        ConfigError: bad shapes, dtypes, devices or option values.
+        BackendUnavailableError: the requested backend cannot run here.
+    """
+    device = means.device if isinstance(means, Tensor) else torch.device("cpu")
+    _check("means", means, (None, 3), device)
+    N = means.shape[0]
+    _check("quats", quats, (N, 4), device)
+    _check("scales", scales, (N, 3), device)
+    _check("opacities", opacities, (N,), device)
+    _check("viewmats", viewmats, (None, 4, 4), device)
+    C = viewmats.shape[0]
+    _check("Ks", Ks, (C, 3, 3), device)
+    if C == 0:
+        raise ConfigError("viewmats must hold at least one camera, got 0")
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise ConfigError(f"width and height must be positive ints, got {width!r} x {height!r}")
+    if render_mode not in RENDER_MODES:
+        raise ConfigError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
+    if rasterize_mode not in RASTERIZE_MODES:
+        raise ConfigError(f"rasterize_mode must be one of {RASTERIZE_MODES}, got {rasterize_mode!r}")
+    if not near_plane < far_plane:
+        raise ConfigError(f"near_plane ({near_plane}) must be smaller than far_plane ({far_plane})")
+    if sh_degree is None:
+        if colors.dim() == 2:
+            _check("colors", colors, (N, None), device)
+        else:
+            _check("colors", colors, (C, N, None), device)
+    else:
+        _check("colors", colors, (N, None, 3), device)
+        if colors.shape[1] < num_sh_bases(sh_degree):
+            raise ConfigError(
+                f"sh_degree={sh_degree} needs {num_sh_bases(sh_degree)} SH coefficients per channel, "
+                f"colors has {colors.shape[1]}"
+            )
+    D_in = 3 if sh_degree is not None else colors.shape[-1]
+    if backgrounds is not None:
+        _check("backgrounds", backgrounds, (C, D_in if "RGB" in render_mode else None), device)
+
+    name = resolve_backend(backend, device)
+    if name == "gsplat":
+        from splatforge.raster import gsplat_backend
+
+        return gsplat_backend.rasterize(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
+            near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, backgrounds=backgrounds,
+            render_mode=render_mode, rasterize_mode=rasterize_mode, absgrad=absgrad,
+        )  # fmt: skip
+    if name == "cpu":
+        if any(t.dtype != torch.float32 for t in (means, quats, scales, opacities, colors, viewmats, Ks)):
+            raise ConfigError("the cpu backend needs float32 tensors; call .float() on the inputs")
+        from splatforge.raster import cpu as impl
+    else:
+        from splatforge.raster import reference as impl  # type: ignore[no-redef]
+
+    antialiased = rasterize_mode == "antialiased"
+    proj = impl.project(
+        means, quats, scales, opacities, viewmats, Ks, width, height,
+        eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, antialiased=antialiased,
+    )  # fmt: skip
+    opac = opacities[None, :].expand(C, N)
+    if proj.compensations is not None:
+        opac = opac * proj.compensations
+
+    if sh_degree is None:
+        feats = colors if colors.dim() == 3 else colors[None].expand(C, N, colors.shape[-1])
+    else:
+        feats = torch.clamp_min(impl.sh_colors(means, colors, viewmats, sh_degree, proj.radii) + 0.5, 0.0)
+
+    bgs = backgrounds
+    if render_mode in ("D", "ED"):
+        feats = proj.depths[..., None]
+        bgs = None
+    elif render_mode in ("RGB+D", "RGB+ED"):
+        feats = torch.cat([feats, proj.depths[..., None]], dim=-1)
+        if bgs is not None:
+            bgs = torch.cat([bgs, torch.zeros_like(bgs[:, :1])], dim=-1)
+
+    render, alpha = impl.rasterize_to_pixels(
+        proj.means2d, proj.conics, feats, opac, proj.depths, proj.radii, width, height,
+        backgrounds=bgs, absgrad=absgrad,
+    )  # fmt: skip
+    if render_mode in ("ED", "RGB+ED"):
+        render = torch.cat([render[..., :-1], render[..., -1:] / alpha.clamp(min=1e-10)], dim=-1)
+
+    info: dict[str, Any] = {
+        "means2d": proj.means2d,
+        "radii": proj.radii,
+        "depths": proj.depths,
+        "conics": proj.conics,
+        "opacities": opac,
+        "width": width,
+        "height": height,
+        "n_cameras": C,
+        "gaussian_ids": None,
+        "camera_ids": None,
+        "tile_size": 16,
+        "backend": name,
+    }
+    return render, alpha, info

@@ -1,0 +1,18 @@
+"""Constants of the rasterizer, those of gsplat 1.5.3 (the version the ``gsplat`` backend pins).
+
+Sources: ``gsplat/cuda/include/Common.h`` (ALPHA_THRESHOLD), ``RasterizeToPixels3DGSFwd.cu``
+(alpha clamp 0.999 and the T <= 1e-4 early stop; Inria's kernel clamps at 0.99),
+``ProjectionEWA3DGSFused.cu`` (3.33-sigma opacity-aware radius) and ``rendering.py`` (16 px tiles).
+"""
+
+#: Tile edge in pixels.
+TILE_SIZE = 16
+#: Largest alpha one Gaussian may have at a pixel.
+ALPHA_MAX = 0.999
+#: Contributions with alpha below this (1/255) are skipped.
+ALPHA_THRESHOLD = 1.0 / 255.0
+#: A pixel stops compositing before its transmittance would fall to this value or below.
+TRANSMITTANCE_MIN = 1e-4
+#: Radius in standard deviations of the 2D Gaussian, before the opacity-aware bound
+#: ``sqrt(2 ln(opacity / ALPHA_THRESHOLD))`` shrinks it.
+RADIUS_EXTEND = 3.33

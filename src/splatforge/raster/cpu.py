@@ -1,0 +1,181 @@
+"""The ``cpu`` backend: torch autograd Functions over the compiled numba kernels.
+
+Three differentiable stages, as in gsplat, so that ``means2d`` is a real node of the graph whose
+``.grad`` (and ``.absgrad``) densification strategies read:
+
+1. :func:`project` -> ``means2d, conics, depths, radii, compensations`` (``_cpu_project``),
+2. :func:`sh_colors` -> view-dependent colours (``_cpu_project``),
+3. :func:`rasterize_to_pixels` -> image and alpha (``_cpu_raster``).
+
+Inputs must be float32 CPU tensors. Gradients flow to means, quats, scales, opacities, colours
+and SH coefficients; not to ``viewmats`` or ``Ks`` (pose refinement needs the gsplat backend).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from splatforge.raster import _cpu_project as kp
+from splatforge.raster import _cpu_raster as kr
+from splatforge.raster.constants import TILE_SIZE
+from splatforge.raster.types import Projection
+
+__all__ = ["project", "sh_colors", "rasterize_to_pixels"]
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """A contiguous float32/int numpy view of a CPU tensor (no copy when already contiguous)."""
+    return t.detach().contiguous().numpy()
+
+
+class _ProjectFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, means, quats, scales, opacities, viewmats, Ks, settings):  # type: ignore[override]
+        width, height, eps2d, near, far, antialiased = settings
+        C, N = viewmats.shape[0], means.shape[0]
+        means2d = np.zeros((C, N, 2), np.float32)
+        conics = np.zeros((C, N, 3), np.float32)
+        depths = np.zeros((C, N), np.float32)
+        radii = np.zeros((C, N, 2), np.int32)
+        comps = np.zeros((C, N), np.float32)
+        arrays = [_np(t) for t in (means, quats, scales, opacities, viewmats, Ks)]
+        kp.project_fwd(*arrays, width, height, eps2d, near, far, antialiased, means2d, conics, depths, radii, comps)
+        out = [torch.from_numpy(a) for a in (means2d, conics, depths, radii, comps)]
+        ctx.settings = settings
+        ctx.save_for_backward(means, quats, scales, viewmats, Ks, out[1], out[3], out[4])
+        ctx.mark_non_differentiable(out[3])
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, v_means2d, v_conics, v_depths, _v_radii, v_comps):  # type: ignore[override]
+        means, quats, scales, viewmats, Ks, conics, radii, comps = ctx.saved_tensors
+        width, height, eps2d, _near, _far, antialiased = ctx.settings
+        N = means.shape[0]
+        v_means = np.zeros((N, 3), np.float32)
+        v_quats = np.zeros((N, 4), np.float32)
+        v_scales = np.zeros((N, 3), np.float32)
+        grads = [_np(g) if g is not None else np.zeros(s.shape, np.float32) for g, s in
+                 ((v_means2d, conics[..., :2]), (v_conics, conics), (v_depths, comps), (v_comps, comps))]  # fmt: skip
+        kp.project_bwd(
+            _np(means), _np(quats), _np(scales), _np(viewmats), _np(Ks), width, height, eps2d, antialiased,
+            _np(radii), _np(conics), _np(comps), *grads, v_means, v_quats, v_scales,
+        )  # fmt: skip
+        return torch.from_numpy(v_means), torch.from_numpy(v_quats), torch.from_numpy(v_scales), None, None, None, None
+
+
+def project(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    eps2d: float,
+    near_plane: float,
+    far_plane: float,
+    antialiased: bool,
+) -> Projection:
+    """Compiled EWA projection; same contract as :func:`splatforge.raster.reference.project`."""
+    settings = (int(width), int(height), float(eps2d), float(near_plane), float(far_plane), bool(antialiased))
+    means2d, conics, depths, radii, comps = _ProjectFn.apply(means, quats, scales, opacities, viewmats, Ks, settings)
+    return Projection(means2d, conics, depths, radii, comps if antialiased else None)
+
+
+class _SHFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, means, coeffs, campos, radii, degree):  # type: ignore[override]
+        colors = np.zeros((campos.shape[0], means.shape[0], 3), np.float32)
+        kp.sh_fwd(_np(means), _np(coeffs), _np(campos), degree, _np(radii), colors)
+        ctx.degree = degree
+        ctx.save_for_backward(means, coeffs, campos, radii)
+        return torch.from_numpy(colors)
+
+    @staticmethod
+    def backward(ctx: Any, v_colors):  # type: ignore[override]
+        means, coeffs, campos, radii = ctx.saved_tensors
+        v_coeffs = np.zeros(coeffs.shape, np.float32)
+        v_means = np.zeros(means.shape, np.float32)
+        kp.sh_bwd(_np(means), _np(coeffs), _np(campos), ctx.degree, _np(radii), _np(v_colors), v_coeffs, v_means)
+        return torch.from_numpy(v_means), torch.from_numpy(v_coeffs), None, None, None
+
+
+def sh_colors(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int, radii: Tensor) -> Tensor:
+    """Compiled SH evaluation; same contract as :func:`splatforge.raster.reference.sh_colors`."""
+    R, t = viewmats[:, :3, :3].detach(), viewmats[:, :3, 3].detach()
+    campos = -(R.transpose(-1, -2) @ t[..., None])[..., 0]  # camera centres, world
+    return _SHFn.apply(means, coeffs, campos.contiguous(), radii, int(sh_degree))
+
+
+class _RasterizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, means2d, conics, colors, opacities, backgrounds, radii, depths, width, height, absgrad):  # type: ignore[override]
+        C, _N, D = colors.shape
+        tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
+        offsets, ids = kr.bin_gaussians(_np(means2d), _np(radii), _np(depths), tiles_x, tiles_y)
+        render = np.empty((C, height, width, D), np.float32)
+        alpha = np.empty((C, height, width), np.float32)
+        last = np.empty((C, height, width), np.int32)
+        bgs = _np(backgrounds)
+        kr.raster_fwd(_np(means2d), _np(conics), _np(colors), _np(opacities), bgs, offsets, ids, width, height, tiles_x, render, alpha, last)
+        ctx.isect = (offsets, ids, tiles_x * tiles_y)
+        ctx.dims = (width, height, tiles_x, absgrad)
+        ctx.means2d = means2d if absgrad else None  # absgrad is attached to this very tensor
+        render_t, alpha_t = torch.from_numpy(render), torch.from_numpy(alpha)
+        ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, alpha_t, torch.from_numpy(last))
+        return render_t, alpha_t[..., None]
+
+    @staticmethod
+    def backward(ctx: Any, v_render, v_alpha):  # type: ignore[override]
+        means2d, conics, colors, opacities, backgrounds, alpha, last = ctx.saved_tensors
+        offsets, ids, n_tiles = ctx.isect
+        width, height, tiles_x, absgrad = ctx.dims
+        C, N, D = colors.shape
+        M = ids.shape[0]
+        g_xy, g_abs = np.zeros((M, 2), np.float32), np.zeros((M, 2), np.float32)
+        g_conic, g_col, g_opac = np.zeros((M, 3), np.float32), np.zeros((M, D), np.float32), np.zeros(M, np.float32)
+        v_render_np = _np(v_render) if v_render is not None else np.zeros((C, height, width, D), np.float32)
+        v_alpha_np = _np(v_alpha[..., 0]) if v_alpha is not None else np.zeros((C, height, width), np.float32)
+        kr.raster_bwd(
+            _np(means2d), _np(conics), _np(colors), _np(opacities), _np(backgrounds), offsets, ids, width, height,
+            tiles_x, _np(alpha), _np(last), v_render_np, v_alpha_np, g_xy, g_abs, g_conic, g_col, g_opac,
+        )  # fmt: skip
+        v_means2d, v_abs = np.zeros((C, N, 2), np.float32), np.zeros((C, N, 2), np.float32)
+        v_conics, v_colors, v_opac = np.zeros((C, N, 3), np.float32), np.zeros((C, N, D), np.float32), np.zeros((C, N), np.float32)
+        kr.reduce_isects(offsets, ids, n_tiles, g_xy, g_abs, g_conic, g_col, g_opac, v_means2d, v_abs, v_conics, v_colors, v_opac)
+        if absgrad:
+            ctx.means2d.absgrad = torch.from_numpy(v_abs)
+        v_bg = None
+        if ctx.needs_input_grad[4]:
+            v_bg = ((1.0 - alpha)[..., None] * v_render).sum(dim=(1, 2)) if v_render is not None else None
+        return (torch.from_numpy(v_means2d), torch.from_numpy(v_conics), torch.from_numpy(v_colors),
+                torch.from_numpy(v_opac), v_bg, None, None, None, None, None)  # fmt: skip
+
+
+def rasterize_to_pixels(
+    means2d: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    width: int,
+    height: int,
+    backgrounds: Tensor | None = None,
+    absgrad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Compiled tile rasterizer; same contract as
+    :func:`splatforge.raster.reference.rasterize_to_pixels`."""
+    if backgrounds is None:
+        backgrounds = torch.zeros((colors.shape[0], colors.shape[2]), dtype=colors.dtype)
+    return _RasterizeFn.apply(
+        means2d, conics, colors.contiguous(), opacities.contiguous(), backgrounds.contiguous(),
+        radii, depths, int(width), int(height), bool(absgrad),
+    )  # fmt: skip

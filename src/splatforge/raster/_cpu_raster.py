@@ -21,10 +21,17 @@ import numpy as np
 
 from splatforge.raster.constants import ALPHA_MAX, ALPHA_THRESHOLD, TILE_SIZE, TRANSMITTANCE_MIN
 
-_JIT = dict(cache=True, nogil=True, fastmath=False)
+_JIT = dict(cache=True, nogil=True, fastmath=True)
 # A contribution is certainly below ALPHA_THRESHOLD when sigma > log(o * 255) + margin; the
 # margin keeps this shortcut from ever disagreeing with the exact test on rounding.
 _SKIP_MARGIN = 1e-3
+# float32 constants: the inner loops run in float32, as gsplat's kernels do (expf, not exp).
+_F0 = 0.0
+_HALF = 0.5
+_ONE = 1.0
+_AMAX = ALPHA_MAX
+_ATHR = ALPHA_THRESHOLD
+_TMIN = TRANSMITTANCE_MIN
 
 
 @nb.njit(inline="always", **_JIT)
@@ -76,143 +83,211 @@ def bin_gaussians(means2d, radii, depths, tiles_x, tiles_y):
 
 
 @nb.njit(inline="always", **_JIT)
-def _gather(c, start, m, ids, means2d, conics, opacities):
-    """Copy a tile's Gaussians into one contiguous block: x, y, a, b, c, o, skip bound."""
+def _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1):
+    """Copy a tile's Gaussians into contiguous blocks.
+
+    ``g [m, 7]``: x, y, conic a, b, c, opacity, skip bound on sigma; ``box [m, 4]``: the pixel
+    range (x0, x1, y0, y1, exclusive max) inside the tile where the Gaussian can reach
+    alpha >= 1/255 (pixel centres within its radius box; outside it alpha < 1/255 always);
+    ``col [m, D]``: its features.
+    """
+    D = colors.shape[2]
     g = np.empty((m, 7), np.float32)
+    box = np.empty((m, 4), np.int32)
+    col = np.empty((m, D), np.float32)
     for k in range(m):
         n = ids[start + k]
         o = opacities[c, n]
-        g[k, 0] = means2d[c, n, 0]
-        g[k, 1] = means2d[c, n, 1]
+        u, v = means2d[c, n, 0], means2d[c, n, 1]
+        g[k, 0] = u
+        g[k, 1] = v
         g[k, 2] = conics[c, n, 0]
         g[k, 3] = conics[c, n, 1]
         g[k, 4] = conics[c, n, 2]
         g[k, 5] = o
         g[k, 6] = math.log(max(o, 1e-30) / ALPHA_THRESHOLD) + _SKIP_MARGIN
-    return g
+        rx, ry = radii[c, n, 0], radii[c, n, 1]
+        box[k, 0] = max(x0, int(math.ceil(u - rx - 0.5)))
+        box[k, 1] = min(x1, int(math.floor(u + rx - 0.5)) + 1)
+        box[k, 2] = max(y0, int(math.ceil(v - ry - 0.5)))
+        box[k, 3] = min(y1, int(math.floor(v + ry - 0.5)) + 1)
+        for d in range(D):
+            col[k, d] = colors[c, n, d]
+    return g, box, col
 
 
 @nb.njit(parallel=True, **_JIT)
 def raster_fwd(
-    means2d, conics, colors, opacities, backgrounds, offsets, ids, width, height, tiles_x,
+    means2d, conics, colors, opacities, radii, backgrounds, offsets, ids, width, height, tiles_x,
     render, alpha_out, last_out,
 ):  # fmt: skip
     """Composite into ``render [C, H, W, D]``, ``alpha_out [C, H, W]`` and ``last_out [C, H, W]``
     (int32: 1 + the tile-list position of the last Gaussian that contributed, 0 for none).
-    ``backgrounds`` is ``[C, D]`` (zeros for none)."""
+    ``backgrounds`` is ``[C, D]`` (zeros for none).
+
+    Gaussians are the outer loop (front to back) and pixels of their box the inner one; each
+    pixel sees the same sequence of operations as gsplat's per-pixel loop.
+    """
     C, D = colors.shape[0], colors.shape[2]
     T = (offsets.shape[0] - 1) // C
+    S = TILE_SIZE
     for job in nb.prange(C * T):
         c, tile = job // T, job % T
-        ty, tx = tile // tiles_x, tile % tiles_x
+        x0, y0 = (tile % tiles_x) * S, (tile // tiles_x) * S
+        x1, y1 = min(x0 + S, width), min(y0 + S, height)
         start = offsets[job]
         m = offsets[job + 1] - start
-        g = _gather(c, start, m, ids, means2d, conics, opacities)
-        col = np.empty((m, D), np.float32)
+        g, box, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1)
+        Tr = np.ones(S * S)
+        acc = np.zeros((S * S, D))
+        last = np.zeros(S * S, np.int32)
+        done = np.zeros(S * S, np.bool_)
+        active = (x1 - x0) * (y1 - y0)
         for k in range(m):
-            col[k] = colors[c, ids[start + k]]
-        acc = np.empty(D)
-        for py in range(ty * TILE_SIZE, min((ty + 1) * TILE_SIZE, height)):
-            fy = py + 0.5
-            for px in range(tx * TILE_SIZE, min((tx + 1) * TILE_SIZE, width)):
-                fx = px + 0.5
-                acc[:] = 0.0
-                Tr = 1.0
-                last = 0
-                for k in range(m):
-                    dx = g[k, 0] - fx
-                    dy = g[k, 1] - fy
-                    sigma = 0.5 * (g[k, 2] * dx * dx + g[k, 4] * dy * dy) + g[k, 3] * dx * dy
-                    if sigma < 0.0 or sigma > g[k, 6]:
+            if active == 0:
+                break
+            u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
+            for py in range(box[k, 2], box[k, 3]):
+                dy = v - (float(py) + _HALF)
+                row = (py - y0) * S - x0
+                for px in range(box[k, 0], box[k, 1]):
+                    p = row + px
+                    if done[p]:
                         continue
-                    alpha = min(ALPHA_MAX, g[k, 5] * math.exp(-sigma))
-                    if alpha < ALPHA_THRESHOLD:
+                    dx = u - (float(px) + _HALF)
+                    sigma = _HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                    if sigma < _F0 or sigma > bound:
                         continue
-                    next_T = Tr * (1.0 - alpha)
-                    if next_T <= TRANSMITTANCE_MIN:
-                        break
-                    w = alpha * Tr
-                    for d in range(D):
-                        acc[d] += col[k, d] * w
-                    Tr = next_T
-                    last = k + 1
+                    alpha = min(_AMAX, o * math.exp(-sigma))
+                    if alpha < _ATHR:
+                        continue
+                    next_T = Tr[p] * (_ONE - alpha)
+                    if next_T <= _TMIN:
+                        done[p] = True
+                        active -= 1
+                        continue
+                    w = alpha * Tr[p]
+                    if D == 3:
+                        acc[p, 0] += col[k, 0] * w
+                        acc[p, 1] += col[k, 1] * w
+                        acc[p, 2] += col[k, 2] * w
+                    else:
+                        for d in range(D):
+                            acc[p, d] += col[k, d] * w
+                    Tr[p] = next_T
+                    last[p] = k + 1
+        for py in range(y0, y1):
+            for px in range(x0, x1):
+                p = (py - y0) * S + px - x0
                 for d in range(D):
-                    render[c, py, px, d] = acc[d] + Tr * backgrounds[c, d]
-                alpha_out[c, py, px] = 1.0 - Tr
-                last_out[c, py, px] = last
+                    render[c, py, px, d] = acc[p, d] + Tr[p] * backgrounds[c, d]
+                alpha_out[c, py, px] = _ONE - Tr[p]
+                last_out[c, py, px] = last[p]
 
 
 @nb.njit(parallel=True, **_JIT)
 def raster_bwd(
-    means2d, conics, colors, opacities, backgrounds, offsets, ids, width, height, tiles_x,
+    means2d, conics, colors, opacities, radii, backgrounds, offsets, ids, width, height, tiles_x,
     alpha_out, last_out, v_render, v_alpha,
     g_xy, g_abs, g_conic, g_col, g_opac,
 ):  # fmt: skip
-    """Per-intersection gradients (outputs ``[n_isects, ...]``, zero-initialised): ``g_xy``
+    """Per-intersection gradients (outputs ``[n_isects, ...]``, each row written once): ``g_xy``
     and ``g_abs`` (sum of absolute per-pixel values) w.r.t. means2d, ``g_conic``, ``g_col [.., D]``
-    and ``g_opac``."""
+    and ``g_opac``. Gaussians are visited back to front; each pixel recovers its transmittance
+    by division, as gsplat does."""
     C, D = colors.shape[0], colors.shape[2]
     T = (offsets.shape[0] - 1) // C
+    S = TILE_SIZE
     for job in nb.prange(C * T):
         c, tile = job // T, job % T
-        ty, tx = tile // tiles_x, tile % tiles_x
+        x0, y0 = (tile % tiles_x) * S, (tile // tiles_x) * S
+        x1, y1 = min(x0 + S, width), min(y0 + S, height)
         start = offsets[job]
         m = offsets[job + 1] - start
         if m == 0:
             continue
-        g = _gather(c, start, m, ids, means2d, conics, opacities)
-        col = np.empty((m, D), np.float32)
-        for k in range(m):
-            col[k] = colors[c, ids[start + k]]
-        buf = np.empty(D)
-        vc = np.empty(D)
-        for py in range(ty * TILE_SIZE, min((ty + 1) * TILE_SIZE, height)):
-            fy = py + 0.5
-            for px in range(tx * TILE_SIZE, min((tx + 1) * TILE_SIZE, width)):
-                last = last_out[c, py, px]
-                if last == 0:
-                    continue
-                fx = px + 0.5
-                T_final = 1.0 - alpha_out[c, py, px]
-                Tr = T_final
-                bg_dot = 0.0
+        g, box, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1)
+        Tr = np.zeros(S * S)
+        T_final = np.zeros(S * S)
+        last = np.zeros(S * S, np.int32)
+        vc = np.zeros((S * S, D))
+        va = np.zeros(S * S)  # d loss / d alpha, minus the background's share
+        buf = np.zeros((S * S, D))
+        kmax = 0
+        for py in range(y0, y1):
+            for px in range(x0, x1):
+                p = (py - y0) * S + px - x0
+                last[p] = last_out[c, py, px]
+                kmax = max(kmax, last[p])
+                T_final[p] = Tr[p] = _ONE - alpha_out[c, py, px]
+                bg_dot = _F0
                 for d in range(D):
-                    vc[d] = v_render[c, py, px, d]
-                    bg_dot += backgrounds[c, d] * vc[d]
-                    buf[d] = 0.0
-                va = v_alpha[c, py, px]
-                for k in range(last - 1, -1, -1):
-                    dx = g[k, 0] - fx
-                    dy = g[k, 1] - fy
-                    sigma = 0.5 * (g[k, 2] * dx * dx + g[k, 4] * dy * dy) + g[k, 3] * dx * dy
-                    if sigma < 0.0 or sigma > g[k, 6]:
+                    vc[p, d] = v_render[c, py, px, d]
+                    bg_dot += backgrounds[c, d] * vc[p, d]
+                va[p] = v_alpha[c, py, px] - bg_dot
+        gc = np.empty(D)
+        for k in range(kmax - 1, -1, -1):
+            u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
+            # per-Gaussian sums over its pixels, in float64
+            gx = gy = ax = ay = ga = gb = gcc = go = gc0 = gc1 = gc2 = 0.0
+            gc[:] = 0.0
+            for py in range(box[k, 2], box[k, 3]):
+                dy = v - (float(py) + _HALF)
+                row = (py - y0) * S - x0
+                for px in range(box[k, 0], box[k, 1]):
+                    p = row + px
+                    if k >= last[p]:
                         continue
-                    o = g[k, 5]
+                    dx = u - (float(px) + _HALF)
+                    sigma = _HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                    if sigma < _F0 or sigma > bound:
+                        continue
                     vis = math.exp(-sigma)
-                    alpha = min(ALPHA_MAX, o * vis)
-                    if alpha < ALPHA_THRESHOLD:
+                    alpha = min(_AMAX, o * vis)
+                    if alpha < _ATHR:
                         continue
-                    ra = 1.0 / (1.0 - alpha)
-                    Tr *= ra
-                    fac = alpha * Tr
-                    i = start + k
-                    v_a = (T_final * ra) * (va - bg_dot)
-                    for d in range(D):
-                        g_col[i, d] += fac * vc[d]
-                        v_a += (col[k, d] * Tr - buf[d] * ra) * vc[d]
-                        buf[d] += col[k, d] * fac
-                    if o * vis <= ALPHA_MAX:
+                    ra = _ONE / (_ONE - alpha)
+                    Tr[p] *= ra
+                    t = Tr[p]
+                    fac = alpha * t
+                    v_a = T_final[p] * ra * va[p]
+                    if D == 3:
+                        c0, c1, c2 = col[k, 0], col[k, 1], col[k, 2]
+                        w0, w1, w2 = vc[p, 0], vc[p, 1], vc[p, 2]
+                        gc0 += fac * w0
+                        gc1 += fac * w1
+                        gc2 += fac * w2
+                        v_a += (c0 * t - buf[p, 0] * ra) * w0 + (c1 * t - buf[p, 1] * ra) * w1 + (c2 * t - buf[p, 2] * ra) * w2
+                        buf[p, 0] += c0 * fac
+                        buf[p, 1] += c1 * fac
+                        buf[p, 2] += c2 * fac
+                    else:
+                        for d in range(D):
+                            gc[d] += fac * vc[p, d]
+                            v_a += (col[k, d] * t - buf[p, d] * ra) * vc[p, d]
+                            buf[p, d] += col[k, d] * fac
+                    if o * vis <= _AMAX:
                         v_sigma = -o * vis * v_a
-                        g_conic[i, 0] += 0.5 * v_sigma * dx * dx
-                        g_conic[i, 1] += v_sigma * dx * dy
-                        g_conic[i, 2] += 0.5 * v_sigma * dy * dy
-                        gx = v_sigma * (g[k, 2] * dx + g[k, 3] * dy)
-                        gy = v_sigma * (g[k, 3] * dx + g[k, 4] * dy)
-                        g_xy[i, 0] += gx
-                        g_xy[i, 1] += gy
-                        g_abs[i, 0] += abs(gx)
-                        g_abs[i, 1] += abs(gy)
-                        g_opac[i] += vis * v_a
+                        ga += _HALF * v_sigma * dx * dx
+                        gb += v_sigma * dx * dy
+                        gcc += _HALF * v_sigma * dy * dy
+                        ex = v_sigma * (ca * dx + cb * dy)
+                        ey = v_sigma * (cb * dx + cc * dy)
+                        gx += ex
+                        gy += ey
+                        ax += abs(ex)
+                        ay += abs(ey)
+                        go += vis * v_a
+            i = start + k
+            g_xy[i, 0], g_xy[i, 1] = gx, gy
+            g_abs[i, 0], g_abs[i, 1] = ax, ay
+            g_conic[i, 0], g_conic[i, 1], g_conic[i, 2] = ga, gb, gcc
+            if D == 3:
+                g_col[i, 0], g_col[i, 1], g_col[i, 2] = gc0, gc1, gc2
+            else:
+                for d in range(D):
+                    g_col[i, d] = gc[d]
+            g_opac[i] = go
 
 
 @nb.njit(parallel=True, **_JIT)

@@ -124,17 +124,17 @@ class _RasterizeFn(torch.autograd.Function):
         alpha = np.empty((C, height, width), np.float32)
         last = np.empty((C, height, width), np.int32)
         bgs = _np(backgrounds)
-        kr.raster_fwd(_np(means2d), _np(conics), _np(colors), _np(opacities), bgs, offsets, ids, width, height, tiles_x, render, alpha, last)
+        kr.raster_fwd(_np(means2d), _np(conics), _np(colors), _np(opacities), _np(radii), bgs, offsets, ids, width, height, tiles_x, render, alpha, last)
         ctx.isect = (offsets, ids, tiles_x * tiles_y)
         ctx.dims = (width, height, tiles_x, absgrad)
         ctx.means2d = means2d if absgrad else None  # absgrad is attached to this very tensor
         render_t, alpha_t = torch.from_numpy(render), torch.from_numpy(alpha)
-        ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, alpha_t, torch.from_numpy(last))
+        ctx.save_for_backward(means2d, conics, colors, opacities, radii, backgrounds, alpha_t, torch.from_numpy(last))
         return render_t, alpha_t[..., None]
 
     @staticmethod
     def backward(ctx: Any, v_render, v_alpha):  # type: ignore[override]
-        means2d, conics, colors, opacities, backgrounds, alpha, last = ctx.saved_tensors
+        means2d, conics, colors, opacities, radii, backgrounds, alpha, last = ctx.saved_tensors
         offsets, ids, n_tiles = ctx.isect
         width, height, tiles_x, absgrad = ctx.dims
         C, N, D = colors.shape
@@ -144,8 +144,8 @@ class _RasterizeFn(torch.autograd.Function):
         v_render_np = _np(v_render) if v_render is not None else np.zeros((C, height, width, D), np.float32)
         v_alpha_np = _np(v_alpha[..., 0]) if v_alpha is not None else np.zeros((C, height, width), np.float32)
         kr.raster_bwd(
-            _np(means2d), _np(conics), _np(colors), _np(opacities), _np(backgrounds), offsets, ids, width, height,
-            tiles_x, _np(alpha), _np(last), v_render_np, v_alpha_np, g_xy, g_abs, g_conic, g_col, g_opac,
+            _np(means2d), _np(conics), _np(colors), _np(opacities), _np(radii), _np(backgrounds), offsets, ids,
+            width, height, tiles_x, _np(alpha), _np(last), v_render_np, v_alpha_np, g_xy, g_abs, g_conic, g_col, g_opac,
         )  # fmt: skip
         v_means2d, v_abs = np.zeros((C, N, 2), np.float32), np.zeros((C, N, 2), np.float32)
         v_conics, v_colors, v_opac = np.zeros((C, N, 3), np.float32), np.zeros((C, N, D), np.float32), np.zeros((C, N), np.float32)

@@ -1,0 +1,216 @@
+"""Hand-computed images, gradchecks, errors and the contracts other code relies on."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from scenes import REPO, Scene, random_scene
+from splatforge import BackendUnavailableError, ConfigError
+from splatforge.geometry.sh import sh_bases
+from splatforge.raster import available_backends, rasterize, resolve_backend
+
+
+def single_gaussian_expected(W, H, f, z, s, opacity, color):
+    """Closed form for one isotropic Gaussian on the optical axis, evaluated independently in
+    float64 numpy: sigma_px^2 = (f s / z)^2 + 0.3, alpha = min(0.999, o exp(-d^2 / (2 sigma_px^2))),
+    zero outside the opacity-aware radius box or below 1/255."""
+    var = (f * s / z) ** 2 + 0.3
+    extend = min(3.33, math.sqrt(2.0 * math.log(opacity * 255.0)))
+    r = math.ceil(extend * math.sqrt(var))
+    ys, xs = np.mgrid[0:H, 0:W] + 0.5
+    dx, dy = W / 2 - xs, H / 2 - ys
+    alpha = np.minimum(0.999, opacity * np.exp(-(dx * dx + dy * dy) / (2 * var)))
+    alpha[(alpha < 1 / 255) | (np.abs(dx) > r) | (np.abs(dy) > r)] = 0.0
+    return alpha[..., None] * np.asarray(color), alpha[..., None], r
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("opacity", [0.8, 0.02])
+def test_single_gaussian_hand_computed(backend, opacity):
+    W, H, f, z, s = 40, 36, 30.0, 2.0, 0.2
+    color = [0.9, 0.5, 0.1]
+    scene = Scene(
+        torch.tensor([[0.0, 0.0, z]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.full((1, 3), s),
+        torch.tensor([opacity]), torch.tensor([color]), torch.eye(4)[None],
+        torch.tensor([[[f, 0.0, W / 2], [0.0, f, H / 2], [0.0, 0.0, 1.0]]]), W, H,
+    )  # fmt: skip
+    render, alpha, info = rasterize(*scene.params(), scene.viewmats, scene.Ks, W, H, backend=backend)
+    want_rgb, want_alpha, r = single_gaussian_expected(W, H, f, z, s, opacity, color)
+    np.testing.assert_allclose(alpha[0].detach().numpy(), want_alpha, atol=2e-6)
+    np.testing.assert_allclose(render[0].detach().numpy(), want_rgb, atol=2e-6)
+    assert info["radii"][0, 0].tolist() == [r, r]
+    torch.testing.assert_close(info["means2d"][0, 0].detach(), torch.tensor([W / 2, H / 2]))
+    torch.testing.assert_close(info["depths"][0, 0].detach(), torch.tensor(z))
+
+
+def test_alpha_clamp_and_early_stop():
+    """Opaque layers: alpha clamps at 0.999 and compositing stops before T <= 1e-4, so a stack of
+    identical opaque Gaussians leaves T = 1e-3 after the first (the second would give 1e-6)."""
+    n = 3
+    means = torch.tensor([[0.0, 0.0, 2.0 + 0.1 * i] for i in range(n)])
+    colors = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    K = torch.tensor([[[20.0, 0, 8.5], [0, 20.0, 8.5], [0, 0, 1]]])  # all centred on pixel (8, 8)
+    for backend in ("cpu", "reference"):
+        render, alpha, _ = rasterize(
+            means, torch.tensor([[1.0, 0, 0, 0]] * n), torch.full((n, 3), 0.5), torch.ones(n), colors,
+            torch.eye(4)[None], K, 16, 16, backend=backend,
+        )  # fmt: skip
+        centre = render[0, 8, 8]
+        torch.testing.assert_close(alpha[0, 8, 8, 0], torch.tensor(0.999))
+        torch.testing.assert_close(centre, torch.tensor([0.999, 0.0, 0.0]))
+
+
+def test_gradcheck_reference_float64():
+    """The oracle's own gradients against finite differences (float64, tiny scene)."""
+    scene = random_scene(seed=4, n=6, n_cameras=2, width=20, height=18, sh_degree=1).to(torch.float64)
+    scene.scales = scene.scales * 3.0  # large enough to cover pixels of the tiny images
+    scene.opacities = scene.opacities * 0.5 + 0.3
+    scene.colors = scene.colors[:, :4]
+
+    def fn(means, quats, scales, opacities, colors):
+        render, alpha, _ = rasterize(
+            means, quats, scales, opacities, colors, scene.viewmats, scene.Ks, scene.width, scene.height,
+            sh_degree=1, render_mode="RGB+ED", rasterize_mode="antialiased", backend="reference",
+        )  # fmt: skip
+        return render, alpha
+
+    render, _ = fn(*scene.params())
+    assert render[..., :3].abs().sum() > 1.0  # something is drawn
+    assert torch.autograd.gradcheck(fn, tuple(scene.params()), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_sh_basis_is_orthonormal_and_signed_as_3dgs():
+    """Independent check of the SH constants: the 16 basis functions are orthonormal on the
+    sphere (Fibonacci-lattice quadrature), and the signs are Inria's (-y, +z, -x for degree 1)."""
+    n = 200_000
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    zc = 1 - 2 * i / n
+    phi = math.pi * (1 + 5**0.5) * i
+    r = torch.sqrt(1 - zc * zc)
+    dirs = torch.stack([r * torch.cos(phi), r * torch.sin(phi), zc], -1)
+    b = sh_bases(3, dirs)
+    gram = (b.T @ b) * (4 * math.pi / n)
+    torch.testing.assert_close(gram, torch.eye(16, dtype=torch.float64), atol=1e-4, rtol=0)
+    y1 = sh_bases(1, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+    assert y1[0, 1] < 0 and y1[1, 2] > 0 and y1[2, 3] < 0
+
+
+def test_default_strategy_runs_on_cpu_info():
+    """gsplat's DefaultStrategy reads info from a CPU render (means2d.grad/absgrad, radii, sizes)
+    and densifies: the Gaussian count changes and Adam's state follows."""
+    from gsplat.strategy import DefaultStrategy
+
+    scene = random_scene(seed=2, n=200, n_cameras=1, width=64, height=48, sh_degree=1)
+    n = scene.means.shape[0]
+    params = torch.nn.ParameterDict({
+        "means": scene.means, "quats": scene.quats, "scales": torch.log(scene.scales),
+        "opacities": torch.logit(scene.opacities.clamp(0.05, 0.95)),
+        "sh0": scene.colors[:, :1].clone(), "shN": scene.colors[:, 1:4].clone(),
+    })  # fmt: skip
+    optimizers = {k: torch.optim.Adam([p], lr=1e-3) for k, p in params.items()}
+    for absgrad in (False, True):
+        strategy = DefaultStrategy(
+            refine_start_iter=0, refine_every=1, grow_grad2d=1e-9, prune_opa=0.0, absgrad=absgrad,
+            pause_refine_after_reset=0, reset_every=1000,
+        )  # fmt: skip
+        strategy.check_sanity(params, optimizers)
+        state = strategy.initialize_state()
+        render, alpha, info = rasterize(
+            params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]),
+            torch.cat([params["sh0"], params["shN"]], 1), scene.viewmats, scene.Ks, 64, 48, sh_degree=1,
+            absgrad=absgrad, backend="cpu",
+        )  # fmt: skip
+        strategy.step_pre_backward(params, optimizers, state, 1, info)
+        render.mean().backward()
+        for opt in optimizers.values():
+            opt.step()
+        strategy.step_post_backward(params, optimizers, state, 1, info)
+        assert len(params["means"]) > n, "densification did not add Gaussians"
+        for key, opt in optimizers.items():
+            assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].shape == params[key].shape
+        n = len(params["means"])
+        for p in params.values():
+            p.grad = None
+
+
+def test_cpu_render_never_imports_gsplat():
+    """Rendering on CPU (auto backend) and probing backends must not import gsplat: on a machine
+    with nvcc but no GPU, gsplat would start its JIT build."""
+    code = (
+        "import sys, torch\n"
+        "from splatforge.raster import rasterize, available_backends\n"
+        "m = torch.zeros(1, 3); m[0, 2] = 2\n"
+        "rasterize(m, torch.tensor([[1., 0, 0, 0]]), torch.full((1, 3), .1), torch.ones(1), torch.ones(1, 3),\n"
+        "          torch.eye(4)[None], torch.tensor([[[10., 0, 4], [0, 10., 4], [0, 0, 1]]]), 8, 8)\n"
+        "available_backends('cpu'); available_backends('cuda')\n"
+        "assert not any(k == 'gsplat' or k.startswith('gsplat.') for k in sys.modules), 'gsplat was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_backend_selection_and_errors():
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert available_backends("cpu") == ["cpu", "reference"]
+    with pytest.raises(BackendUnavailableError, match="CUDA tensors"):
+        resolve_backend("gsplat", torch.device("cpu"))
+    with pytest.raises(BackendUnavailableError, match="CPU tensors"):
+        resolve_backend("cpu", torch.device("meta"))
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        resolve_backend("vulkan", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(quats=torch.zeros(4, 3)), r"quats must have shape \[4, 4\]"),
+        (dict(opacities=torch.zeros(4, 1)), r"opacities must have shape \[4\]"),
+        (dict(Ks=torch.zeros(2, 3, 3)), r"Ks must have shape \[1, 3, 3\]"),
+        (dict(render_mode="RGBD"), "render_mode must be one of"),
+        (dict(rasterize_mode="mip"), "rasterize_mode must be one of"),
+        (dict(sh_degree=3, colors=torch.zeros(4, 9, 3)), "sh_degree=3 needs 16 SH coefficients"),
+        (dict(sh_degree=4, colors=torch.zeros(4, 25, 3)), "sh_degree must be 0, 1, 2 or 3"),
+        (dict(means=torch.zeros(4, 3, dtype=torch.float64)), "cpu backend needs float32"),
+        (dict(width=0), "width and height must be positive"),
+        (dict(backgrounds=torch.zeros(1, 4)), r"backgrounds must have shape \[1, 3\]"),
+    ],
+)
+def test_bad_arguments_raise_config_error(change, message):
+    args = dict(
+        means=torch.zeros(4, 3), quats=torch.zeros(4, 4), scales=torch.ones(4, 3), opacities=torch.ones(4),
+        colors=torch.ones(4, 3), viewmats=torch.eye(4)[None], Ks=torch.eye(3)[None], width=8, height=8,
+    )  # fmt: skip
+    args.update(change)
+    with pytest.raises(ConfigError, match=message):
+        rasterize(**args, backend="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("sh_degree", [None, 3])
+@pytest.mark.parametrize("rasterize_mode", ["classic", "antialiased"])
+def test_cpu_matches_gsplat_on_cuda(sh_degree, rasterize_mode):
+    """cpu backend against gsplat's CUDA kernels: images within 1e-3, gradients within 1 %
+    of their largest magnitude (float32 on both sides, different summation orders)."""
+    pytest.importorskip("gsplat")
+    scene = random_scene(seed=12, n=2000, n_cameras=2, width=160, height=120, sh_degree=sh_degree)
+    outs = {}
+    for backend, device in (("cpu", "cpu"), ("gsplat", "cuda")):
+        params = [p.detach().to(device).requires_grad_(True) for p in scene.params()]
+        render, alpha, info = rasterize(
+            *params, scene.viewmats.to(device), scene.Ks.to(device), scene.width, scene.height,
+            sh_degree=sh_degree, rasterize_mode=rasterize_mode, render_mode="RGB+ED", backend=backend,
+        )  # fmt: skip
+        info["means2d"].retain_grad()
+        (render.sum() + alpha.sum()).backward()
+        outs[backend] = (render.detach().cpu(), alpha.detach().cpu(), [p.grad.cpu() for p in params])
+    (r0, a0, g0), (r1, a1, g1) = outs["cpu"], outs["gsplat"]
+    torch.testing.assert_close(a0, a1, atol=1e-3, rtol=0)
+    torch.testing.assert_close(r0[..., :3], r1[..., :3], atol=1e-3, rtol=0)
+    for got, want in zip(g0, g1):
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-5

@@ -146,18 +146,22 @@ def test_parity_garden_real_density():
 def test_empty_scene():
     scene = random_scene(seed=0, n=0, n_cameras=2)
     for backend in ("cpu", "reference"):
-        render, alpha, info = rasterize(*scene.params(), scene.viewmats, scene.Ks, scene.width, scene.height, backend=backend)
+        params = scene.params()
+        render, alpha, info = rasterize(*params, scene.viewmats, scene.Ks, scene.width, scene.height, backend=backend)
         assert render.shape == (2, scene.height, scene.width, 3)
         assert torch.count_nonzero(render) == 0 and torch.count_nonzero(alpha) == 0
         assert info["radii"].shape == (2, 0, 2)
+        (render.sum() + alpha.sum()).backward()
+        assert all(p.grad is not None and p.grad.shape == p.shape for p in params)
 
 
 def test_nothing_visible_gives_background_and_zero_grads():
     scene = random_scene(seed=1, n=30, n_cameras=1)
     scene.viewmats = look_at((0.0, 0.0, 10.0), target=(0.0, 0.0, 20.0))[None].float()  # looking away
     bg = torch.tensor([[0.2, 0.4, 0.6]])
-    params = scene.params()
-    render, alpha, _ = rasterize(*params, scene.viewmats, scene.Ks, scene.width, scene.height, backgrounds=bg, backend="cpu")
-    torch.testing.assert_close(render, bg.view(1, 1, 1, 3).expand_as(render))
-    render.sum().backward()
-    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+    for backend in ("cpu", "reference"):
+        params = scene.params()
+        render, alpha, _ = rasterize(*params, scene.viewmats, scene.Ks, scene.width, scene.height, backgrounds=bg, backend=backend)
+        torch.testing.assert_close(render, bg.view(1, 1, 1, 3).expand_as(render))
+        (render.sum() + alpha.sum()).backward()
+        assert all(torch.count_nonzero(p.grad) == 0 for p in params), backend

@@ -25,13 +25,6 @@ _JIT = dict(cache=True, nogil=True, fastmath=True)
 # A contribution is certainly below ALPHA_THRESHOLD when sigma > log(o * 255) + margin; the
 # margin keeps this shortcut from ever disagreeing with the exact test on rounding.
 _SKIP_MARGIN = 1e-3
-# float32 constants: the inner loops run in float32, as gsplat's kernels do (expf, not exp).
-_F0 = 0.0
-_HALF = 0.5
-_ONE = 1.0
-_AMAX = ALPHA_MAX
-_ATHR = ALPHA_THRESHOLD
-_TMIN = TRANSMITTANCE_MIN
 
 
 @nb.njit(inline="always", **_JIT)
@@ -148,21 +141,21 @@ def raster_fwd(
                 break
             u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
             for py in range(box[k, 2], box[k, 3]):
-                dy = v - (float(py) + _HALF)
+                dy = v - (py + 0.5)
                 row = (py - y0) * S - x0
                 for px in range(box[k, 0], box[k, 1]):
                     p = row + px
                     if done[p]:
                         continue
-                    dx = u - (float(px) + _HALF)
-                    sigma = _HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < _F0 or sigma > bound:
+                    dx = u - (px + 0.5)
+                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                    if sigma < 0.0 or sigma > bound:
                         continue
-                    alpha = min(_AMAX, o * math.exp(-sigma))
-                    if alpha < _ATHR:
+                    alpha = min(ALPHA_MAX, o * math.exp(-sigma))
+                    if alpha < ALPHA_THRESHOLD:
                         continue
-                    next_T = Tr[p] * (_ONE - alpha)
-                    if next_T <= _TMIN:
+                    next_T = Tr[p] * (1.0 - alpha)
+                    if next_T <= TRANSMITTANCE_MIN:
                         done[p] = True
                         active -= 1
                         continue
@@ -181,7 +174,7 @@ def raster_fwd(
                 p = (py - y0) * S + px - x0
                 for d in range(D):
                     render[c, py, px, d] = acc[p, d] + Tr[p] * backgrounds[c, d]
-                alpha_out[c, py, px] = _ONE - Tr[p]
+                alpha_out[c, py, px] = 1.0 - Tr[p]
                 last_out[c, py, px] = last[p]
 
 
@@ -219,8 +212,8 @@ def raster_bwd(
                 p = (py - y0) * S + px - x0
                 last[p] = last_out[c, py, px]
                 kmax = max(kmax, last[p])
-                T_final[p] = Tr[p] = _ONE - alpha_out[c, py, px]
-                bg_dot = _F0
+                T_final[p] = Tr[p] = 1.0 - alpha_out[c, py, px]
+                bg_dot = 0.0
                 for d in range(D):
                     vc[p, d] = v_render[c, py, px, d]
                     bg_dot += backgrounds[c, d] * vc[p, d]
@@ -232,21 +225,21 @@ def raster_bwd(
             gx = gy = ax = ay = ga = gb = gcc = go = gc0 = gc1 = gc2 = 0.0
             gc[:] = 0.0
             for py in range(box[k, 2], box[k, 3]):
-                dy = v - (float(py) + _HALF)
+                dy = v - (py + 0.5)
                 row = (py - y0) * S - x0
                 for px in range(box[k, 0], box[k, 1]):
                     p = row + px
                     if k >= last[p]:
                         continue
-                    dx = u - (float(px) + _HALF)
-                    sigma = _HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < _F0 or sigma > bound:
+                    dx = u - (px + 0.5)
+                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                    if sigma < 0.0 or sigma > bound:
                         continue
                     vis = math.exp(-sigma)
-                    alpha = min(_AMAX, o * vis)
-                    if alpha < _ATHR:
+                    alpha = min(ALPHA_MAX, o * vis)
+                    if alpha < ALPHA_THRESHOLD:
                         continue
-                    ra = _ONE / (_ONE - alpha)
+                    ra = 1.0 / (1.0 - alpha)
                     Tr[p] *= ra
                     t = Tr[p]
                     fac = alpha * t
@@ -266,11 +259,11 @@ def raster_bwd(
                             gc[d] += fac * vc[p, d]
                             v_a += (col[k, d] * t - buf[p, d] * ra) * vc[p, d]
                             buf[p, d] += col[k, d] * fac
-                    if o * vis <= _AMAX:
+                    if o * vis <= ALPHA_MAX:
                         v_sigma = -o * vis * v_a
-                        ga += _HALF * v_sigma * dx * dx
+                        ga += 0.5 * v_sigma * dx * dx
                         gb += v_sigma * dx * dy
-                        gcc += _HALF * v_sigma * dy * dy
+                        gcc += 0.5 * v_sigma * dy * dy
                         ex = v_sigma * (ca * dx + cb * dy)
                         ey = v_sigma * (cb * dx + cc * dy)
                         gx += ex

@@ -209,7 +209,13 @@ def rasterize_to_pixels(
         alphas.append(alpha_img)
     if absgrad_buf is not None:
         means2d.absgrad = absgrad_buf  # filled during backward by the hooks in _composite
-    return torch.stack(renders), torch.stack(alphas)
+    render, alpha = torch.stack(renders), torch.stack(alphas)
+    inputs = [t for t in (means2d, conics, colors, opacities) if t.requires_grad]
+    if inputs and not render.requires_grad:
+        # No Gaussian touched any pixel: stay in the graph so backward gives zero gradients.
+        zero = sum(t.sum() for t in inputs) * 0.0
+        render, alpha = render + zero, alpha + zero
+    return render, alpha
 
 
 def _composite(

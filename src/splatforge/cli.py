@@ -9,16 +9,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import tyro
+from rich.console import Console
 from rich.logging import RichHandler
 
 from splatforge.errors import SplatforgeError
 
-DEFAULT_GARDEN = Path("../shared/datasets/garden/test_garden.npz")
-
-
 def demo(
     output: Path = Path("out/demo"),
-    data: Optional[Path] = DEFAULT_GARDEN,
+    data: Optional[Path] = None,
     steps: int = 30,
     seed: int = 0,
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
@@ -28,7 +26,8 @@ def demo(
 
     Args:
         output: folder for the PNGs.
-        data: garden .npz; when missing a procedural scene is used (no network needed).
+        data: garden .npz; by default ../shared/datasets/garden/test_garden.npz if present, else a
+            procedural scene (no network needed).
         steps: Adam steps of the colour fit.
         seed: random seed.
         backend: rasterizer backend.
@@ -53,11 +52,14 @@ def backends() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    # Logs and progress go to stderr; stdout carries only results (JSON summaries, listings).
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=Console(stderr=True), show_path=False)]
+    )
     try:
         tyro.extras.subcommand_cli_from_dict({"demo": demo, "backends": backends}, args=argv, prog="splatforge")
     except SplatforgeError as exc:
-        logging.getLogger("splatforge").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)  # one unwrapped line naming the file at fault
         return 1
     return 0
 

@@ -24,6 +24,10 @@ from splatforge.raster import rasterize
 
 log = logging.getLogger(__name__)
 
+#: Where the demo looks for the garden scene when no path is given (the repository's sibling
+#: ``shared/datasets``, seen from the repository root).
+DEFAULT_GARDEN = Path("../shared/datasets/garden/test_garden.npz")
+
 __all__ = ["DemoScene", "load_garden", "procedural_scene", "run_demo", "save_png"]
 
 
@@ -101,10 +105,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_demo(output: Path, data: Optional[Path] = None, steps: int = 30, seed: int = 0, backend: str = "auto") -> dict:
     """Render the scene from every camera, then re-learn its colours from its own renders.
 
+    ``data``: the garden ``.npz``; None looks in :data:`DEFAULT_GARDEN` and falls back to a
+    procedural scene. Raises :class:`DataFormatError` if an explicit ``data`` is missing or bad.
+
     Writes ``output/{name}_view{i}.png`` (renders) and ``output/{name}_fit.png`` (the fitted
     render of view 0 after ``steps`` Adam steps from random colours). Returns timings and PSNRs.
     """
-    scene = load_garden(data) if data is not None and data.exists() else procedural_scene(seed)
+    if data is None:
+        data = DEFAULT_GARDEN if DEFAULT_GARDEN.exists() else None
+    elif not data.exists():
+        raise DataFormatError(f"{data}: no such file (the garden test scene, test_garden.npz)")
+    scene = load_garden(data) if data is not None else procedural_scene(seed)
     log.info("scene %s: %d Gaussians, %d cameras, %dx%d", scene.name, scene.means.shape[0], scene.viewmats.shape[0], scene.width, scene.height)
     args = (scene.viewmats, scene.Ks, scene.width, scene.height)
     t0 = time.perf_counter()

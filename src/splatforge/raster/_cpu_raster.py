@@ -76,6 +76,15 @@ def bin_gaussians(means2d, radii, depths, tiles_x, tiles_y):
 
 
 @nb.njit(inline="always", **_JIT)
+def _tile(job, T, tiles_x, width, height, offsets):
+    """Camera, pixel bounds (exclusive max) and list range ``[start, start + m)`` of tile job."""
+    c, tile = job // T, job % T
+    x0, y0 = (tile % tiles_x) * TILE_SIZE, (tile // tiles_x) * TILE_SIZE
+    start = offsets[job]
+    return c, x0, y0, min(x0 + TILE_SIZE, width), min(y0 + TILE_SIZE, height), start, offsets[job + 1] - start
+
+
+@nb.njit(inline="always", **_JIT)
 def _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1):
     """Copy a tile's Gaussians into contiguous blocks.
 
@@ -125,11 +134,7 @@ def raster_fwd(
     T = (offsets.shape[0] - 1) // C
     S = TILE_SIZE
     for job in nb.prange(C * T):
-        c, tile = job // T, job % T
-        x0, y0 = (tile % tiles_x) * S, (tile // tiles_x) * S
-        x1, y1 = min(x0 + S, width), min(y0 + S, height)
-        start = offsets[job]
-        m = offsets[job + 1] - start
+        c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
         g, box, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1)
         Tr = np.ones(S * S)
         acc = np.zeros((S * S, D))
@@ -192,11 +197,7 @@ def raster_bwd(
     T = (offsets.shape[0] - 1) // C
     S = TILE_SIZE
     for job in nb.prange(C * T):
-        c, tile = job // T, job % T
-        x0, y0 = (tile % tiles_x) * S, (tile // tiles_x) * S
-        x1, y1 = min(x0 + S, width), min(y0 + S, height)
-        start = offsets[job]
-        m = offsets[job + 1] - start
+        c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
         if m == 0:
             continue
         g, box, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1)

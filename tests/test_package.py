@@ -13,7 +13,7 @@ import pytest
 from scenes import REPO
 
 SRC = REPO / "src" / "splatforge"
-LOWER_LAYERS = ("geometry", "raster")
+LOWER_LAYERS = ("geometry", "raster", "data", "io")
 UPPER = ("splatforge.train", "splatforge.pipeline", "splatforge.server", "splatforge.cli", "splatforge.demo")
 
 
@@ -54,23 +54,25 @@ def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "splatforge.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_cli_demo_procedural_scene(tmp_path):
-    """With no dataset in reach (cwd without ../shared), the demo builds its own scene."""
+def test_cli_demo_trains_and_evaluates(tmp_path):
+    """The README's main job, short: build the offline scene, train, render test views, metrics."""
     out = tmp_path / "demo"
-    res = cli("demo", "--output", str(out), "--steps", "3", cwd=tmp_path)
+    res = cli("demo", "--output", str(out), "--steps", "60")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout[res.stdout.index("{") :])
-    assert summary["scene"] == "torus" and summary["psnr_end"] > summary["psnr_start"]
-    assert sorted(p.name for p in out.iterdir()) == ["torus_fit.png", "torus_view0.png", "torus_view1.png", "torus_view2.png"]
+    assert summary["steps"] == 60 and summary["test_psnr"] > 14.0
+    run = out / "run"
+    for rel in ("cfg.yml", "cameras.json", "metrics.json", "point_cloud/iteration_60/point_cloud.ply",
+                "test/ours_60/renders/00000.png", "test/ours_60/gt/00000.png"):  # fmt: skip
+        assert (run / rel).is_file(), rel
 
 
-def test_cli_demo_bad_data_names_the_file(tmp_path):
-    bad = tmp_path / "broken.npz"
-    bad.write_bytes(b"not a zip file")
-    for path in (bad, tmp_path / "missing.npz"):
-        res = cli("demo", "--data", str(path), "--output", str(tmp_path / "out"), "--steps", "1")
-        assert res.returncode == 1
-        assert f"error: {path}" in res.stderr and res.stdout == ""
+def test_cli_bad_input_names_the_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for data in (tmp_path / "missing", tmp_path / "empty"):
+        res = cli("train", str(data), "--output", str(tmp_path / "out"), "--steps", "1")
+        assert res.returncode == 1, res.stderr
+        assert f"error: {data}" in res.stderr and res.stdout == ""
     assert not (tmp_path / "out").exists()
 
 

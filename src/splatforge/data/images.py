@@ -1,0 +1,101 @@
+"""Image folders, downscaled copies and image loading."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from splatforge.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IMAGE_SUFFIXES", "image_size", "image_folder", "load_image", "list_images"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".webp", ".tif", ".tiff")
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image file names (relative, sorted) directly in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES and p.is_file())
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` in pixels, read from the header only.
+
+    Raises:
+        DataFormatError: missing or unreadable image.
+    """
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataFormatError(f"{path}: not a readable image: {exc}") from exc
+
+
+def image_folder(root: Path, data_factor: int, cache_dir: Optional[Path] = None, base: str = "images") -> Path:
+    """The image folder for ``data_factor``: ``root/images`` (1) or ``root/images_<k>``.
+
+    When ``images_<k>`` is absent but ``images`` exists and ``cache_dir`` is given, a downscaled
+    copy (Lanczos, sizes rounded up) is made once in ``cache_dir/downscaled/``; the input folder
+    is never written.
+
+    Raises:
+        DataFormatError: no suitable folder; the message lists the image folders that exist.
+    """
+    if data_factor < 1:
+        raise DataFormatError(f"data factor must be >= 1, got {data_factor}")
+    name = base if data_factor == 1 else f"{base}_{data_factor}"
+    folder = root / name
+    if folder.is_dir():
+        return folder
+    full = root / base
+    if data_factor > 1 and full.is_dir() and cache_dir is not None:
+        return _downscaled(full, data_factor, Path(cache_dir))
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(base)) if root.is_dir() else []
+    hint = f"; it has {', '.join(found)}: pass the matching --data-factor" if found else ""
+    raise DataFormatError(f"{folder}: no such image folder{hint}")
+
+
+def _downscaled(full: Path, factor: int, cache_dir: Path) -> Path:
+    key = hashlib.sha1(str(full.resolve()).encode()).hexdigest()[:16]
+    out = cache_dir / "downscaled" / f"{key}_{factor}"
+    if (out / ".complete").exists():
+        return out
+    log.info("downscaling %s by %d into %s", full, factor, out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in list_images(full):
+        with Image.open(full / name) as im:
+            w, h = im.size
+            im.resize((-(-w // factor), -(-h // factor)), Image.Resampling.LANCZOS).save(tmp / name)
+    (tmp / ".complete").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load_image(path: Path, background: Optional[tuple[float, float, float]] = None) -> np.ndarray:
+    """``[H, W, 3]`` float32 RGB in [0, 1]. Images with an alpha channel are composited over
+    ``background`` (white when None).
+
+    Raises:
+        DataFormatError: missing or unreadable image.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            has_alpha = im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)
+            arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataFormatError(f"{path}: not a readable image: {exc}") from exc
+    if has_alpha:
+        bg = np.asarray(background if background is not None else (1.0, 1.0, 1.0), dtype=np.float32)
+        arr = arr[..., :3] * arr[..., 3:] + bg * (1.0 - arr[..., 3:])
+    return np.ascontiguousarray(arr)

@@ -1,0 +1,131 @@
+"""Gaussian splats as PLY in the layout of Inria's 3DGS (``scene/gaussian_model.py::save_ply``),
+the interchange format every viewer reads.
+
+Properties, all float32, binary little endian, in this order: ``x y z``, ``nx ny nz`` (zeros),
+``f_dc_0..2`` (SH DC per channel), ``f_rest_0..3(K-1)-1`` (higher SH bands, **channel-major**:
+all of red's coefficients, then green's, then blue's), ``opacity`` (logit), ``scale_0..2`` (log),
+``rot_0..3`` (quaternion wxyz, unnormalised). Pure functions, numpy in and out.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from splatforge._fs import atomic_path
+from splatforge.errors import DataFormatError
+
+__all__ = ["write_ply", "read_ply", "SPLAT_KEYS"]
+
+#: Keys of the dict :func:`write_ply` takes and :func:`read_ply` returns (gsplat's layout).
+SPLAT_KEYS = ("means", "quats", "scales", "opacities", "sh0", "shN")
+
+
+def _attributes(n_rest: int) -> list[str]:
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    names += [f"f_rest_{i}" for i in range(3 * n_rest)]
+    names += ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    return names
+
+
+def write_ply(path: Path, splats: dict[str, np.ndarray]) -> None:
+    """Write ``splats`` (``means [N,3]``, ``quats [N,4]`` wxyz, ``scales [N,3]`` log,
+    ``opacities [N]`` logit, ``sh0 [N,1,3]``, ``shN [N,K-1,3]``) to ``path`` atomically.
+
+    Raises:
+        DataFormatError: inconsistent shapes.
+    """
+    arr = {k: np.asarray(splats[k], dtype=np.float32) for k in SPLAT_KEYS}
+    n = arr["means"].shape[0]
+    want = {"means": (n, 3), "quats": (n, 4), "scales": (n, 3), "opacities": (n,), "sh0": (n, 1, 3)}
+    for key, shape in want.items():
+        if arr[key].shape != shape:
+            raise DataFormatError(f"{path}: {key} has shape {arr[key].shape}, expected {shape}")
+    shN = arr["shN"].reshape(n, -1, 3)
+    columns = [arr["means"], np.zeros((n, 3), np.float32), arr["sh0"].reshape(n, 3),
+               shN.transpose(0, 2, 1).reshape(n, -1), arr["opacities"][:, None], arr["scales"], arr["quats"]]  # fmt: skip
+    data = np.ascontiguousarray(np.concatenate(columns, axis=1), dtype="<f4")
+    names = _attributes(shN.shape[1])
+    header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {n}\n"
+    header += "".join(f"property float {name}\n" for name in names) + "end_header\n"
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header.encode("ascii"))
+            f.write(data.tobytes())
+
+
+_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
+          "char": "i1", "int8": "i1", "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
+          "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4"}  # fmt: skip
+
+
+def read_ply(path: Path) -> dict[str, np.ndarray]:
+    """Read a 3DGS PLY (Inria's, gsplat's ``export_splats``, nerfstudio's ``ns-export
+    gaussian-splat``): the vertex element's properties in any order, binary (either endianness)
+    or ASCII. Returns the dict :func:`write_ply` takes (float32).
+
+    Raises:
+        DataFormatError: not a PLY, a truncated file, or missing Gaussian properties.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataFormatError(f"{path}: cannot read: {exc}") from exc
+    end = raw.find(b"end_header")
+    if not raw.startswith(b"ply") or end < 0:
+        raise DataFormatError(f"{path}: not a PLY file (no 'ply' magic or 'end_header')")
+    body_start = raw.index(b"\n", end) + 1
+    lines = raw[:end].decode("ascii", errors="replace").splitlines()
+    fmt, elements, current = None, [], None
+    for line in lines:
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "format":
+            fmt = parts[1]
+        elif parts[0] == "element":
+            current = (parts[1], int(parts[2]), [])
+            elements.append(current)
+        elif parts[0] == "property" and current is not None:
+            if parts[1] == "list":
+                raise DataFormatError(f"{path}: list property {parts[-1]!r} in element {current[0]!r} is not supported")
+            if parts[1] not in _TYPES:
+                raise DataFormatError(f"{path}: unknown property type {parts[1]!r}")
+            current[2].append((parts[2], _TYPES[parts[1]]))
+    if fmt not in ("binary_little_endian", "binary_big_endian", "ascii"):
+        raise DataFormatError(f"{path}: unsupported PLY format {fmt!r}")
+    if not elements or elements[0][0] != "vertex":
+        raise DataFormatError(f"{path}: the first element must be 'vertex'")
+    _, n, props = elements[0]
+    if fmt == "ascii":
+        values = np.array(raw[body_start:].split()[: n * len(props)], dtype=np.float64)
+        if values.size != n * len(props):
+            raise DataFormatError(f"{path}: truncated: expected {n} vertices")
+        table = {name: values.reshape(n, len(props))[:, i] for i, (name, _) in enumerate(props)}
+    else:
+        order = "<" if fmt == "binary_little_endian" else ">"
+        dtype = np.dtype([(name, order + t) for name, t in props])
+        if len(raw) - body_start < n * dtype.itemsize:
+            raise DataFormatError(f"{path}: truncated: {n} vertices need {n * dtype.itemsize} bytes, found {len(raw) - body_start}")
+        rec = np.frombuffer(raw, dtype=dtype, count=n, offset=body_start)
+        table = {name: rec[name] for name, _ in props}
+    needed = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    missing = [k for k in needed if k not in table]
+    if missing:
+        raise DataFormatError(f"{path}: not a Gaussian splat PLY, missing properties {missing}")
+    rest = sorted((k for k in table if k.startswith("f_rest_")), key=lambda k: int(re.sub(r"\D", "", k)))
+    if len(rest) % 3:
+        raise DataFormatError(f"{path}: {len(rest)} f_rest properties is not a multiple of 3")
+    col = lambda keys: np.stack([np.asarray(table[k], dtype=np.float32) for k in keys], axis=1)  # noqa: E731
+    shN = col(rest).reshape(n, 3, len(rest) // 3).transpose(0, 2, 1) if rest else np.zeros((n, 0, 3), np.float32)
+    return {
+        "means": col(["x", "y", "z"]),
+        "quats": col(["rot_0", "rot_1", "rot_2", "rot_3"]),
+        "scales": col(["scale_0", "scale_1", "scale_2"]),
+        "opacities": np.asarray(table["opacity"], dtype=np.float32),
+        "sh0": col(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :],
+        "shN": np.ascontiguousarray(shN),
+    }

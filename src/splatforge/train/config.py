@@ -12,7 +12,7 @@ import yaml
 from splatforge._fs import atomic_path
 from splatforge.errors import ConfigError
 
-__all__ = ["TrainConfig", "LearningRates", "DensifyConfig", "save_config", "load_config", "to_plain"]
+__all__ = ["TrainConfig", "LearningRates", "DensifyConfig", "MCMCConfig", "save_config", "load_config", "to_plain"]
 
 
 @dataclass
@@ -44,6 +44,23 @@ class DensifyConfig:
     prune_opa: float = 5e-3
     absgrad: bool = False
     """Use AbsGS absolute gradients (then grow_grad2d is usually raised to ~8e-4)."""
+
+
+@dataclass
+class MCMCConfig:
+    """gsplat ``MCMCStrategy`` (Kheradmand et al. 2024) hyper-parameters, used with
+    ``strategy="mcmc"``; the count never exceeds ``cap_max`` (or ``max_gaussians`` if smaller)."""
+
+    cap_max: int = 1_000_000
+    refine_start: int = 500
+    refine_stop: int = 25_000
+    refine_every: int = 100
+    min_opacity: float = 0.005
+    noise_lr: float = 5e5
+    opacity_reg: float = 0.01
+    """Loss weight of the mean opacity."""
+    scale_reg: float = 0.01
+    """Loss weight of the mean scale."""
 
 
 @dataclass
@@ -85,8 +102,11 @@ class TrainConfig:
     """Also checkpoint every this many steps (0: only at the end)."""
     cache_dir: Optional[Path] = None
     """Undistorted/downscaled image copies (default: <output>/cache; never inside data)."""
+    strategy: Literal["default", "mcmc"] = "default"
+    """Densification: 3DGS adaptive density control, or MCMC relocation (CPU path included)."""
     lr: LearningRates = field(default_factory=LearningRates)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
+    mcmc: MCMCConfig = field(default_factory=MCMCConfig)
 
     def validate(self) -> "TrainConfig":
         """Raises ConfigError for values that cannot work."""
@@ -98,6 +118,8 @@ class TrainConfig:
             raise ConfigError(f"data_factor must be >= 1, got {self.data_factor}")
         if not 0.0 <= self.ssim_lambda <= 1.0:
             raise ConfigError(f"ssim_lambda must be in [0, 1], got {self.ssim_lambda}")
+        if self.strategy not in ("default", "mcmc"):
+            raise ConfigError(f"strategy must be 'default' or 'mcmc', got {self.strategy!r}")
         if Path(self.output).resolve() == Path(self.data).resolve():
             raise ConfigError(f"the output folder must not be the input scene folder ({self.data})")
         return self
@@ -128,9 +150,10 @@ def load_config(path: Path) -> TrainConfig:
         raw = yaml.safe_load(Path(path).read_text())
         lr = LearningRates(**raw.pop("lr", {}))
         densify = DensifyConfig(**raw.pop("densify", {}))
+        mcmc = MCMCConfig(**raw.pop("mcmc", {}))
         for key in ("data", "output", "partition", "cache_dir"):
             if raw.get(key) is not None:
                 raw[key] = Path(raw[key])
-        return TrainConfig(**raw, lr=lr, densify=densify)
+        return TrainConfig(**raw, lr=lr, densify=densify, mcmc=mcmc)
     except (OSError, yaml.YAMLError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: not a readable splatforge config: {exc}") from exc

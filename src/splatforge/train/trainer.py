@@ -117,6 +117,17 @@ class Trainer:
     def _build_strategy(self):
         from gsplat.strategy import DefaultStrategy
 
+        if self.cfg.strategy == "mcmc":
+            from splatforge.train.mcmc import MCMCStrategyAnyDevice
+
+            m = self.cfg.mcmc
+            cap = min(m.cap_max, self.cfg.max_gaussians) if self.cfg.max_gaussians else m.cap_max
+            strategy = MCMCStrategyAnyDevice(
+                cap_max=cap, refine_start_iter=m.refine_start, refine_stop_iter=m.refine_stop,
+                refine_every=m.refine_every, min_opacity=m.min_opacity, noise_lr=m.noise_lr,
+            )  # fmt: skip
+            strategy.check_sanity(self.params, self.optimizers)
+            return strategy, strategy.initialize_state()
         d = self.cfg.densify
         strategy = DefaultStrategy(
             refine_start_iter=d.refine_start, refine_stop_iter=d.refine_stop, refine_every=d.refine_every,
@@ -196,14 +207,21 @@ class Trainer:
         self.strategy.step_pre_backward(self.params, self.optimizers, self.strategy_state, step, info)
         l1 = torch.abs(render - gt).mean()
         loss = (1.0 - cfg.ssim_lambda) * l1 + cfg.ssim_lambda * (1.0 - ssim(render, gt))
+        if cfg.strategy == "mcmc":
+            loss = loss + cfg.mcmc.opacity_reg * torch.sigmoid(self.params["opacities"]).mean()
+            loss = loss + cfg.mcmc.scale_reg * torch.exp(self.params["scales"]).mean()
         loss.backward()
         for opt in self.optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
+        means_lr = self.schedulers[0].get_last_lr()[0]
         for sched in self.schedulers:
             sched.step()
-        self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, packed=False)
-        self._reset_opacities(step)
+        if cfg.strategy == "mcmc":
+            self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, lr=means_lr)
+        else:
+            self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, packed=False)
+            self._reset_opacities(step)
         if cfg.max_gaussians:
             cap_gaussians(self.params, self.optimizers, self.strategy_state, cfg.max_gaussians)
         self.step += 1

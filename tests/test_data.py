@@ -222,3 +222,26 @@ def test_ply_bad_files(tmp_path):
     with pytest.raises(DataFormatError, match="truncated"):
         read_ply(bad)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp files left behind
+
+
+def test_distorted_colmap_model_is_undistorted_into_the_cache(tmp_path):
+    """A SIMPLE_RADIAL copy of skull (calibrated at full size, images_8 on disk) is undistorted
+    with pycolmap into the cache, at the images' size, never into the input."""
+    import pycolmap
+
+    root = tmp_path / "radial"
+    (root / "sparse" / "0").mkdir(parents=True)
+    shutil.copytree(SKULL / "images_8", root / "images_8")
+    rec = pycolmap.Reconstruction(str(SKULL / "sparse" / "0"))
+    cam = rec.cameras[1]
+    rec.cameras[1] = pycolmap.Camera(model="SIMPLE_RADIAL", width=cam.width, height=cam.height,
+                                     params=[cam.params[0], cam.params[2], cam.params[3], 0.05], camera_id=1)  # fmt: skip
+    rec.write(str(root / "sparse" / "0"))
+    before = snapshot(root)
+    scene = load_scene(root, data_factor=8, cache_dir=tmp_path / "cache")
+    assert snapshot(root) == before
+    assert len(scene) == 66 and all(str(p).startswith(str(tmp_path / "cache")) for p in scene.image_paths)
+    # undistorted at 1/8 size: PINHOLE with the focal length scaled by the image size
+    assert abs(scene.widths[0] - 266) <= 3 and abs(scene.heights[0] - 177) <= 3
+    assert scene.Ks[0, 0, 0] == pytest.approx(4847.5857 * 266 / 2127, rel=0.02)
+    assert scene.Ks[0, 0, 0] == pytest.approx(scene.Ks[0, 1, 1], rel=1e-3)

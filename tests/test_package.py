@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from scenes import REPO
@@ -65,6 +66,19 @@ def test_cli_demo_trains_and_evaluates(tmp_path):
     for rel in ("cfg.yml", "cameras.json", "metrics.json", "point_cloud/iteration_150/point_cloud.ply",
                 "test/ours_150/renders/00000.png", "test/ours_150/gt/00000.png"):  # fmt: skip
         assert (run / rel).is_file(), rel
+    # the same run folder, reopened by `render` and `eval`
+    res = cli("render", str(run), "--split", "train", "--depth")
+    assert res.returncode == 0, res.stderr
+    depth = np.load(run / "train" / "ours_150" / "depth" / "00000.npy")
+    assert depth.dtype == np.float32 and depth.shape == (120, 160)
+    assert 1.0 < np.median(depth[depth > 0]) < 6.0  # the torus is ~3.5 units from the cameras
+    res = cli("eval", str(run))
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["psnr"] == pytest.approx(summary["test_psnr"], abs=1e-4)
+    assert metrics["train"]["num_views"] == 21 and metrics["test"]["lpips"] is None
+    res = cli("eval", str(tmp_path))
+    assert res.returncode == 1 and "not a splatforge run folder" in res.stderr
 
 
 def test_cli_bad_input_names_the_path(tmp_path):

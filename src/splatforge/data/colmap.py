@@ -142,9 +142,19 @@ def _undistort(rec, sparse: Path, images_dir: Path, models: set[str], cache_dir:
         log.info("undistorting %s (%s) into %s", images_dir, ", ".join(sorted(models)), out)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        (tmp / "input_sparse").mkdir(parents=True)
+        # Calibrations refer to the full-size images: rescale each camera to the images read.
+        for im in rec.images.values():
+            cam = rec.cameras[im.camera_id]
+            path = images_dir / im.name
+            if path.exists():
+                w, h = image_size(path)
+                if (w, h) != (cam.width, cam.height):
+                    cam.rescale(w, h)
+                    rec.cameras[im.camera_id] = cam
+        rec.write(str(tmp / "input_sparse"))
         try:
-            pycolmap.undistort_images(str(tmp), str(sparse), str(images_dir))
+            pycolmap.undistort_images(str(tmp), str(tmp / "input_sparse"), str(images_dir))
         except (ValueError, RuntimeError) as exc:
             raise UnsupportedCameraModel(f"{sparse}: pycolmap could not undistort {sorted(models)}: {exc}") from exc
         (tmp / ".complete").touch()

@@ -16,10 +16,8 @@ Run: ``python bench/raster.py`` (about 5 minutes on 2 cores); writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,9 @@ from rich.table import Table
 
 from splatforge.raster import rasterize
 from splatforge.raster import _cpu_raster
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_BYTES_PER_ISECT = 16_000  # measured: the reference keeps ~60 B per (pixel, Gaussian) pair
@@ -194,20 +195,7 @@ def main() -> int:
         table.add_row(*cells)
     console.print(table)
 
-    result = {
-        "benchmark": "raster",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if has_gsplat else None,
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},  # fmt: skip
-        "versions": {"torch": torch.__version__, "numba": __import__("numba").__version__, "python": platform.python_version()},
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    write_result(args.out, "raster", load_before, repeats=args.repeats, rows=rows)
     console.print(f"wrote {args.out}")
     return 0
 

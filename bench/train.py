@@ -12,9 +12,7 @@ Run: ``python bench/train.py`` (about 10 minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +25,9 @@ from rich.table import Table
 
 from splatforge.products import evaluate
 from splatforge.train import DensifyConfig, TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,14 +110,7 @@ def main() -> int:
     p = results["peer"]
     console.print(f"peer: reference {p['reference_s_per_step']:.3f} s/step vs cpu {p['cpu_s_per_step']:.3f} s/step "
                   f"at the start: {p['ratio']:.1f}x")  # fmt: skip
-    payload = {"benchmark": "train", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": {k: str(v) for k, v in vars(args).items()},
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_before": load_before,
-                           "loadavg_after": os.getloadavg(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-               "results": results}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(payload, indent=2))
-    tmp_out.replace(args.out)
+    write_result(args.out, "train", load_before, args={k: str(v) for k, v in vars(args).items()}, results=results)
     console.print(f"wrote {args.out}")
     return 0
 

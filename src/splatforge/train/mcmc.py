@@ -48,12 +48,21 @@ def relocation(opacities: Tensor, scales: Tensor, ratios: Tensor, binoms: Tensor
     return new_o.to(opacities.dtype), new_s.to(scales.dtype)
 
 
-def _relocation_update(params, sampled: Tensor, binoms: Tensor, min_opacity: float) -> tuple[Tensor, Tensor]:
+def _relocated(params, sampled: Tensor, binoms: Tensor, min_opacity: float):
+    """A function that writes the relocated opacity (logit) and scale (log) of the ``sampled``
+    Gaussians, each sampled k times, into a parameter tensor (other parameters unchanged)."""
     opacities = torch.sigmoid(params["opacities"])
     new_o, new_s = relocation(opacities[sampled], torch.exp(params["scales"])[sampled],
                               torch.bincount(sampled)[sampled] + 1, binoms)  # fmt: skip
-    eps = torch.finfo(torch.float32).eps
-    return torch.clamp(new_o, min=min_opacity, max=1.0 - eps), new_s
+    new_o = torch.clamp(new_o, min=min_opacity, max=1.0 - torch.finfo(torch.float32).eps)
+
+    def write(name: str, p: Tensor) -> None:
+        if name == "opacities":
+            p[sampled] = torch.logit(new_o)
+        elif name == "scales":
+            p[sampled] = torch.log(new_s)
+
+    return write
 
 
 @torch.no_grad()
@@ -64,13 +73,10 @@ def relocate(params, optimizers, mask: Tensor, binoms: Tensor, min_opacity: floa
     dead = mask.nonzero(as_tuple=True)[0]
     alive = (~mask).nonzero(as_tuple=True)[0]
     sampled = alive[_multinomial_sample(torch.sigmoid(params["opacities"])[alive].flatten(), len(dead), replacement=True)]
-    new_o, new_s = _relocation_update(params, sampled, binoms, min_opacity)
+    write = _relocated(params, sampled, binoms, min_opacity)
 
     def param_fn(name: str, p: Tensor) -> Tensor:
-        if name == "opacities":
-            p[sampled] = torch.logit(new_o)
-        elif name == "scales":
-            p[sampled] = torch.log(new_s)
+        write(name, p)
         p[dead] = p[sampled]
         return torch.nn.Parameter(p, requires_grad=p.requires_grad)
 
@@ -87,13 +93,10 @@ def sample_add(params, optimizers, n: int, binoms: Tensor, min_opacity: float) -
     from gsplat.strategy.ops import _multinomial_sample, _update_param_with_optimizer
 
     sampled = _multinomial_sample(torch.sigmoid(params["opacities"]).flatten(), n, replacement=True)
-    new_o, new_s = _relocation_update(params, sampled, binoms, min_opacity)
+    write = _relocated(params, sampled, binoms, min_opacity)
 
     def param_fn(name: str, p: Tensor) -> Tensor:
-        if name == "opacities":
-            p[sampled] = torch.logit(new_o)
-        elif name == "scales":
-            p[sampled] = torch.log(new_s)
+        write(name, p)
         return torch.nn.Parameter(torch.cat([p, p[sampled]]), requires_grad=p.requires_grad)
 
     def optimizer_fn(key: str, v: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from splatforge.errors import SplatforgeError
-from splatforge.train.config import DensifyConfig, LearningRates
+from splatforge.train.config import DensifyConfig, LearningRates, MCMCConfig
 
 STDERR = Console(stderr=True)
 
@@ -50,10 +50,12 @@ def train(
     sh_degree: int = 3,
     random_background: bool = False,
     checkpoint_every: int = 1000,
+    strategy: Literal["default", "mcmc"] = "default",
     resume: bool = False,
     eval: bool = True,
     lr: LearningRates = LearningRates(),
     densify: DensifyConfig = DensifyConfig(),
+    mcmc: MCMCConfig = MCMCConfig(),
 ) -> None:
     """Train Gaussians on a scene folder (COLMAP or transforms.json), then render and evaluate.
 
@@ -72,6 +74,8 @@ def train(
         sh_degree: final SH degree (0..3).
         random_background: train on random background colours.
         checkpoint_every: checkpoint period in steps (0: at the end only).
+        strategy: densification: "default" (3DGS adaptive density control) or "mcmc" (relocation,
+            regularised; fewer floaters when test views are far from training views).
         resume: continue from the run's latest checkpoint.
         eval: render the train/test views and write metrics.json at the end.
     """
@@ -82,7 +86,7 @@ def train(
         data=data, output=output, data_factor=data_factor, steps=steps, max_gaussians=max_gaussians,
         test_every=test_every, split_ratio=split_ratio, partition=partition, backend=backend, device=device,
         seed=seed, sh_degree=sh_degree, random_background=random_background, checkpoint_every=checkpoint_every,
-        lr=lr, densify=densify,
+        strategy=strategy, lr=lr, densify=densify, mcmc=mcmc,
     )  # fmt: skip
     trainer = Trainer(cfg)
     if resume and not trainer.resume():

@@ -91,8 +91,10 @@ class TrainConfig:
     """Raise the SH degree by one every this many steps."""
     ssim_lambda: float = 0.2
     """Loss = (1 - lambda) L1 + lambda (1 - SSIM)."""
-    init_opacity: float = 0.1
-    init_scale: float = 1.0
+    init_opacity: Optional[float] = None
+    """Initial opacity (activated); default 0.1, or 0.5 with strategy="mcmc" (gsplat's presets)."""
+    init_scale: Optional[float] = None
+    """Factor on the kNN initial scales; default 1.0, or 0.1 with strategy="mcmc"."""
     init_random_count: int = 100_000
     """Gaussians for random initialisation (scenes without sparse points)."""
     init_extent: float = 3.0
@@ -109,7 +111,8 @@ class TrainConfig:
     mcmc: MCMCConfig = field(default_factory=MCMCConfig)
 
     def validate(self) -> "TrainConfig":
-        """Raises ConfigError for values that cannot work."""
+        """Resolve strategy-dependent defaults in place; raise ConfigError for values that cannot
+        work."""
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.sh_degree not in (0, 1, 2, 3):
@@ -120,6 +123,13 @@ class TrainConfig:
             raise ConfigError(f"ssim_lambda must be in [0, 1], got {self.ssim_lambda}")
         if self.strategy not in ("default", "mcmc"):
             raise ConfigError(f"strategy must be 'default' or 'mcmc', got {self.strategy!r}")
+        mcmc = self.strategy == "mcmc"
+        if self.init_opacity is None:
+            self.init_opacity = 0.5 if mcmc else 0.1
+        if self.init_scale is None:
+            self.init_scale = 0.1 if mcmc else 1.0
+        if not 0.0 < self.init_opacity < 1.0:
+            raise ConfigError(f"init_opacity must be in (0, 1), got {self.init_opacity}")
         if Path(self.output).resolve() == Path(self.data).resolve():
             raise ConfigError(f"the output folder must not be the input scene folder ({self.data})")
         return self

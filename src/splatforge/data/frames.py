@@ -1,0 +1,167 @@
+"""Frames for SfM: sharp, evenly spread frames from videos (PyAV), oriented photos (Pillow).
+
+Frame selection: the video is decoded once; evenly spaced candidates (about ``oversample`` per
+kept frame) are scored by sharpness (variance of the Laplacian of the grey image, Pech-Pacheco
+et al. 2000); the timeline is cut into ``target`` equal windows and the sharpest candidate of each
+window is kept, so kept frames are both sharp and evenly spread. A kept frame that barely differs
+from the previous kept one (camera not moving) is dropped as a near-duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from splatforge._fs import atomic_path
+from splatforge.errors import DataFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["sharpness", "select_windows", "is_near_duplicate", "extract_video_frames", "import_photos", "VIDEO_SUFFIXES"]
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".MP4", ".MOV")
+_THUMB = 64
+
+
+def sharpness(gray: np.ndarray) -> float:
+    """Variance of the Laplacian (OpenCV, 3x3 kernel) of a grey ``[H, W]`` image: higher is
+    sharper; scale-dependent, so compare frames of the same size only."""
+    import cv2
+
+    return float(cv2.Laplacian(np.asarray(gray, dtype=np.float32), cv2.CV_32F).var())
+
+
+def select_windows(positions: np.ndarray, scores: np.ndarray, target: int, total: int) -> list[int]:
+    """Indices into ``positions`` of the sharpest candidate in each of ``target`` equal windows
+    of ``[0, total)``; windows without candidates are skipped.
+
+    Args:
+        positions: ``[M]`` increasing frame numbers of the candidates.
+        scores: ``[M]`` sharpness of each candidate.
+    """
+    edges = np.linspace(0, total, target + 1)
+    chosen = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = np.nonzero((positions >= lo) & (positions < hi))[0]
+        if len(inside):
+            chosen.append(int(inside[np.argmax(scores[inside])]))
+    return chosen
+
+
+def _thumb(rgb: np.ndarray) -> np.ndarray:
+    gray = Image.fromarray(rgb).convert("L").resize((_THUMB, _THUMB), Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def is_near_duplicate(a: np.ndarray, b: np.ndarray, threshold: float = 0.01) -> bool:
+    """Two thumbnails (``[64, 64]`` grey in [0, 1]) whose mean absolute difference is below
+    ``threshold``: a static camera."""
+    return float(np.mean(np.abs(a - b))) < threshold
+
+
+def _resize(img: Image.Image, max_size: int) -> Image.Image:
+    if max_size and max(img.size) > max_size:
+        scale = max_size / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
+    return img
+
+
+@dataclass
+class FrameStats:
+    source: str
+    decoded: int
+    candidates: int
+    kept: int
+    duplicates: int
+
+
+def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int = 1600, oversample: int = 4,
+                         progress: Optional[Callable[[int], None]] = None) -> FrameStats:  # fmt: skip
+    """Write about ``target`` sharp, evenly spread frames of the video ``path`` to ``out_dir`` as
+    ``{stem}_{frame:06d}.jpg`` (frame = decode order), upright (rotation metadata applied) and at
+    most ``max_size`` pixels on the longer side.
+
+    Raises:
+        DataFormatError: the file cannot be opened or has no decodable video frame.
+    """
+    import av
+
+    path = Path(path)
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise DataFormatError(f"{path}: not a readable video: {exc}") from exc
+    with container:
+        if not container.streams.video:
+            raise DataFormatError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        total = stream.frames or 0
+        if total <= 0 and stream.duration and stream.average_rate:
+            total = int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+        stride = max(1, (total // max(1, target * oversample)) if total else 1)
+        candidates: list[tuple[int, float, np.ndarray, int]] = []  # frame no, score, rgb, rotation
+        decoded = 0
+        try:
+            for decoded, frame in enumerate(container.decode(stream), start=1):
+                index = decoded - 1
+                if progress is not None:
+                    progress(decoded)
+                if index % stride:
+                    continue
+                rgb = frame.to_ndarray(format="rgb24")
+                small = np.asarray(_resize(Image.fromarray(rgb), 480).convert("L"))
+                candidates.append((index, sharpness(small), rgb, int(getattr(frame, "rotation", 0) or 0)))
+                if len(candidates) > 4 * target * oversample:  # unknown length: thin as we go
+                    candidates = candidates[::2]
+                    stride *= 2
+        except av.error.FFmpegError as exc:
+            if not candidates:
+                raise DataFormatError(f"{path}: no decodable video frame ({exc})") from exc
+            log.warning("%s: decoding stopped after %d frames: %s", path, decoded, exc)
+    if not candidates:
+        raise DataFormatError(f"{path}: no decodable video frame (0 of {total} frames decoded)")
+    positions = np.array([c[0] for c in candidates])
+    scores = np.array([c[1] for c in candidates])
+    chosen = select_windows(positions, scores, target, max(decoded, int(positions[-1]) + 1))
+    kept, duplicates, last_thumb = 0, 0, None
+    for i in chosen:
+        index, _, rgb, rotation = candidates[i]
+        thumb = _thumb(rgb)
+        if last_thumb is not None and is_near_duplicate(thumb, last_thumb):
+            duplicates += 1
+            continue
+        last_thumb = thumb
+        img = Image.fromarray(rgb)
+        if rotation % 360:
+            img = img.rotate(rotation, expand=True)  # display matrix: counter-clockwise degrees
+        with atomic_path(out_dir / f"{path.stem}_{index:06d}.jpg") as tmp:
+            _resize(img, max_size).save(tmp, quality=95)
+        kept += 1
+    return FrameStats(str(path), decoded, len(candidates), kept, duplicates)
+
+
+def import_photos(paths: Iterable[Path], out_dir: Path, max_size: int = 1600) -> tuple[int, list[str]]:
+    """Copy photos into ``out_dir`` upright (EXIF orientation applied) and resized to at most
+    ``max_size`` px; unreadable or non-image files are skipped with a warning.
+
+    Returns ``(count written, list of skipped files with the reason)``.
+    """
+    written, skipped = 0, []
+    for p in sorted(Path(x) for x in paths):
+        try:
+            with Image.open(p) as im:
+                img = ImageOps.exif_transpose(im).convert("RGB")
+        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+            skipped.append(f"{p}: {type(exc).__name__}")
+            log.warning("skipping %s: not a readable image (%s)", p, exc)
+            continue
+        name = p.stem + (".png" if p.suffix.lower() == ".png" else ".jpg")
+        with atomic_path(out_dir / name) as tmp:
+            _resize(img, max_size).save(tmp, quality=95)
+        written += 1
+    return written, skipped

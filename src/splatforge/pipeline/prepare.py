@@ -1,0 +1,162 @@
+"""``prepare``: videos and/or photo folders -> a posed scene folder the trainer reads.
+
+Phases: frames (sharp, evenly spread, from each video; oriented, resized photos), SfM with
+pycolmap (SIFT, sequential matching for video frames, exhaustive for small photo sets,
+incremental mapping, largest model, undistortion to PINHOLE), then the scene layout:
+``SCENE/images/``, ``SCENE/images_<k>/`` on request, ``SCENE/sparse/0/``,
+``SCENE/splits/{train,test}.txt`` and ``SCENE/prepare.json``.
+
+The scene is assembled in ``SCENE.partial`` and renamed to ``SCENE`` only when everything
+succeeded: a failed or interrupted run never leaves a folder that looks like a finished scene.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+from PIL import Image
+
+from splatforge._fs import atomic_path
+from splatforge.data.frames import VIDEO_SUFFIXES, extract_video_frames, import_photos
+from splatforge.data.images import IMAGE_SUFFIXES, list_images
+from splatforge.data.scene import make_split
+from splatforge.data.sfm import run_sfm
+from splatforge.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PrepareConfig", "prepare"]
+
+MIN_IMAGES = 3
+MIN_REGISTERED_FRACTION = 0.5
+EXHAUSTIVE_MAX_IMAGES = 150
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[Path]
+    """Videos and/or folders of photos (any mix)."""
+    output: Path
+    """The scene folder to create (must not exist yet)."""
+    target_frames: int = 150
+    """Frames kept from all videos together (split evenly by video length)."""
+    max_size: int = 1600
+    """Longer image side in pixels after import."""
+    matcher: Literal["auto", "sequential", "exhaustive"] = "auto"
+    """auto: sequential when any video is given or there are > 150 images, else exhaustive."""
+    camera_model: str = "SIMPLE_RADIAL"
+    """COLMAP camera model estimated by SfM; images are undistorted to PINHOLE afterwards."""
+    downscale: list[int] = field(default_factory=list)
+    """Also write images_<k> for these factors (e.g. 2 4 8)."""
+    test_every: int = 8
+
+
+def _classify(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    videos, photos = [], []
+    for item in inputs:
+        item = Path(item)
+        if not item.exists():
+            raise DataFormatError(f"{item}: no such file or folder")
+        if item.is_dir():
+            files = sorted(p for p in item.iterdir() if p.is_file())
+            videos += [p for p in files if p.suffix in VIDEO_SUFFIXES]
+            photos += [p for p in files if p.suffix not in VIDEO_SUFFIXES and not p.name.startswith(".")]
+        elif item.suffix in VIDEO_SUFFIXES:
+            videos.append(item)
+        elif item.suffix in IMAGE_SUFFIXES:
+            photos.append(item)
+        else:
+            raise DataFormatError(f"{item}: neither a video ({', '.join(VIDEO_SUFFIXES[:6])}) nor an image nor a folder")
+    return videos, photos
+
+
+def _video_frame_count(path: Path) -> int:
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            return int(c.streams.video[0].frames or 0) if c.streams.video else 0
+    except (av.error.FFmpegError, OSError):
+        return 0
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Build the scene; returns the summary also written to ``SCENE/prepare.json``.
+
+    Raises:
+        DataFormatError: unreadable inputs, a video with no decodable frame, fewer than 3 images,
+            or SfM registering less than half of the images (each message names the file and
+            the numbers).
+        ConfigError: bad options or an existing output folder.
+    """
+    out = Path(cfg.output)
+    if out.exists():
+        raise ConfigError(f"{out}: already exists; choose a new scene folder")
+    if cfg.target_frames < MIN_IMAGES:
+        raise ConfigError(f"target_frames must be >= {MIN_IMAGES}, got {cfg.target_frames}")
+    videos, photos = _classify(cfg.inputs)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    frames_dir = partial / "work" / "frames"
+    frames_dir.mkdir(parents=True)
+    timings: dict[str, float] = {}
+    summary: dict = {"inputs": [str(p) for p in cfg.inputs], "config": {k: (str(v) if isinstance(v, Path) else v)
+                     for k, v in asdict(cfg).items() if k not in ("inputs", "output")}}  # fmt: skip
+    try:
+        t = time.perf_counter()
+        frame_stats = []
+        if videos:
+            lengths = [max(1, _video_frame_count(v)) for v in videos]
+            for video, length in zip(videos, lengths):
+                share = max(MIN_IMAGES, round(cfg.target_frames * length / sum(lengths)))
+                stats = extract_video_frames(video, frames_dir, share, cfg.max_size)
+                log.info("%s: kept %d of %d frames (%d near-duplicates dropped)", video.name, stats.kept, stats.decoded, stats.duplicates)
+                frame_stats.append(asdict(stats))
+        n_photos, skipped = import_photos(photos, frames_dir, cfg.max_size) if photos else (0, [])
+        timings["frames_s"] = time.perf_counter() - t
+        n_images = len(list_images(frames_dir))
+        summary.update(videos=frame_stats, photos={"imported": n_photos, "skipped": skipped}, num_images=n_images)
+        if n_images < MIN_IMAGES:
+            raise DataFormatError(
+                f"{', '.join(map(str, cfg.inputs))}: only {n_images} usable image(s); SfM needs at least {MIN_IMAGES}"
+            )
+        matcher = cfg.matcher
+        if matcher == "auto":
+            matcher = "sequential" if videos or n_images > EXHAUSTIVE_MAX_IMAGES else "exhaustive"
+        sfm = run_sfm(frames_dir, partial / "work", partial / "scene", matcher=matcher, camera_model=cfg.camera_model,
+                      single_camera=len(videos) + (1 if photos else 0) <= 1, max_image_size=cfg.max_size)  # fmt: skip
+        timings.update(sfm.timings)
+        summary.update(num_registered=sfm.num_registered, registered_fraction=sfm.registered_fraction,
+                       num_points=sfm.num_points, mean_reprojection_error_px=sfm.mean_reprojection_error,
+                       matcher=matcher)  # fmt: skip
+        if sfm.registered_fraction < MIN_REGISTERED_FRACTION:
+            raise DataFormatError(
+                f"{', '.join(map(str, cfg.inputs))}: SfM registered only {sfm.num_registered} of {sfm.num_images} images "
+                f"({100 * sfm.registered_fraction:.0f} %, need {100 * MIN_REGISTERED_FRACTION:.0f} %): too little overlap or texture"
+            )
+        scene = partial / "scene"
+        t = time.perf_counter()
+        names = list_images(scene / "images")
+        for k in cfg.downscale:
+            (scene / f"images_{k}").mkdir()
+            for name in names:
+                with Image.open(scene / "images" / name) as im:
+                    im.resize((-(-im.width // k), -(-im.height // k)), Image.Resampling.LANCZOS).save(scene / f"images_{k}" / name, quality=95)
+        split = make_split(names, test_every=cfg.test_every)
+        (scene / "splits").mkdir()
+        for key in ("train", "test"):
+            (scene / "splits" / f"{key}.txt").write_text("".join(names[i] + "\n" for i in split[key]))
+        timings["layout_s"] = time.perf_counter() - t
+        summary["timings"] = timings
+        with atomic_path(scene / "prepare.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        scene.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return summary

@@ -1,7 +1,7 @@
 """Differentiable Gaussian rasterization: one :func:`rasterize`, three backends.
 
 - ``cpu``: ours, compiled with numba and parallel over tiles, hand-written backward.
-- ``gsplat``: gsplat's CUDA kernels, for CUDA tensors (optional extra ``splatforge[cuda]``).
+- ``gsplat``: gsplat's CUDA kernels, for CUDA tensors (imported only then).
 - ``reference``: slow, readable pure torch; the oracle the tests compare against.
 
 Importing this package compiles nothing and never imports gsplat.

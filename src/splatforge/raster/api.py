@@ -53,7 +53,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "gsplat"
         raise BackendUnavailableError(
             f"no compiled backend for tensors on {device}: the cpu backend needs CPU tensors and the "
-            f"gsplat backend needs CUDA tensors and `pip install 'splatforge[cuda]'` (gsplat=={GSPLAT_VERSION})"
+            f"gsplat backend needs CUDA tensors and gsplat=={GSPLAT_VERSION} (a splatforge dependency: reinstall splatforge)"
         )
     if backend == "cpu" and device.type != "cpu":
         raise BackendUnavailableError(f"the cpu backend needs CPU tensors, got tensors on {device}; move them with .cpu()")
@@ -64,7 +64,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             )
         if not _gsplat_installed():
             raise BackendUnavailableError(
-                f"the gsplat backend needs gsplat=={GSPLAT_VERSION}: pip install 'splatforge[cuda]'"
+                f"the gsplat backend needs gsplat=={GSPLAT_VERSION} (a splatforge dependency): reinstall splatforge"
             )
     return backend
 

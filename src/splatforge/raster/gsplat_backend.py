@@ -2,7 +2,8 @@
 
 gsplat is imported here only, and this module is imported only when a CUDA tensor is rendered
 with it: importing or probing gsplat on a machine without a GPU would start its JIT build (it
-compiles whenever ``nvcc`` is found). Install with ``pip install 'splatforge[cuda]'``.
+compiles whenever ``nvcc`` is found). gsplat is a dependency of splatforge (its strategies run on CPU too); its CUDA
+extension is compiled by gsplat on the first CUDA call.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def rasterize(
     try:
         import gsplat
     except ImportError as exc:  # pragma: no cover - needs a CUDA machine without gsplat
-        raise BackendUnavailableError(f"the gsplat backend needs gsplat: pip install 'splatforge[cuda]' ({exc})") from exc
+        raise BackendUnavailableError(f"the gsplat backend needs gsplat==1.5.3 (a splatforge dependency): {exc}") from exc
     render, alpha, info = gsplat.rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, sh_degree=sh_degree, packed=False,

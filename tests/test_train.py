@@ -53,8 +53,10 @@ def test_skull_short_training_beats_floor(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(demo_scene, tmp_path):
+    global_rng = torch.get_rng_state()
     straight = Trainer(small_cfg(demo_scene, tmp_path / "a"))
     straight.train()
+    assert torch.equal(torch.get_rng_state(), global_rng)  # library code leaves the global RNG alone
 
     cfg_b = small_cfg(demo_scene, tmp_path / "b")
     first = Trainer(cfg_b)

@@ -33,3 +33,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def build_once(out: str | os.PathLike, build) -> Path:
+    """Return folder ``out``, first building it with ``build(tmp_folder)`` if it is not complete.
+
+    The folder is built under ``out.tmp`` and renamed into place with a ``.complete`` marker, so
+    an interrupted build is redone next time and never mistaken for a finished one.
+    """
+    import shutil
+
+    out = Path(out)
+    if (out / ".complete").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    (tmp / ".complete").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

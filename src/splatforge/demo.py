@@ -16,9 +16,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from splatforge._fs import atomic_path
+from splatforge.data.images import write_png
 from splatforge.raster import rasterize
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ def build_demo_scene(folder: Path, *, n_views: int = 24, width: int = 160, heigh
             img, _, _ = rasterize(means, quats, scales, opacities, colors, viewmat, torch.from_numpy(K).float()[None],
                                   width, height, backgrounds=torch.full((1, 3), 0.1), backend="cpu")  # fmt: skip
         name = f"images/frame_{i:04d}.png"
-        with atomic_path(folder / name) as tmp:
-            Image.fromarray((img[0].clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)).save(tmp)
+        write_png(img[0], folder / name)
         gl = c2w.copy()
         gl[:3, 1:3] *= -1.0  # OpenCV -> OpenGL camera axes, as transforms.json stores them
         frames.append({"file_path": name, "transform_matrix": gl.tolist()})

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from splatforge._fs import build_once
 from splatforge.data.images import image_folder, image_size
 from splatforge.data.scene import SceneData
 from splatforge.errors import DataFormatError, UnsupportedCameraModel
@@ -136,13 +136,10 @@ def _undistort(rec, sparse: Path, images_dir: Path, models: set[str], cache_dir:
             "`colmap image_undistorter` first"
         )
     key = hashlib.sha1(f"{sparse.resolve()}|{images_dir.resolve()}".encode()).hexdigest()[:16]
-    out = Path(cache_dir) / "undistorted" / key
-    done = out / ".complete"
-    if not done.exists():
-        log.info("undistorting %s (%s) into %s", images_dir, ", ".join(sorted(models)), out)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "input_sparse").mkdir(parents=True)
+
+    def build(tmp: Path) -> None:
+        log.info("undistorting %s (%s) into %s", images_dir, ", ".join(sorted(models)), tmp.parent)
+        (tmp / "input_sparse").mkdir()
         # Calibrations refer to the full-size images: rescale each camera to the images read.
         for im in rec.images.values():
             cam = rec.cameras[im.camera_id]
@@ -157,9 +154,8 @@ def _undistort(rec, sparse: Path, images_dir: Path, models: set[str], cache_dir:
             pycolmap.undistort_images(str(tmp), str(tmp / "input_sparse"), str(images_dir))
         except (ValueError, RuntimeError) as exc:
             raise UnsupportedCameraModel(f"{sparse}: pycolmap could not undistort {sorted(models)}: {exc}") from exc
-        (tmp / ".complete").touch()
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+
+    out = build_once(Path(cache_dir) / "undistorted" / key, build)
     rec = _load_reconstruction(out / "sparse")
     bad = {cam.model.name for cam in rec.cameras.values()} - set(PINHOLE_MODELS)
     if bad:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from splatforge._fs import build_once
 from splatforge.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "image_size", "image_folder", "load_image", "list_images"]
+__all__ = ["IMAGE_SUFFIXES", "image_size", "image_folder", "load_image", "list_images", "downscale_into", "write_png"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".webp", ".tif", ".tiff")
 
@@ -62,23 +62,20 @@ def image_folder(root: Path, data_factor: int, cache_dir: Optional[Path] = None,
     raise DataFormatError(f"{folder}: no such image folder{hint}")
 
 
+def downscale_into(src: Path, dst: Path, factor: int) -> None:
+    """Write every image of ``src`` into ``dst`` (same names) downscaled by ``factor``
+    (Lanczos, sizes rounded up, as COLMAP's ``images_<k>`` convention)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in list_images(src):
+        with Image.open(src / name) as im:
+            w, h = im.size
+            im.resize((-(-w // factor), -(-h // factor)), Image.Resampling.LANCZOS).save(dst / name, quality=95)
+
+
 def _downscaled(full: Path, factor: int, cache_dir: Path) -> Path:
     key = hashlib.sha1(str(full.resolve()).encode()).hexdigest()[:16]
-    out = cache_dir / "downscaled" / f"{key}_{factor}"
-    if (out / ".complete").exists():
-        return out
-    log.info("downscaling %s by %d into %s", full, factor, out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in list_images(full):
-        with Image.open(full / name) as im:
-            w, h = im.size
-            im.resize((-(-w // factor), -(-h // factor)), Image.Resampling.LANCZOS).save(tmp / name)
-    (tmp / ".complete").touch()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    log.info("downscaled copy of %s by %d in %s", full, factor, cache_dir)
+    return build_once(cache_dir / "downscaled" / f"{key}_{factor}", lambda tmp: downscale_into(full, tmp, factor))
 
 
 def load_image(path: Path, background: Optional[tuple[float, float, float]] = None) -> np.ndarray:
@@ -99,3 +96,13 @@ def load_image(path: Path, background: Optional[tuple[float, float, float]] = No
         bg = np.asarray(background if background is not None else (1.0, 1.0, 1.0), dtype=np.float32)
         arr = arr[..., :3] * arr[..., 3:] + bg * (1.0 - arr[..., 3:])
     return np.ascontiguousarray(arr)
+
+
+def write_png(image, path: Path) -> None:
+    """Write ``image [H, W, 3]`` (float in [0, 1], numpy or torch) as an 8-bit PNG, atomically."""
+    from splatforge._fs import atomic_path
+
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp)

@@ -14,12 +14,12 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from splatforge._fs import build_once
 from splatforge.data.images import image_folder, image_size
 from splatforge.data.scene import SceneData
 from splatforge.errors import DataFormatError, UnsupportedCameraModel
@@ -140,19 +140,14 @@ def _undistort(path: Path, paths: list[Path], Ks: np.ndarray, dists: np.ndarray,
     if cache_dir is None:
         raise UnsupportedCameraModel(f"{path}: images have OPENCV distortion; pass cache_dir so they can be undistorted")
     digest = hashlib.sha1(json.dumps([str(path.resolve()), [str(p) for p in paths], Ks.tolist(), dists.tolist()]).encode())
-    out = Path(cache_dir) / "undistorted" / digest.hexdigest()[:16]
-    if not (out / ".complete").exists():
-        log.info("undistorting %d images of %s into %s", len(paths), path, out)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+
+    def build(tmp: Path) -> None:
+        log.info("undistorting %d images of %s", len(paths), path)
         for p, K, d in zip(paths, Ks, dists):
             img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
             if img is None:
                 raise DataFormatError(f"{p}: not a readable image")
-            dst = tmp / (p.stem + ".png")  # lossless, keeps alpha
-            cv2.imwrite(str(dst), cv2.undistort(img, K, d))
-        (tmp / ".complete").touch()
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+            cv2.imwrite(str(tmp / (p.stem + ".png")), cv2.undistort(img, K, d))  # lossless, keeps alpha
+
+    out = build_once(Path(cache_dir) / "undistorted" / digest.hexdigest()[:16], build)
     return [out / (p.stem + ".png") for p in paths]

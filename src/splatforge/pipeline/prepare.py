@@ -20,11 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from PIL import Image
-
 from splatforge._fs import atomic_path
 from splatforge.data.frames import VIDEO_SUFFIXES, extract_video_frames, import_photos
-from splatforge.data.images import IMAGE_SUFFIXES, list_images
+from splatforge.data.images import IMAGE_SUFFIXES, downscale_into, list_images
 from splatforge.data.scene import make_split
 from splatforge.data.sfm import run_sfm
 from splatforge.errors import ConfigError, DataFormatError
@@ -144,10 +142,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         t = time.perf_counter()
         names = list_images(scene / "images")
         for k in cfg.downscale:
-            (scene / f"images_{k}").mkdir()
-            for name in names:
-                with Image.open(scene / "images" / name) as im:
-                    im.resize((-(-im.width // k), -(-im.height // k)), Image.Resampling.LANCZOS).save(scene / f"images_{k}" / name, quality=95)
+            downscale_into(scene / "images", scene / f"images_{k}", k)
         split = make_split(names, test_every=cfg.test_every)
         (scene / "splits").mkdir()
         for key in ("train", "test"):

@@ -16,21 +16,15 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from splatforge._fs import atomic_path
+from splatforge.data.images import write_png
 from splatforge.train.losses import psnr as psnr_fn
 from splatforge.train.losses import ssim as ssim_fn
 
 log = logging.getLogger(__name__)
 
 __all__ = ["render_split", "evaluate", "lpips_metric"]
-
-
-def _save_png(image: torch.Tensor, path: Path) -> None:
-    arr = (image.detach().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp)
 
 
 def lpips_metric() -> Optional[Callable[[torch.Tensor, torch.Tensor], float]]:
@@ -70,8 +64,8 @@ def render_split(trainer, split: str, *, depth: bool = False, write: bool = True
         rgb = render[..., :3]
         gt = trainer.image(index)[None]
         if write:
-            _save_png(rgb[0], folder / "renders" / f"{pos:05d}.png")
-            _save_png(gt[0], folder / "gt" / f"{pos:05d}.png")
+            write_png(rgb[0], folder / "renders" / f"{pos:05d}.png")
+            write_png(gt[0], folder / "gt" / f"{pos:05d}.png")
             if depth:
                 d = torch.where(alpha[0, ..., 0] > 1e-4, render[0, ..., 3], torch.zeros_like(alpha[0, ..., 0]))
                 with atomic_path(folder / "depth" / f"{pos:05d}.npy") as tmp:

@@ -9,11 +9,12 @@ after each optimiser step, then the hard cap.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -72,7 +73,10 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)  # DefaultStrategy's splits draw from the global RNG
+        # gsplat's strategies draw from torch's global RNG (splits, relocation, noise); they run
+        # under fork_rng with this private state, so the process's RNG is left alone and a
+        # resumed run draws the same numbers.
+        self._strategy_rng = torch.Generator().manual_seed(cfg.seed + 1).get_state()
         self.params = self._init_params().to(self.device)
         self._build_optimizers()
         self.strategy, self.strategy_state = self._build_strategy()
@@ -151,7 +155,7 @@ class Trainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "strategy_state": self.strategy_state,
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "strategy_rng": self._strategy_rng,
             "train_seconds": self.train_seconds,
             "config": to_plain(dataclasses.asdict(self.cfg)),
         }
@@ -165,7 +169,7 @@ class Trainer:
             s.load_state_dict(sd)
         self.strategy_state = ckpt["strategy_state"]
         self.generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        self._strategy_rng = ckpt["strategy_rng"]
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         self.step = int(ckpt["step"])
 
@@ -217,15 +221,28 @@ class Trainer:
         means_lr = self.schedulers[0].get_last_lr()[0]
         for sched in self.schedulers:
             sched.step()
-        if cfg.strategy == "mcmc":
-            self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, lr=means_lr)
-        else:
-            self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, packed=False)
-            self._reset_opacities(step)
+        with self._private_rng():
+            if cfg.strategy == "mcmc":
+                self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, lr=means_lr)
+            else:
+                self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, packed=False)
+                self._reset_opacities(step)
         if cfg.max_gaussians:
             cap_gaussians(self.params, self.optimizers, self.strategy_state, cfg.max_gaussians)
         self.step += 1
         return float(loss.detach()), psnr_fn(render, gt)
+
+    @contextlib.contextmanager
+    def _private_rng(self) -> Iterator[None]:
+        """Run the block with the trainer's own CPU RNG state in place of the global one. On CUDA
+        the device RNG is forked too and seeded from (seed, step), so a resumed run matches."""
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.set_rng_state(self._strategy_rng)
+            if cuda:
+                torch.cuda.manual_seed(self.cfg.seed * 1_000_003 + self.step)
+            yield
+            self._strategy_rng = torch.get_rng_state()
 
     @torch.no_grad()
     def _reset_opacities(self, step: int) -> None:

@@ -62,7 +62,6 @@ def load_garden(path: Path, n: int, scale: float, device: str):
     g = torch.Generator().manual_seed(42)
     N_all = d["means3d"].shape[0]
     means = torch.from_numpy(d["means3d"])[:n]
-    N = means.shape[0]
     quats = torch.randn(N_all, 4, generator=g)[:n]
     scales = (torch.rand(N_all, 3, generator=g) * 0.02)[:n]
     opacities = torch.rand(N_all, generator=g)[:n]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "build_once"]
 
 
 @contextmanager
@@ -41,8 +42,6 @@ def build_once(out: str | os.PathLike, build) -> Path:
     The folder is built under ``out.tmp`` and renamed into place with a ``.complete`` marker, so
     an interrupted build is redone next time and never mistaken for a finished one.
     """
-    import shutil
-
     out = Path(out)
     if (out / ".complete").exists():
         return out

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Sequence
 
 from splatforge._fs import atomic_path
 from splatforge.data.frames import VIDEO_SUFFIXES, extract_video_frames, import_photos

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np

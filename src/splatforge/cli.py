@@ -146,6 +146,138 @@ def demo(output: Path = Path("out/demo"), steps: int = 300, seed: int = 0,
     print(json.dumps(summary, indent=2))
 
 
+def export(
+    source: tyro.conf.Positional[Path],
+    output: Path,
+    format: Optional[Literal["ply", "splat", "spz"]] = None,  # noqa: A002 - the option's name
+    transform: Optional[Literal["identity", "opengl", "splatter"]] = None,
+    rotate: Optional[str] = None,
+    matrix: Optional[Path] = None,
+    scale: float = 1.0,
+    prune_opacity: float = 1 / 255,
+    crop: Optional[tuple[float, float, float, float, float, float]] = None,
+    spz_version: Literal[2, 3, 4] = 3,
+) -> None:
+    """Export a run (its latest point cloud) or a .ply/.splat/.spz file to ply, splat or spz.
+
+    Args:
+        source: run folder or splat file.
+        output: file to write; its suffix picks the format unless --format is given.
+        format: ply (Inria), splat (antimatter15), spz (Niantic).
+        transform: named rotation from the COLMAP/OpenCV frame: opengl (y up, three.js/Spark),
+            splatter (Rz(-90 deg)).
+        rotate: extra rotation "x,y,z" in degrees (about the fixed world axes, x first).
+        matrix: 4x4 or 3x4 similarity matrix file (.npy or text), applied after the rotations.
+        scale: uniform scale applied last (means and scales).
+        prune_opacity: drop Gaussians whose activated opacity is below this.
+        crop: keep means inside xmin ymin zmin xmax ymax zmax (after the transform).
+        spz_version: SPZ version (3 is what most viewers read; 4 uses zstd).
+    """
+    from splatforge.products.export import build_transform
+    from splatforge.products.export import export as export_fn
+
+    sim = build_transform(transform, rotate, matrix, scale)
+    print(json.dumps(export_fn(source, output, format, transform=sim, prune_opacity=prune_opacity, crop_box=crop,
+                               spz_version=spz_version), indent=2))  # fmt: skip
+
+
+def preview(source: tyro.conf.Positional[Path], output: Optional[Path] = None, size: int = 1024, orbit: bool = False) -> None:
+    """Write preview_top.jpg and preview_angle.jpg (and preview_orbit.mp4) of a run or splat file.
+
+    Args:
+        source: run folder (its cameras.json gives the up axis) or .ply/.splat/.spz file.
+        output: folder for the images (default: the run folder, or the file's folder).
+        size: image side in pixels.
+        orbit: also write a 360 degree orbit video.
+    """
+    from splatforge.io.cameras import read_cameras_json
+    from splatforge.products.export import load_splats
+    from splatforge.products.previews import write_previews
+
+    splats = load_splats(source)
+    cams = Path(source) / "cameras.json" if Path(source).is_dir() else Path(source).parent / "cameras.json"
+    c2w = read_cameras_json(cams)[0] if cams.exists() else None
+    out = output or (Path(source) if Path(source).is_dir() else Path(source).parent)
+    print(json.dumps(write_previews(splats, out, camtoworlds=c2w, size=size, orbit=orbit), indent=2))
+
+
+def _prepare_config(inputs: list[Path], output: Path, target_frames: int, max_size: int, matcher: str,
+                    camera_model: str, downscale: tuple[int, ...]):  # fmt: skip
+    from splatforge.pipeline.prepare import PrepareConfig
+
+    return PrepareConfig(inputs=list(inputs), output=output, target_frames=target_frames, max_size=max_size,
+                         matcher=matcher, camera_model=camera_model, downscale=list(downscale))  # fmt: skip
+
+
+def prepare(
+    inputs: tyro.conf.Positional[tuple[Path, ...]],
+    output: Path,
+    target_frames: int = 150,
+    max_size: int = 1600,
+    matcher: Literal["auto", "sequential", "exhaustive"] = "auto",
+    camera_model: str = "SIMPLE_RADIAL",
+    downscale: tuple[int, ...] = (),
+) -> None:
+    """Videos and/or photo folders -> a posed scene folder (images/, sparse/0/, splits/, prepare.json).
+
+    Args:
+        inputs: videos, image files or folders of photos (any mix).
+        output: scene folder to create (must not exist).
+        target_frames: frames kept from the videos (sharpest per window, evenly spread).
+        max_size: longer image side after import, pixels.
+        matcher: auto = sequential for video frames or > 150 images, else exhaustive.
+        camera_model: COLMAP model estimated by SfM (images are undistorted to PINHOLE).
+        downscale: also write images_<k> for these factors.
+    """
+    from splatforge.pipeline.prepare import prepare as prepare_fn
+
+    summary = prepare_fn(_prepare_config(inputs, output, target_frames, max_size, matcher, camera_model, downscale))
+    STDERR.print(f"{summary['num_images']} images, {summary['num_registered']} registered "
+                 f"({100 * summary['registered_fraction']:.0f} %), mean reprojection error "
+                 f"{summary['mean_reprojection_error_px']:.2f} px")  # fmt: skip
+    print(json.dumps(summary, indent=2))
+
+
+def run(
+    inputs: tyro.conf.Positional[tuple[Path, ...]],
+    output: Path,
+    steps: int = 30_000,
+    target_frames: int = 150,
+    max_size: int = 1600,
+    matcher: Literal["auto", "sequential", "exhaustive"] = "auto",
+    camera_model: str = "SIMPLE_RADIAL",
+    cap_max: int = 1_000_000,
+    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+    preview_size: int = 1024,
+) -> None:
+    """From captures to a splat in one command: prepare -> train (MCMC) -> eval -> export (ply,
+    splat, spz) -> previews, into OUTPUT/{scene,run,export}.
+
+    Args:
+        inputs: videos, image files or folders of photos.
+        output: output folder.
+        steps: training steps.
+        target_frames: frames kept from the videos.
+        max_size: longer image side after import, pixels.
+        matcher: SfM matching.
+        camera_model: COLMAP camera model for SfM.
+        cap_max: most Gaussians MCMC may use.
+        backend: rasterizer backend.
+        device: torch device.
+        seed: random seed.
+        preview_size: preview image side in pixels.
+    """
+    from splatforge.pipeline.run import run_pipeline
+
+    cfg = _prepare_config(inputs, output / "scene", target_frames, max_size, matcher, camera_model, ())
+    with _progress_bar(steps) as update:
+        summary = run_pipeline(cfg, output, steps=steps, cap_max=cap_max, backend=backend, device=device, seed=seed,
+                               preview_size=preview_size, progress=update)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+
+
 def backends() -> None:
     """List the rasterizer backends usable on this machine (never builds gsplat)."""
     import torch
@@ -156,7 +288,8 @@ def backends() -> None:
     print("cuda tensors:", ", ".join(available_backends("cuda")) if torch.cuda.is_available() else "no CUDA device")
 
 
-COMMANDS = {"train": train, "render": render, "eval": eval, "demo": demo, "backends": backends}
+COMMANDS = {"prepare": prepare, "train": train, "render": render, "eval": eval, "export": export, "preview": preview,
+            "run": run, "demo": demo, "backends": backends}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,200 @@
+"""Preview images of a trained scene, for people and capture platforms that want a picture of
+the result without loading the splat.
+
+- ``preview_top.jpg``: a camera above the scene's centre looking straight down along the up
+  axis, framing the whole footprint;
+- ``preview_angle.jpg``: from an elevated corner, 45 degrees above the horizon, looking at the
+  centre, the whole scene in frame;
+- ``preview_orbit.mp4`` (on request): a 360 degree orbit at 30 degrees elevation.
+
+The scene's extent is robust: the 2nd-98th percentiles of the means of the Gaussians that are
+at least 10 % opaque, so a few floaters far away do not shrink the scene to a dot. The up axis
+is estimated from the training cameras (the mean of their "up" vectors, ``-y`` in OpenCV camera
+axes); without cameras it is ``-y`` of the world, COLMAP's usual convention. Cameras are
+perspective with a 40 degree field of view; renders use :func:`splatforge.raster.rasterize`
+on the device of the tensors (the CPU backend on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from splatforge._fs import atomic_path
+from splatforge.errors import SplatforgeError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SceneFrame", "scene_frame", "estimate_up", "preview_cameras", "render_view", "write_previews"]
+
+FOV_DEG = 40.0
+
+
+def estimate_up(camtoworlds: Optional[np.ndarray]) -> np.ndarray:
+    """World up direction ``[3]`` (unit) from ``camtoworlds [N, 4, 4]`` (OpenCV axes): the
+    normalised mean of the cameras' ``-y`` axes; ``(0, -1, 0)`` without cameras."""
+    if camtoworlds is None or len(camtoworlds) == 0:
+        return np.array([0.0, -1.0, 0.0])
+    up = -np.asarray(camtoworlds)[:, :3, 1].mean(axis=0)
+    norm = np.linalg.norm(up)
+    return up / norm if norm > 1e-6 else np.array([0.0, -1.0, 0.0])
+
+
+@dataclass
+class SceneFrame:
+    """Robust extent of a scene: ``center [3]``, orthonormal ``axes [3, 3]`` (rows: horizontal
+    major, horizontal minor, up) and ``half_extent [3]`` along them (world units)."""
+
+    center: np.ndarray
+    axes: np.ndarray
+    half_extent: np.ndarray
+
+    @property
+    def radius(self) -> float:
+        return float(np.linalg.norm(self.half_extent))
+
+
+def scene_frame(means: np.ndarray, opacities: np.ndarray, up: np.ndarray, lo: float = 2.0, hi: float = 98.0) -> SceneFrame:
+    """Robust bounds of ``means [N, 3]`` (logit ``opacities [N]``) in a frame whose third axis is
+    ``up``; the horizontal axes are the principal directions of the footprint.
+
+    Raises:
+        ValueError: no finite mean.
+    """
+    means = np.asarray(means, dtype=np.float64)
+    alpha = 1.0 / (1.0 + np.exp(-np.asarray(opacities, dtype=np.float64)))
+    finite = np.isfinite(means).all(axis=1) & np.isfinite(alpha)
+    if not finite.any():
+        raise ValueError("no Gaussian has a finite position")
+    solid = finite & (alpha >= 0.1)
+    pts = means[solid] if solid.sum() >= 10 else means[finite]
+    up = up / np.linalg.norm(up)
+    ref = np.array([1.0, 0.0, 0.0]) if abs(up[0]) < 0.9 else np.array([0.0, 0.0, 1.0])
+    e1 = np.cross(up, ref)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(up, e1)
+    med = np.median(pts, axis=0)
+    flat = (pts - med) @ np.stack([e1, e2]).T
+    _, vecs = np.linalg.eigh(np.cov(flat.T) + 1e-12 * np.eye(2))
+    major = vecs[:, 1] @ np.stack([e1, e2])
+    minor = np.cross(up, major)
+    axes = np.stack([major, minor, up])
+    local = pts @ axes.T
+    low, high = np.percentile(local, lo, axis=0), np.percentile(local, hi, axis=0)
+    center = ((low + high) / 2) @ axes
+    return SceneFrame(center, axes, np.maximum((high - low) / 2, 1e-6))
+
+
+def _look_at(eye: np.ndarray, target: np.ndarray, image_up: np.ndarray) -> np.ndarray:
+    """world-to-camera ``[4, 4]``, OpenCV axes (z forward, y down)."""
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, image_up)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    R = np.stack([x, y, z])
+    viewmat = np.eye(4)
+    viewmat[:3, :3] = R
+    viewmat[:3, 3] = -R @ eye
+    return viewmat
+
+
+def preview_cameras(frame: SceneFrame, size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"top": (viewmat, K), "angle": (viewmat, K)}`` for a ``size x size`` image, framing the
+    robust bounds (see the module docstring)."""
+    f = (size / 2) / np.tan(np.radians(FOV_DEG) / 2)
+    K = np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+    tan_half = np.tan(np.radians(FOV_DEG) / 2)
+    major, minor, up = frame.axes
+    hx, hy, hz = frame.half_extent
+    # top: the footprint's half diagonal fits the half field of view, 10 % margin, above the top.
+    top_dist = hz + 1.1 * max(hx, hy) / tan_half
+    top = _look_at(frame.center + up * top_dist, frame.center, image_up=major)
+    # angle: the bounding sphere fits the field of view.
+    direction = np.cos(np.radians(45)) * (major + minor) / np.sqrt(2) + np.sin(np.radians(45)) * up
+    dist = 1.05 * frame.radius / np.sin(np.radians(FOV_DEG) / 2)
+    angle = _look_at(frame.center + direction * dist, frame.center, image_up=up)
+    return {"top": (top, K), "angle": (angle, K)}
+
+
+def render_view(splats: dict[str, np.ndarray], viewmat: np.ndarray, K: np.ndarray, width: int, height: int,
+                background: float = 0.0, device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
+    """Render ``splats`` (activation-space dict, :data:`splatforge.io.ply.SPLAT_KEYS`) from one
+    camera; returns ``[H, W, 3]`` float32 RGB in [0, 1]."""
+    from splatforge.raster import rasterize
+
+    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
+    coeffs = torch.cat([t(splats["sh0"]), t(splats["shN"])], dim=1)
+    degree = int(round(np.sqrt(coeffs.shape[1]))) - 1
+    with torch.no_grad():
+        img, _, _ = rasterize(t(splats["means"]), t(splats["quats"]), torch.exp(t(splats["scales"])),
+                              torch.sigmoid(t(splats["opacities"])), coeffs, t(viewmat)[None], t(K)[None],
+                              width, height, sh_degree=degree, backgrounds=torch.full((1, 3), background, device=device))  # fmt: skip
+    return img[0].clamp(0, 1).cpu().numpy()
+
+
+def _write_jpg(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp, quality=92)
+
+
+def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int = 72, fps: int = 24) -> None:
+    import av
+
+    major, minor, up = frame.axes
+    f = (size / 2) / np.tan(np.radians(FOV_DEG) / 2)
+    K = np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+    dist = 1.05 * frame.radius / np.sin(np.radians(FOV_DEG) / 2)
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width = stream.height = size - size % 2
+            stream.pix_fmt = "yuv420p"
+            for i in range(frames):
+                a = 2 * np.pi * i / frames
+                horiz = np.cos(a) * major + np.sin(a) * minor
+                eye = frame.center + dist * (np.cos(np.radians(30)) * horiz + np.sin(np.radians(30)) * up)
+                img = render_view(splats, _look_at(eye, frame.center, up), K, stream.width, stream.height)
+                vf = av.VideoFrame.from_ndarray((img * 255 + 0.5).astype(np.uint8), format="rgb24")
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def write_previews(splats: dict[str, np.ndarray], out_dir: Path, *, camtoworlds: Optional[np.ndarray] = None,
+                   size: int = 1024, orbit: bool = False) -> dict[str, Optional[str]]:  # fmt: skip
+    """Write ``preview_top.jpg`` and ``preview_angle.jpg`` (and ``preview_orbit.mp4``) into
+    ``out_dir``. A preview that fails to render is logged as a warning and reported as ``None``;
+    this function never raises for a rendering failure, so pipelines keep going."""
+    out_dir = Path(out_dir)
+    result: dict[str, Optional[str]] = {"preview_top": None, "preview_angle": None}
+    try:
+        frame = scene_frame(splats["means"], splats["opacities"], estimate_up(camtoworlds))
+        cams = preview_cameras(frame, size)
+    except (ValueError, np.linalg.LinAlgError, IndexError) as exc:
+        log.warning("previews skipped: cannot frame the scene: %s", exc)
+        return result
+    for name, (viewmat, K) in cams.items():
+        path = out_dir / f"preview_{name}.jpg"
+        try:
+            _write_jpg(render_view(splats, viewmat, K, size, size), path)
+            result[f"preview_{name}"] = str(path)
+        except (RuntimeError, ValueError, MemoryError, OSError, SplatforgeError) as exc:
+            log.warning("%s: preview failed: %s", path, exc)
+    if orbit:
+        path = out_dir / "preview_orbit.mp4"
+        result["preview_orbit"] = None
+        try:
+            _write_orbit(splats, frame, min(size, 512), path)
+            result["preview_orbit"] = str(path)
+        except (RuntimeError, ValueError, MemoryError, OSError, SplatforgeError) as exc:
+            log.warning("%s: orbit video failed: %s", path, exc)
+    return result

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
+import numpy as np
 import tyro
 from rich.console import Console
 from rich.logging import RichHandler
@@ -53,6 +54,8 @@ def train(
     strategy: Literal["default", "mcmc"] = "default",
     resume: bool = False,
     eval: bool = True,
+    viewer: bool = False,
+    viewer_port: int = 8080,
     lr: LearningRates = LearningRates(),
     densify: DensifyConfig = DensifyConfig(),
     mcmc: MCMCConfig = MCMCConfig(),
@@ -78,6 +81,8 @@ def train(
             regularised; fewer floaters when test views are far from training views).
         resume: continue from the run's latest checkpoint.
         eval: render the train/test views and write metrics.json at the end.
+        viewer: show the Gaussians live in a browser (viser) at http://localhost:VIEWER_PORT.
+        viewer_port: port of the live viewer.
     """
     from splatforge.products import evaluate
     from splatforge.train import TrainConfig, Trainer
@@ -91,7 +96,22 @@ def train(
     trainer = Trainer(cfg)
     if resume and not trainer.resume():
         logging.getLogger("splatforge").warning("no checkpoint in %s: starting from scratch", output / "checkpoints")
+    live = None
+    if viewer:
+        from splatforge.viewer import SplatViewer
+
+        sc = trainer.scene
+        live = SplatViewer(port=viewer_port, camtoworlds=sc.camtoworlds[sc.split["train"]], Ks=sc.Ks[sc.split["train"]],
+                           sizes=np.stack([sc.widths, sc.heights], 1)[sc.split["train"]])  # fmt: skip
+        STDERR.print(f"viewer: http://localhost:{live.port}")
     with _progress_bar(cfg.steps, trainer.step) as update:
+        if live is not None:
+            bar_update = update
+
+            def update(step: int, *args) -> None:
+                bar_update(step, *args)
+                live.maybe_update(lambda: {k: v.detach().cpu().numpy() for k, v in trainer.params.items()})
+
         result = trainer.train(update)
     summary = {"step": result.step, "num_gaussians": result.num_gaussians, "train_seconds": round(result.train_seconds, 1),
                "ply": str(result.ply_path)}  # fmt: skip
@@ -278,6 +298,36 @@ def run(
     print(json.dumps(summary, indent=2))
 
 
+def view(source: tyro.conf.Positional[Path], host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Open a run or a .ply/.splat/.spz file in a browser viewer (viser), with the run's cameras.
+
+    Args:
+        source: run folder or splat file.
+        host: interface to serve on (0.0.0.0 for other machines).
+        port: port.
+    """
+    import time
+
+    from splatforge.io.cameras import read_cameras_json
+    from splatforge.products.export import load_splats
+    from splatforge.viewer import SplatViewer
+
+    splats = load_splats(source)
+    cams = Path(source) / "cameras.json" if Path(source).is_dir() else Path(source).parent / "cameras.json"
+    c2w, Ks, sizes = None, None, None
+    if cams.exists():
+        c2w, Ks, _ = read_cameras_json(cams)
+        sizes = Ks[:, :2, 2] * 2
+    live = SplatViewer(host, port, camtoworlds=c2w, Ks=Ks, sizes=sizes)
+    live.set_splats(splats)
+    STDERR.print(f"viewer: http://{host}:{live.port}  ({len(splats['means']):,} Gaussians; Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        live.close()
+
+
 def backends() -> None:
     """List the rasterizer backends usable on this machine (never builds gsplat)."""
     import torch
@@ -289,7 +339,7 @@ def backends() -> None:
 
 
 COMMANDS = {"prepare": prepare, "train": train, "render": render, "eval": eval, "export": export, "preview": preview,
-            "run": run, "demo": demo, "backends": backends}
+            "run": run, "view": view, "demo": demo, "backends": backends}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -39,17 +39,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def build_once(out: str | os.PathLike, build) -> Path:
     """Return folder ``out``, first building it with ``build(tmp_folder)`` if it is not complete.
 
-    The folder is built under ``out.tmp`` and renamed into place with a ``.complete`` marker, so
-    an interrupted build is redone next time and never mistaken for a finished one.
+    The folder is built in a private temporary folder beside ``out`` and renamed into place with
+    a ``.complete`` marker, so an interrupted build is redone next time and never mistaken for a
+    finished one. Several processes may build the same folder at once (parallel jobs sharing a
+    cache): each builds its own copy, the first rename wins and the others discard theirs.
     """
     out = Path(out)
     if (out / ".complete").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    (tmp / ".complete").touch()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").touch()
+        if (out / ".complete").exists():
+            return out  # another process finished first
+        if out.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a stale, incomplete build
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

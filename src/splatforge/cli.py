@@ -328,6 +328,125 @@ def view(source: tyro.conf.Positional[Path], host: str = "127.0.0.1", port: int 
         live.close()
 
 
+class _JobBoard:
+    """Live table on stderr: jobs queued/running/done/failed per device, and an ETA."""
+
+    def __init__(self, total: int):
+        from rich.live import Live
+
+        self.total, self.started, self.t0 = total, 0, None
+        self.per_device: dict[str, dict[str, int]] = {}
+        self.durations: list[float] = []
+        self.begin: dict[str, float] = {}
+        self.live = Live(self._table(), console=STDERR, refresh_per_second=2)
+
+    def _table(self):
+        import time
+
+        from rich.table import Table
+
+        table = Table(title="splatforge generate")
+        for col in ("device", "running", "done", "failed"):
+            table.add_column(col)
+        for dev, c in sorted(self.per_device.items()):
+            table.add_row(dev, str(c["running"]), str(c["done"]), str(c["failed"]))
+        finished = sum(c["done"] + c["failed"] for c in self.per_device.values())
+        running = sum(c["running"] for c in self.per_device.values())
+        eta = ""
+        if self.durations and self.t0 is not None:
+            rate = finished / max(time.monotonic() - self.t0, 1e-9)
+            eta = f"  ETA {(self.total - finished) / max(rate, 1e-9) / 60:.1f} min"
+        table.caption = f"{self.total - finished - running} queued, {running} running, {finished}/{self.total} finished{eta}"
+        return table
+
+    def __call__(self, event: str, spec, result, device: str) -> None:
+        import time
+
+        c = self.per_device.setdefault(device, {"running": 0, "done": 0, "failed": 0})
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        if event == "start":
+            c["running"] += 1
+            self.begin[spec.name] = time.monotonic()
+        else:
+            c["running"] -= 1
+            c["done" if result["status"] == "done" else "failed"] += 1
+            self.durations.append(time.monotonic() - self.begin.pop(spec.name, time.monotonic()))
+        self.live.update(self._table())
+
+
+def generate(
+    dataset_root: Path,
+    output_dir: Path,
+    dataset: Literal["dl3dv", "mipnerf360", "auto"] = "auto",
+    subset: tuple[str, ...] = (),
+    split_ratio: tuple[float, ...] = (0.1, 0.3),
+    stages: tuple[str, ...] = ("train", "render", "visibility", "depth"),
+    steps: int = 7000,
+    data_factor: int = 1,
+    strategy: Literal["default", "mcmc"] = "mcmc",
+    cap_max: int = 300_000,
+    seed: int = 0,
+    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
+    skip_existing: bool = True,
+    cut_start: int = 0,
+    cut_end: Optional[int] = None,
+    max_workers: int = 0,
+    excluded_gpus: tuple[int, ...] = (),
+    jobs_per_gpu: str = "1",
+    executor: Literal["local", "ray"] = "local",
+    ray_address: Optional[str] = None,
+    dry_run: bool = False,
+) -> None:
+    """Bulk dataset generation: every scene x split ratio through the stages, resumable.
+
+    Args:
+        dataset_root: the dataset folder.
+        output_dir: outputs, logs/, summary.json, summary.md.
+        dataset: layout preset (dl3dv: <root>/<subset>/<scene>/images_4 + transforms.json;
+            mipnerf360: <root>/<scene>/images_4|images_2 + sparse/0; auto: any readable folder).
+        subset: subset folders to process (dl3dv: default all).
+        split_ratio: fractions of frames used for training (one output per scene and ratio).
+        stages: postprocess train render visibility depth partition_fix clean.
+        steps: training steps.
+        data_factor: image downscale factor for the auto preset.
+        strategy: densification strategy.
+        cap_max: most Gaussians (MCMC).
+        seed: random seed.
+        backend: rasterizer backend.
+        skip_existing: skip stages whose inputs hash matches and whose outputs are intact.
+        cut_start: first scene (sorted) to process.
+        cut_end: scene after the last to process.
+        max_workers: jobs at once (0: one per GPU slot, or 1 on CPU).
+        excluded_gpus: GPU indices not to use.
+        jobs_per_gpu: jobs per GPU, or auto (by free memory).
+        executor: local (subprocesses) or ray.
+        ray_address: Ray cluster address (default: start a local instance).
+        dry_run: list the jobs and write nothing.
+    """
+    from splatforge.pipeline.generate import GenerateConfig
+    from splatforge.pipeline.generate import generate as generate_fn
+    from splatforge.pipeline.generate import discover_scenes, plan_jobs
+
+    cfg = GenerateConfig(
+        dataset_root=dataset_root, output_dir=output_dir, dataset=dataset, subset=list(subset),
+        split_ratio=list(split_ratio), stages=list(stages), steps=steps, data_factor=data_factor, strategy=strategy,
+        cap_max=cap_max, seed=seed, backend=backend, skip_existing=skip_existing, cut_start=cut_start, cut_end=cut_end,
+        max_workers=max_workers, excluded_gpus=list(excluded_gpus), jobs_per_gpu=jobs_per_gpu, executor=executor,
+        ray_address=ray_address, dry_run=dry_run,
+    )  # fmt: skip
+    if dry_run:
+        print(json.dumps(generate_fn(cfg), indent=2))
+        return
+    board = _JobBoard(len(plan_jobs(cfg, discover_scenes(cfg))))
+    with board.live:
+        summary = generate_fn(cfg, on_event=board)
+    STDERR.print(f"{summary['done']} done, {summary['failed']} failed of {summary['jobs']} jobs -> {output_dir / 'summary.md'}")
+    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
+    if summary["failed"]:
+        raise SystemExit(1)
+
+
 def backends() -> None:
     """List the rasterizer backends usable on this machine (never builds gsplat)."""
     import torch
@@ -339,7 +458,8 @@ def backends() -> None:
 
 
 COMMANDS = {"prepare": prepare, "train": train, "render": render, "eval": eval, "export": export, "preview": preview,
-            "run": run, "view": view, "demo": demo, "backends": backends}
+            "run": run, "view": view, "generate": generate, "demo": demo,
+            "backends": backends}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

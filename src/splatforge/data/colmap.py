@@ -36,7 +36,7 @@ def find_sparse_dir(root: Path) -> Optional[Path]:
     return None
 
 
-def _load_reconstruction(sparse: Path):
+def load_reconstruction(sparse: Path):
     import pycolmap
 
     try:
@@ -64,10 +64,10 @@ def read_colmap(root: Path, data_factor: int = 1, cache_dir: Optional[Path] = No
     sparse = find_sparse_dir(root)
     if sparse is None:
         raise DataFormatError(f"{root}: no COLMAP model (looked for cameras/images/points3D .bin or .txt in sparse/0, sparse, .)")
-    rec = _load_reconstruction(sparse)
+    rec = load_reconstruction(sparse)
     if rec.num_reg_images() == 0:
         raise DataFormatError(f"{sparse}: the COLMAP model has no registered images")
-    _validate(rec, sparse)
+    validate_reconstruction(rec, sparse)
     images_dir = image_folder(root, data_factor, cache_dir)
 
     models = {cam.model.name for cam in rec.cameras.values()}
@@ -108,7 +108,7 @@ def read_colmap(root: Path, data_factor: int = 1, cache_dir: Optional[Path] = No
     )  # fmt: skip
 
 
-def _validate(rec, sparse: Path) -> None:
+def validate_reconstruction(rec, sparse: Path) -> None:
     """pycolmap reads some truncated files without complaint (a short cameras.bin gives zero
     intrinsics): check what was read."""
     for cam in rec.cameras.values():
@@ -156,7 +156,7 @@ def _undistort(rec, sparse: Path, images_dir: Path, models: set[str], cache_dir:
             raise UnsupportedCameraModel(f"{sparse}: pycolmap could not undistort {sorted(models)}: {exc}") from exc
 
     out = build_once(Path(cache_dir) / "undistorted" / key, build)
-    rec = _load_reconstruction(out / "sparse")
+    rec = load_reconstruction(out / "sparse")
     bad = {cam.model.name for cam in rec.cameras.values()} - set(PINHOLE_MODELS)
     if bad:
         raise UnsupportedCameraModel(f"{sparse}: undistortion left camera models {sorted(bad)}")

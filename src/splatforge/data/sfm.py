@@ -1,21 +1,37 @@
 """Structure from motion with pycolmap on the CPU: SIFT features, sequential (video) or
 exhaustive (photo sets) matching, incremental mapping, the largest model kept, images
-undistorted to PINHOLE. Nothing here re-implements matching or bundle adjustment."""
+undistorted to PINHOLE. Nothing here re-implements matching or bundle adjustment.
+
+Two things make small or dark captures work (measured on the skull video, 532x354 frames of a
+dark object: plain SIFT registers 2-16 of 66 frames; with both, 65 of 66):
+
+- **Feature images.** SIFT runs on copies of the images whose lightness is equalised with CLAHE
+  (OpenCV, clip 3, 8x8 tiles) and which are upscaled (2x or 4x, bicubic) when their longer side
+  is under ``upscale_below`` pixels. SIFT's contrast threshold is absolute, so dark images give few
+  features; small ones give few at all. The model is rescaled back to the real images
+  (cameras and keypoints) before undistortion, so nothing downstream sees the copies.
+- **Guided matching** (re-matching under the estimated two-view geometry) and a mapper that
+  accepts an image with 15 inlier 2D-3D matches (COLMAP's default is 30) at a 10 % inlier ratio,
+  and starts from pairs with 50 inliers and 4 degrees of triangulation angle. Each registration
+  is still checked by RANSAC and bundle adjustment; the mean reprojection error is reported.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from splatforge.data.images import list_images
 from splatforge.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SfmResult", "run_sfm"]
+__all__ = ["SfmResult", "run_sfm", "feature_images"]
 
 
 @dataclass
@@ -33,11 +49,63 @@ class SfmResult:
         return self.num_registered / max(1, self.num_images)
 
 
+def feature_images(images_dir: Path, out_dir: Path, upscale_below: int = 1000) -> float:
+    """Write the copies SIFT runs on (see the module docstring) into ``out_dir``, same names;
+    returns the scale factor applied: 1, or the power of two (at most 4) that brings the
+    longer side to at least ``upscale_below`` pixels."""
+    import cv2
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clahe = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8))
+    factor = 1.0
+    names = list_images(images_dir)
+    for i, name in enumerate(names):
+        img = cv2.imread(str(images_dir / name), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataFormatError(f"{images_dir / name}: cannot decode image")
+        if i == 0:
+            longer = max(img.shape[:2])
+            factor = 1.0 if longer >= upscale_below else float(min(4, 2 ** math.ceil(math.log2(upscale_below / longer))))
+        if factor != 1.0:
+            img = cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
+        lab = cv2.cvtColor(img, cv2.COLOR_BGR2LAB)
+        lab[..., 0] = clahe.apply(lab[..., 0])
+        if not cv2.imwrite(str(out_dir / name), cv2.cvtColor(lab, cv2.COLOR_LAB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            raise DataFormatError(f"{out_dir / name}: cannot write the feature image")
+    return factor
+
+
+def _rescale_model(rec, factor: float) -> None:
+    """Map a model built on images scaled by ``factor`` back to the original images."""
+    if factor == 1.0:
+        return
+    for cam in rec.cameras.values():
+        cam.rescale(1.0 / factor)
+    for image in rec.images.values():
+        for p in image.points2D:
+            p.xy = p.xy / factor
+    rec.update_point_3d_errors()
+
+
+def _mapper_options():
+    import pycolmap
+
+    opts = pycolmap.IncrementalPipelineOptions()
+    m = opts.mapper
+    m.abs_pose_min_num_inliers = 15
+    m.abs_pose_min_inlier_ratio = 0.1
+    m.init_min_num_inliers = 50
+    m.init_min_tri_angle = 4.0
+    m.max_reg_trials = 10
+    return opts
+
+
 def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Literal["sequential", "exhaustive"],
             camera_model: str = "SIMPLE_RADIAL", single_camera: bool = True, max_image_size: int = 1600,
-            max_features: int = 8192) -> SfmResult:  # fmt: skip
+            max_features: int = 4096, upscale_below: int = 1000) -> SfmResult:  # fmt: skip
     """Pose the images in ``images_dir``; write the undistorted scene (``images/``,
-    ``sparse/0/``) into ``scene_dir``. ``work_dir`` holds the database and raw models.
+    ``sparse/0/``) into ``scene_dir``. ``work_dir`` holds the database, the feature images and
+    the raw models.
 
     Raises:
         ConfigError: unknown camera model or matcher.
@@ -55,24 +123,29 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
     device = pycolmap.Device.cpu
 
     t = time.perf_counter()
+    feat_dir = work_dir / "feature_images"
+    shutil.rmtree(feat_dir, ignore_errors=True)
+    factor = feature_images(images_dir, feat_dir, upscale_below)
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = camera_model
     extraction = pycolmap.FeatureExtractionOptions()
-    extraction.max_image_size = max_image_size
+    extraction.max_image_size = int(max_image_size * factor)
     extraction.sift.max_num_features = max_features
     mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.AUTO
-    pycolmap.extract_features(database, images_dir, camera_mode=mode, reader_options=reader,
+    pycolmap.extract_features(database, feat_dir, camera_mode=mode, reader_options=reader,
                               extraction_options=extraction, device=device)  # fmt: skip
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.guided_matching = True
     if matcher == "sequential":
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = 10
         pairing.quadratic_overlap = True
-        pycolmap.match_sequential(database, pairing_options=pairing, device=device)
+        pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing, device=device)
     elif matcher == "exhaustive":
-        pycolmap.match_exhaustive(database, device=device)
+        pycolmap.match_exhaustive(database, matching_options=matching, device=device)
     else:
         raise ConfigError(f"matcher must be 'sequential' or 'exhaustive', got {matcher!r}")
     timings["matching_s"] = time.perf_counter() - t
@@ -81,13 +154,15 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
     models_dir = work_dir / "sparse"
     shutil.rmtree(models_dir, ignore_errors=True)
     models_dir.mkdir(parents=True)
-    models = pycolmap.incremental_mapping(database, images_dir, models_dir)
+    models = pycolmap.incremental_mapping(database, feat_dir, models_dir, options=_mapper_options())
     timings["mapping_s"] = time.perf_counter() - t
     num_images = len([p for p in images_dir.iterdir() if p.is_file()])
     if not models:
         raise DataFormatError(f"{images_dir}: SfM could not register any image pair (0 of {num_images} images posed)")
     best_id, best = max(models.items(), key=lambda kv: kv[1].num_reg_images())
-    best_dir = models_dir / str(best_id)
+    _rescale_model(best, factor)
+    best_dir = models_dir / f"{best_id}_rescaled"
+    best_dir.mkdir()
     best.write(str(best_dir))
 
     t = time.perf_counter()

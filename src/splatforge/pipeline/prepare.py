@@ -33,7 +33,7 @@ __all__ = ["PrepareConfig", "prepare"]
 
 MIN_IMAGES = 3
 MIN_REGISTERED_FRACTION = 0.5
-EXHAUSTIVE_MAX_IMAGES = 150
+EXHAUSTIVE_MAX_IMAGES = 100
 
 
 @dataclass
@@ -47,7 +47,8 @@ class PrepareConfig:
     max_size: int = 1600
     """Longer image side in pixels after import."""
     matcher: Literal["auto", "sequential", "exhaustive"] = "auto"
-    """auto: sequential when any video is given or there are > 150 images, else exhaustive."""
+    """auto: exhaustive up to 100 images (video frames included: it finds every loop closure,
+    and hand-held videos jump), sequential above."""
     camera_model: str = "SIMPLE_RADIAL"
     """COLMAP camera model estimated by SfM; images are undistorted to PINHOLE afterwards."""
     downscale: list[int] = field(default_factory=list)
@@ -126,7 +127,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             )
         matcher = cfg.matcher
         if matcher == "auto":
-            matcher = "sequential" if videos or n_images > EXHAUSTIVE_MAX_IMAGES else "exhaustive"
+            matcher = "sequential" if n_images > EXHAUSTIVE_MAX_IMAGES else "exhaustive"
         sfm = run_sfm(frames_dir, partial / "work", partial / "scene", matcher=matcher, camera_model=cfg.camera_model,
                       single_camera=len(videos) + (1 if photos else 0) <= 1, max_image_size=cfg.max_size)  # fmt: skip
         timings.update(sfm.timings)

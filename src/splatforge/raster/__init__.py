@@ -8,6 +8,6 @@ Importing this package compiles nothing and never imports gsplat.
 """
 
 from splatforge.errors import BackendUnavailableError
-from splatforge.raster.api import BACKENDS, RENDER_MODES, available_backends, rasterize, resolve_backend
+from splatforge.raster.api import BACKENDS, RENDER_MODES, available_backends, rasterize, resolve_backend, transmittance_stats
 
-__all__ = ["rasterize", "available_backends", "resolve_backend", "BackendUnavailableError", "BACKENDS", "RENDER_MODES"]
+__all__ = ["rasterize", "transmittance_stats", "available_backends", "resolve_backend", "BackendUnavailableError", "BACKENDS", "RENDER_MODES"]

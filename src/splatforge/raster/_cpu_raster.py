@@ -302,3 +302,50 @@ def reduce_isects(offsets, ids, n_tiles, g_xy, g_abs, g_conic, g_col, g_opac, v_
             for d in range(D):
                 v_colors[c, n, d] += g_col[i, d]
             v_opac[c, n] += g_opac[i]
+
+
+@nb.njit(parallel=True, **_JIT)
+def raster_transmittance(means2d, conics, opacities, radii, offsets, ids, width, height, tiles_x, isect_T, isect_n):
+    """Per intersection: the sum of the transmittance in front of the Gaussian over the pixels
+    of the tile where it contributes (the forward pass's tests, early stop included) into
+    ``isect_T [n_isects]`` (float64) and the number of those pixels into ``isect_n`` (int64)."""
+    C = means2d.shape[0]
+    T = (offsets.shape[0] - 1) // C
+    S = TILE_SIZE
+    no_features = np.empty((C, means2d.shape[1], 0), np.float32)
+    for job in nb.prange(C * T):
+        c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
+        g, box, _col = _gather(c, start, m, ids, means2d, conics, opacities, radii, no_features, x0, y0, x1, y1)
+        Tr = np.ones(S * S)
+        done = np.zeros(S * S, np.bool_)
+        active = (x1 - x0) * (y1 - y0)
+        for k in range(m):
+            if active == 0:
+                break
+            u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
+            sum_t = 0.0
+            count = 0
+            for py in range(box[k, 2], box[k, 3]):
+                dy = v - (py + 0.5)
+                row = (py - y0) * S - x0
+                for px in range(box[k, 0], box[k, 1]):
+                    p = row + px
+                    if done[p]:
+                        continue
+                    dx = u - (px + 0.5)
+                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+                    if sigma < 0.0 or sigma > bound:
+                        continue
+                    alpha = min(ALPHA_MAX, o * math.exp(-sigma))
+                    if alpha < ALPHA_THRESHOLD:
+                        continue
+                    next_T = Tr[p] * (1.0 - alpha)
+                    if next_T <= TRANSMITTANCE_MIN:
+                        done[p] = True
+                        active -= 1
+                        continue
+                    sum_t += Tr[p]
+                    count += 1
+                    Tr[p] = next_T
+            isect_T[start + k] = sum_t
+            isect_n[start + k] = count

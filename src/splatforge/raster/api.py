@@ -243,3 +243,58 @@ def rasterize(
         "backend": name,
     }
     return render, alpha, info
+
+
+def transmittance_stats(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    *,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    rasterize_mode: Literal["classic", "antialiased"] = "classic",
+    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Per-Gaussian visibility accumulators of a render (no gradients): for each camera and
+    Gaussian, ``sum_T`` = the sum over the pixels where it contributes (alpha >= 1/255, before
+    the pixel's early stop) of the transmittance in front of it, and ``count`` = the number of
+    those pixels. ``sum_T / count`` is the Gaussian's mean transmittance in that view, the
+    quantity the visibility masks of :mod:`splatforge.products.visibility` are built from.
+
+    Arguments as :func:`rasterize`. Backends: ``cpu`` (compiled) on CPU tensors; on any other
+    device (``gsplat``/``reference``) the pure-torch reference computes them on that device, with
+    the same projection and compositing rules as gsplat.
+
+    Returns:
+        ``sum_T [C, N]`` float64 and ``count [C, N]`` int64, on the inputs' device.
+
+    Raises:
+        ConfigError, BackendUnavailableError: as :func:`rasterize`.
+    """
+    device = means.device
+    N = means.shape[0]
+    _check("means", means, (None, 3), device)
+    _check("quats", quats, (N, 4), device)
+    _check("scales", scales, (N, 3), device)
+    _check("opacities", opacities, (N,), device)
+    _check("viewmats", viewmats, (None, 4, 4), device)
+    C = viewmats.shape[0]
+    _check("Ks", Ks, (C, 3, 3), device)
+    name = resolve_backend(backend, device)
+    if name == "cpu":
+        from splatforge.raster import cpu as impl
+    else:
+        from splatforge.raster import reference as impl  # type: ignore[no-redef]
+    with torch.no_grad():
+        proj = impl.project(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=eps2d,
+                            near_plane=near_plane, far_plane=far_plane, antialiased=rasterize_mode == "antialiased")  # fmt: skip
+        opac = opacities[None, :].expand(C, N)
+        if proj.compensations is not None:
+            opac = opac * proj.compensations
+        return impl.transmittance_stats(proj.means2d, proj.conics, opac.contiguous(), proj.depths, proj.radii, width, height)

@@ -179,3 +179,19 @@ def rasterize_to_pixels(
         means2d, conics, colors.contiguous(), opacities.contiguous(), backgrounds.contiguous(),
         radii, depths, int(width), int(height), bool(absgrad),
     )  # fmt: skip
+
+
+def transmittance_stats(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
+                        width: int, height: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Compiled version of :func:`splatforge.raster.reference.transmittance_stats`."""
+    C, N = opacities.shape
+    tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
+    offsets, ids = kr.bin_gaussians(_np(means2d), _np(radii), _np(depths), tiles_x, tiles_y)
+    isect_T, isect_n = np.zeros(ids.shape[0], np.float64), np.zeros(ids.shape[0], np.int64)
+    kr.raster_transmittance(_np(means2d), _np(conics), _np(opacities), _np(radii), offsets, ids, int(width), int(height),
+                            tiles_x, isect_T, isect_n)  # fmt: skip
+    cams = np.repeat(np.arange(C), np.diff(offsets[:: tiles_x * tiles_y]))
+    flat = cams * N + ids
+    sum_T = np.bincount(flat, weights=isect_T, minlength=C * N).reshape(C, N)
+    count = np.bincount(flat, weights=isect_n, minlength=C * N).reshape(C, N)
+    return torch.from_numpy(sum_T), torch.from_numpy(count.astype(np.int64))

@@ -260,3 +260,54 @@ def _composite(
     if background is not None:
         out = out + T_final[:, None] * background[None, :]
     return out, T_final
+
+
+@torch.no_grad()
+def transmittance_stats(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
+                        width: int, height: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Per camera and Gaussian: the sum, over the pixels where the Gaussian contributes (the
+    compositing's own tests: alpha >= 1/255, before the pixel's early stop), of the
+    transmittance in front of it, and the number of those pixels.
+
+    Args: as :func:`rasterize_to_pixels` (``opacities`` activated, with any compensation).
+
+    Returns:
+        ``sum_T [C, N]`` float64 and ``count [C, N]`` int64; ``sum_T / count`` is the mean
+        transmittance in front of the Gaussian over the pixels it touches.
+    """
+    C, N = opacities.shape
+    dev = means2d.device
+    tmin, tmax, tiles_x, tiles_y = tile_ranges(means2d, radii, width, height)
+    visible = (radii > 0).all(dim=-1)
+    sum_T = torch.zeros((C, N), dtype=torch.float64, device=dev)
+    count = torch.zeros((C, N), dtype=torch.int64, device=dev)
+    for cam in range(C):
+        for ty in range(tiles_y):
+            for tx in range(tiles_x):
+                x0, y0 = tx * TILE_SIZE, ty * TILE_SIZE
+                x1, y1 = min(x0 + TILE_SIZE, width), min(y0 + TILE_SIZE, height)
+                hit = (
+                    visible[cam]
+                    & (tmin[cam, :, 0] <= tx) & (tx < tmax[cam, :, 0])
+                    & (tmin[cam, :, 1] <= ty) & (ty < tmax[cam, :, 1])
+                )  # fmt: skip
+                ids = torch.nonzero(hit).flatten()
+                if ids.numel() == 0:
+                    continue
+                ids = ids[torch.sort(depths[cam, ids], stable=True).indices]
+                py, px = torch.meshgrid(torch.arange(y0, y1, device=dev, dtype=means2d.dtype) + 0.5,
+                                        torch.arange(x0, x1, device=dev, dtype=means2d.dtype) + 0.5, indexing="ij")  # fmt: skip
+                pix = torch.stack([px.flatten(), py.flatten()], dim=-1)
+                delta = means2d[cam, ids][None] - pix[:, None]
+                dx, dy = delta[..., 0], delta[..., 1]
+                conic = conics[cam, ids]
+                sigma = 0.5 * (conic[None, :, 0] * dx * dx + conic[None, :, 2] * dy * dy) + conic[None, :, 1] * dx * dy
+                alpha = torch.clamp(opacities[cam, ids][None] * torch.exp(-sigma), max=ALPHA_MAX)
+                alpha = torch.where((sigma < 0) | (alpha < ALPHA_THRESHOLD), torch.zeros_like(alpha), alpha)
+                keep = torch.cumprod(1.0 - alpha, dim=1) > TRANSMITTANCE_MIN
+                alpha = alpha * keep
+                T_before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
+                used = alpha > 0
+                sum_T[cam].index_add_(0, ids, (T_before * used).sum(0).double())
+                count[cam].index_add_(0, ids, used.sum(0))
+    return sum_T, count

@@ -1,0 +1,320 @@
+"""One dataset job: a (scene, split ratio) pair run through its stages into one output folder.
+
+Stages (each usable alone; ``stage_order`` is the order they run in):
+
+=============== ==============================================================================
+postprocess     ``partition.json``, ``cam_extrinsics.npy``, ``cam_intrinsics.npy``, ``frames.json``
+                (see :mod:`splatforge.products.metadata`), without training
+train           ``point_cloud/iteration_N/point_cloud.ply``, ``cameras.json``, ``checkpoints/``,
+                ``cfg.yml`` (resumes from its own checkpoints when a run was killed)
+render          ``{train,test}/ours_N/{renders,gt}/NNNNN.png`` + ``metrics.json``
+visibility      ``{train,test}/ours_N/visibility_mask_global_2ndpick_th0.5/frame_XXXXX.png`` + scores
+depth           ``{train,test}/ours_N/depth/NNNNN.npy`` (float32 camera z) + ``NNNNN.png`` preview
+partition_fix   checks ``partition.json`` against ``cam_extrinsics.npy``; rewrites it, or removes
+                the output when it cannot be recovered
+clean           removes the output folder
+=============== ==============================================================================
+
+Each stage's hash covers the scene's input files, the job options it depends on and the hashes
+of the stages it reads from, so a changed option reruns exactly the stages it affects. Run as a
+subprocess: ``python -m splatforge.pipeline.job SPEC.json`` (what the local executor does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from splatforge._fs import atomic_path
+from splatforge.pipeline.manifest import Manifest, stage_hash
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JobSpec", "STAGES", "run_job", "scene_fingerprint"]
+
+STAGES = ("postprocess", "train", "render", "visibility", "depth", "partition_fix", "clean")
+#: which upstream stages each stage reads (its hash includes theirs)
+DEPENDS = {"postprocess": (), "train": ("postprocess",), "render": ("train",), "visibility": ("train",),
+           "depth": ("train",), "partition_fix": ("postprocess",), "clean": ()}  # fmt: skip
+
+
+@dataclass
+class JobSpec:
+    """Everything one job needs (JSON-serialisable: it crosses process and machine boundaries)."""
+
+    scene: str
+    """Scene name (the output folder is ``<output_dir>/<subset>/<scene>_<ratio>``)."""
+    scene_root: str
+    output_dir: str
+    ratio: float
+    stages: list[str]
+    subset: str = ""
+    data_factor: int = 1
+    steps: int = 7000
+    strategy: str = "mcmc"
+    cap_max: int = 300_000
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "cpu"
+    sh_degree: int = 3
+    threshold: float = 0.5
+    skip_existing: bool = True
+    cache_dir: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.scene}_{self.ratio:g}"
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir) / self.subset / self.name if self.subset else Path(self.output_dir) / self.name
+
+
+def scene_fingerprint(root: Path, data_factor: int) -> dict:
+    """Names, sizes and mtimes of the files a scene is read from (poses and images)."""
+    root = Path(root)
+    files = []
+    for rel in ("transforms.json", "sparse/0", "sparse", f"images_{data_factor}" if data_factor > 1 else "images"):
+        p = root / rel
+        if p.is_file():
+            files.append((rel, p.stat().st_size, int(p.stat().st_mtime)))
+        elif p.is_dir():
+            for q in sorted(p.iterdir()):
+                if q.is_file():
+                    files.append((f"{rel}/{q.name}", q.stat().st_size, int(q.stat().st_mtime)))
+    return {"root": str(root.resolve()), "files": files}
+
+
+def _load_scene(spec: JobSpec):
+    from splatforge.data.load import load_scene
+
+    return load_scene(Path(spec.scene_root), data_factor=spec.data_factor, split_ratio=spec.ratio,
+                      cache_dir=Path(spec.cache_dir) if spec.cache_dir else spec.out / "cache")  # fmt: skip
+
+
+def _train_config(spec: JobSpec):
+    from splatforge.train import TrainConfig
+    from splatforge.train.config import MCMCConfig
+
+    return TrainConfig(data=Path(spec.scene_root), output=spec.out, data_factor=spec.data_factor, steps=spec.steps,
+                       split_ratio=spec.ratio, backend=spec.backend, device=spec.device, seed=spec.seed,
+                       sh_degree=spec.sh_degree, strategy=spec.strategy, checkpoint_every=max(100, spec.steps // 5),
+                       cache_dir=Path(spec.cache_dir) if spec.cache_dir else None,
+                       mcmc=MCMCConfig(cap_max=spec.cap_max, refine_stop=int(spec.steps * 0.85)), **spec.extra)  # fmt: skip
+
+
+def _stage_postprocess(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+    from splatforge.products.metadata import write_metadata
+
+    scene = _load_scene(spec)
+    return write_metadata(spec.out, scene), {"num_frames": len(scene)}
+
+
+def _stage_train(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+    from splatforge.train import Trainer
+
+    trainer = Trainer(_train_config(spec))
+    if trainer.resume():
+        log.info("%s: resuming training at step %d", spec.name, trainer.step)
+    result = trainer.train()
+    ckpts = sorted((spec.out / "checkpoints").glob("ckpt_*.pt"))
+    outputs = [result.ply_path, spec.out / "cameras.json", spec.out / "cfg.yml"] + ckpts[-1:]
+    return outputs, {"num_gaussians": result.num_gaussians, "train_seconds": round(result.train_seconds, 1),
+                     "step": result.step, "train_psnr": result.last_psnr}  # fmt: skip
+
+
+def _trainer(spec: JobSpec):
+    from splatforge.train import Trainer
+
+    return Trainer.from_run(spec.out)
+
+
+def _stage_render(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+    from splatforge.products import evaluate
+
+    trainer = _trainer(spec)
+    metrics = evaluate(trainer)
+    outputs = [spec.out / "metrics.json"]
+    for split in ("train", "test"):
+        folder = spec.out / split / f"ours_{trainer.step}"
+        outputs += sorted((folder / "renders").glob("*.png")) + sorted((folder / "gt").glob("*.png"))
+    summary = {f"{s}_{k}": metrics[s][k] for s in ("test", "train") for k in ("psnr", "ssim", "lpips")}
+    return outputs, summary
+
+
+def _stage_visibility(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+    import torch
+
+    from splatforge.model.gaussians import activated
+    from splatforge.products.visibility import gaussian_scores, score_maps, second_pick, write_visibility
+
+    trainer = _trainer(spec)
+    g = activated(trainer.params)
+    scene = trainer.scene
+    outputs: list[Path] = []
+    train_ids = scene.split["train"]
+    sizes = {(int(scene.widths[i]), int(scene.heights[i])) for i in range(len(scene))}
+    if len(sizes) != 1:
+        raise ValueError(f"visibility needs one image size per scene, found {sorted(sizes)}")
+    (w, h), = sizes
+    scores = gaussian_scores(g, trainer.viewmats[train_ids], trainer.Ks[train_ids], w, h, backend=spec.backend)
+    vis = second_pick(scores)
+    for split in ("train", "test"):
+        ids = scene.split[split]
+        if not ids:
+            continue
+        maps = score_maps(g, vis, trainer.viewmats[ids], trainer.Ks[ids], w, h, backend=spec.backend)
+        outputs += write_visibility(spec.out / split / f"ours_{trainer.step}", maps, spec.threshold)
+    seen = float((vis >= spec.threshold).double().mean())
+    del torch
+    return outputs, {"fraction_gaussians_seen_twice": round(seen, 4)}
+
+
+def _stage_depth(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+    import torch
+    from PIL import Image
+
+    trainer = _trainer(spec)
+    outputs: list[Path] = []
+    with torch.no_grad():
+        for split in ("train", "test"):
+            folder = spec.out / split / f"ours_{trainer.step}" / "depth"
+            for pos, index in enumerate(trainer.scene.split[split]):
+                render, alpha, _ = trainer.render(index, render_mode="ED")
+                d = torch.where(alpha[0, ..., 0] > 1e-4, render[0, ..., 0], torch.zeros_like(alpha[0, ..., 0])).cpu().numpy()
+                with atomic_path(folder / f"{pos:05d}.npy") as tmp:
+                    np.save(tmp, d.astype(np.float32))
+                top = float(np.percentile(d[d > 0], 99)) if (d > 0).any() else 1.0
+                preview = np.clip(d / max(top, 1e-9), 0, 1) * 65535
+                with atomic_path(folder / f"{pos:05d}.png") as tmp:
+                    Image.fromarray(preview.astype(np.uint16)).save(tmp)
+                outputs += [folder / f"{pos:05d}.npy", folder / f"{pos:05d}.png"]
+    return outputs, {}
+
+
+def _stage_partition_fix(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+    from splatforge.products.metadata import fix_partition
+
+    verdict = fix_partition(spec.out, _load_scene(spec).split)
+    log.info("%s: partition_fix: %s", spec.name, verdict)
+    return ([spec.out / "partition.json"] if spec.out.exists() else []), {"verdict": verdict}
+
+
+STAGE_FNS: dict[str, Callable[[JobSpec, Manifest], tuple[list[Path], dict]]] = {
+    "postprocess": _stage_postprocess, "train": _stage_train, "render": _stage_render,
+    "visibility": _stage_visibility, "depth": _stage_depth, "partition_fix": _stage_partition_fix,
+}  # fmt: skip
+
+
+def stage_digests(spec: JobSpec) -> dict[str, str]:
+    """Hash of every stage for this spec (see the module docstring)."""
+    fp = scene_fingerprint(Path(spec.scene_root), spec.data_factor)
+    own = {
+        "postprocess": {"ratio": spec.ratio, "data_factor": spec.data_factor},
+        "train": {"steps": spec.steps, "strategy": spec.strategy, "cap_max": spec.cap_max, "seed": spec.seed,
+                  "sh_degree": spec.sh_degree, "extra": spec.extra},
+        "render": {}, "visibility": {"threshold": spec.threshold}, "depth": {}, "partition_fix": {}, "clean": {},
+    }  # fmt: skip
+    digests: dict[str, str] = {}
+    for stage in ("postprocess", "train", "render", "visibility", "depth", "partition_fix", "clean"):
+        digests[stage] = stage_hash(stage, own[stage], fp if stage == "postprocess" else None,
+                                    [digests[d] for d in DEPENDS[stage]])  # fmt: skip
+    return digests
+
+
+def stage_order(stages: list[str]) -> list[str]:
+    """The requested stages in pipeline order, with ``postprocess`` added before any stage that
+    reads the metadata or the training outputs (it is cheap and they depend on its split)."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        from splatforge.errors import ConfigError
+
+        raise ConfigError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    wanted = set(stages)
+    if wanted & {"train", "render", "visibility", "depth", "partition_fix"}:
+        wanted.add("postprocess")
+    if wanted & {"render", "visibility", "depth"}:
+        wanted.add("train")
+    return [s for s in STAGES if s in wanted]
+
+
+def run_job(spec: JobSpec) -> dict:
+    """Run ``spec``'s stages; returns ``{"job", "status", "stages": {name: "done"|"skipped"|
+    "failed"}, "error", ...}``. A failing stage stops this job (later stages are not run) and is
+    recorded with its error line; it never raises, so one scene cannot stop the others."""
+    out = spec.out
+    result: dict = {"job": spec.name, "scene": spec.scene, "ratio": spec.ratio, "output": str(out), "status": "done",
+                    "stages": {}, "error": None, "info": {}}  # fmt: skip
+    order = stage_order(spec.stages)
+    if order == ["clean"]:
+        shutil.rmtree(out, ignore_errors=True)
+        result["stages"]["clean"] = "done"
+        return result
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out)
+    manifest.begin_run()
+    digests = stage_digests(spec)
+    for stage in order:
+        if stage == "clean":
+            shutil.rmtree(out, ignore_errors=True)
+            result["stages"]["clean"] = "done"
+            break
+        if spec.skip_existing and manifest.is_fresh(stage, digests[stage]):
+            result["stages"][stage] = "skipped"
+            result["info"].update({k: v for k, v in manifest.stage(stage).items() if k not in ("outputs", "hash", "status", "started")})
+            continue
+        t = time.perf_counter()
+        manifest.start(stage, digests[stage])
+        try:
+            outputs, info = STAGE_FNS[stage](spec, manifest)
+        except Exception as exc:  # noqa: BLE001 - the job boundary: record the failure, never stop other jobs
+            line = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.error("%s: stage %s failed: %s\n%s", spec.name, stage, line, traceback.format_exc())
+            manifest.fail(stage, line, time.perf_counter() - t)
+            result.update(status="failed", error=f"{stage}: {line}")
+            result["stages"][stage] = "failed"
+            break
+        if stage == "partition_fix" and info.get("verdict", "").startswith("removed"):
+            result["stages"][stage] = info["verdict"]
+            result["info"].update(info)
+            break
+        manifest.finish(stage, outputs, time.perf_counter() - t, info)
+        result["stages"][stage] = "done"
+        result["info"].update(info)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Subprocess entry: ``python -m splatforge.pipeline.job SPEC.json RESULT.json``."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("numba").setLevel(logging.WARNING)
+    threads = os.environ.get("SPLATFORGE_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    spec = JobSpec(**json.loads(Path(argv[0]).read_text()))
+    result = run_job(spec)
+    with atomic_path(Path(argv[1])) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    return 0 if result["status"] == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def spec_dict(spec: JobSpec) -> dict:
+    return asdict(spec)

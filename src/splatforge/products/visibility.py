@@ -1,0 +1,94 @@
+"""Visibility masks: which parts of a view are *not* seen well by at least two training views.
+
+The rule is ExtraNeRF's "2nd pick" as GS-DataGen uses it:
+
+1. render every training view and, per Gaussian and view, take the **score** = its mean
+   transmittance over the pixels it touches (``sum_T / count`` from
+   :func:`splatforge.raster.transmittance_stats`; 0 in views where it touches no pixel);
+2. per Gaussian keep the **2nd largest** score over its top-k views, ``k = min(5, #train)``
+   (with a single training view there is no second pick: the score is 0);
+3. render each target view with that per-Gaussian score as a one-channel colour (black
+   background): the **score map** ``[H, W]`` in [0, 1];
+4. the **mask** is white (255) where the score map is below the threshold (0.5): pixels not seen
+   well by two training views; black elsewhere.
+
+Outputs per view, under ``{split}/ours_N/``: ``visibility_mask_global_2ndpick_th0.5/frame_XXXXX.png``
+(8-bit) and ``visibility_score_global_2ndpick/frame_XXXXX.npy`` (float32 score map), ``XXXXX``
+the view's position in its split (the order of ``partition.json``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from splatforge._fs import atomic_path
+
+__all__ = ["gaussian_scores", "second_pick", "score_maps", "write_visibility"]
+
+TOP_K = 5
+
+
+def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, Ks: torch.Tensor, width: int,
+                    height: int, backend: str = "auto", batch: int = 8) -> torch.Tensor:  # fmt: skip
+    """Per training view and Gaussian, the mean transmittance in front of it over the pixels it
+    touches: ``[V, N]`` float64 (0 where it touches none).
+
+    ``gaussians`` holds **activated** tensors: ``means [N,3]``, ``quats [N,4]``, ``scales [N,3]``
+    (world units), ``opacities [N]`` (in [0, 1]). ``viewmats [V,4,4]`` world-to-camera (OpenCV),
+    ``Ks [V,3,3]`` pixels.
+    """
+    from splatforge.raster import transmittance_stats
+
+    out = []
+    for i in range(0, viewmats.shape[0], batch):
+        sum_T, count = transmittance_stats(gaussians["means"], gaussians["quats"], gaussians["scales"],
+                                           gaussians["opacities"], viewmats[i : i + batch], Ks[i : i + batch],
+                                           width, height, backend=backend)  # fmt: skip
+        out.append(torch.where(count > 0, sum_T / count.clamp(min=1), torch.zeros_like(sum_T)))
+    return torch.cat(out).cpu()
+
+
+def second_pick(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
+    """``[N]`` the 2nd largest of each Gaussian's top-``min(top_k, V)`` view scores (``scores
+    [V, N]``); 0 when there is a single view."""
+    k = min(top_k, scores.shape[0])
+    if k < 2:
+        return torch.zeros(scores.shape[1], dtype=scores.dtype)
+    return torch.topk(scores, k, dim=0).values[1]
+
+
+def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
+               width: int, height: int, backend: str = "auto", batch: int = 8) -> torch.Tensor:  # fmt: skip
+    """Render the per-Gaussian visibility ``vis [N]`` as a one-channel colour: ``[V, H, W]``."""
+    from splatforge.raster import rasterize
+
+    feats = vis.to(gaussians["means"].device, gaussians["means"].dtype)[:, None]
+    maps = []
+    with torch.no_grad():
+        for i in range(0, viewmats.shape[0], batch):
+            img, _, _ = rasterize(gaussians["means"], gaussians["quats"], gaussians["scales"], gaussians["opacities"],
+                                  feats, viewmats[i : i + batch], Ks[i : i + batch], width, height, backend=backend)  # fmt: skip
+            maps.append(img[..., 0].clamp(0, 1).cpu())
+    return torch.cat(maps)
+
+
+def write_visibility(folder: Path, maps: torch.Tensor, threshold: float = 0.5, names: Optional[list[str]] = None) -> list[Path]:
+    """Write masks (white where ``maps < threshold``) and score maps for one split into
+    ``folder`` (``{split}/ours_N``); returns the written paths."""
+    from PIL import Image
+
+    mask_dir = Path(folder) / f"visibility_mask_global_2ndpick_th{threshold:g}"
+    score_dir = Path(folder) / "visibility_score_global_2ndpick"
+    written = []
+    for pos, m in enumerate(maps.numpy()):
+        name = f"frame_{pos:05d}"
+        with atomic_path(mask_dir / f"{name}.png") as tmp:
+            Image.fromarray(np.where(m < threshold, 255, 0).astype(np.uint8)).save(tmp)
+        with atomic_path(score_dir / f"{name}.npy") as tmp:
+            np.save(tmp, m.astype(np.float32))
+        written += [mask_dir / f"{name}.png", score_dir / f"{name}.npy"]
+    return written

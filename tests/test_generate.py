@@ -1,0 +1,277 @@
+"""Dataset products and bulk generation: visibility masks, metadata conventions, the manifest,
+generate over a temp dataset root built from ../shared/datasets (skull + fox), resume after
+SIGKILL, failure isolation, the Ray executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scenes import datasets_dir, intrinsics, look_at
+
+from splatforge.cli import main
+from splatforge.pipeline.generate import GenerateConfig, generate
+from splatforge.pipeline.job import JobSpec, run_job
+from splatforge.products.metadata import check_partition, fix_partition, read_metadata
+from splatforge.products.visibility import gaussian_scores, score_maps, second_pick
+from splatforge.raster import transmittance_stats
+
+DATA = datasets_dir()
+needs_data = pytest.mark.skipif(not (DATA / "skull").is_dir() or not (DATA / "fox").is_dir(), reason="../shared/datasets not found")
+
+
+# --- accumulators and visibility -------------------------------------------------------------
+
+
+def test_transmittance_stats_cpu_matches_reference_and_hand_case():
+    from scenes import random_scene
+
+    s = random_scene(5, n=300, n_cameras=2, width=64, height=48)
+    args = (s.means.float(), s.quats.float(), s.scales.float(), s.opacities.float(), s.viewmats.float(), s.Ks.float(), 64, 48)
+    a, ca = transmittance_stats(*args, backend="cpu")
+    b, cb = transmittance_stats(*args, backend="reference")
+    assert torch.equal(ca, cb) and ca.sum() > 1000
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+    # hand case: two identical opaque-ish Gaussians one behind the other, seen head-on: the front
+    # one sees T = 1 everywhere, the back one T = 1 - alpha_front(pixel) < 1.
+    means = torch.tensor([[0.0, 0.0, 3.0], [0.0, 0.0, 4.0]])
+    quats = torch.tensor([[1.0, 0, 0, 0]] * 2)
+    scales = torch.tensor([[0.3, 0.3, 0.3]] * 2)
+    opac = torch.tensor([0.8, 0.8])
+    view = torch.eye(4)[None]
+    K = intrinsics(32, 32, 40.0)[None].float()
+    sum_T, count = transmittance_stats(means, quats, scales, opac, view, K, 32, 32, backend="cpu")
+    assert count[0, 0] > 0 and torch.isclose(sum_T[0, 0] / count[0, 0], torch.tensor(1.0, dtype=torch.float64))
+    assert 0.2 < float(sum_T[0, 1] / count[0, 1]) < 0.9
+
+
+def test_visibility_masks_a_gaussian_seen_by_one_training_view():
+    """Blob A is seen by one training camera only, blob B by three: a test view that sees both
+    is masked (white) on A and not on B."""
+    rng = np.random.default_rng(0)
+
+    def blob(center, n=150):
+        return torch.tensor(rng.normal(size=(n, 3)) * 0.08 + center, dtype=torch.float32)
+
+    means = torch.cat([blob([-1.0, 0, 0]), blob([1.0, 0, 0])])
+    n = means.shape[0]
+    g = {"means": means, "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1), "scales": torch.full((n, 3), 0.06),
+         "opacities": torch.full((n,), 0.9)}  # fmt: skip
+    K = intrinsics(64, 64, 60.0).float()
+    # train views: one looking at A (B outside its frame), three looking at B only.
+    train = torch.stack([look_at((-1.0, 0, -2.5), (-1.0, 0, 0)), look_at((1.0, 0, -2.5), (1.0, 0, 0)),
+                         look_at((1.3, 0.3, -2.5), (1.0, 0, 0)), look_at((0.7, -0.3, -2.5), (1.0, 0, 0))]).float()  # fmt: skip
+    scores = gaussian_scores(g, train, K.expand(4, 3, 3), 64, 64, backend="cpu")
+    vis = second_pick(scores)
+    assert vis[:150].max() < 0.5 and (vis[150:] > 0.5).sum() > 10  # inner Gaussians of a blob are hidden: low score
+    test_view = look_at((0.0, 0, -5.0), (0.0, 0, 0))[None].float()
+    maps = score_maps(g, vis, test_view, K[None], 64, 64, backend="cpu")[0]
+    cam = (means @ test_view[0, :3, :3].T + test_view[0, :3, 3])
+    uv = (cam[:, :2] / cam[:, 2:] * 60 + 32).long()
+    a_px, b_px = uv[:150].float().mean(0).long(), uv[150:].float().mean(0).long()
+    assert maps[a_px[1], a_px[0]] < 0.5, "blob A (one training view) must be masked"
+    assert maps[b_px[1], b_px[0]] > 0.5, "blob B (three training views) must not be masked"
+
+
+def test_second_pick_rules():
+    s = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.7, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(second_pick(s), torch.tensor([0.7, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(second_pick(s[:1]), torch.zeros(2, dtype=torch.float64))
+
+
+# --- generate over skull + fox ---------------------------------------------------------------
+
+
+def _root(tmp: Path, broken: bool = False) -> Path:
+    """A dataset root of symlinks (nothing copied), optionally with a skull whose images.bin is
+    truncated (a copy of the small sparse files only)."""
+    root = tmp / "root"
+    root.mkdir()
+    (root / "skull").symlink_to(DATA / "skull")
+    (root / "fox").symlink_to(DATA / "fox")
+    if broken:
+        bad = root / "broken_skull"
+        (bad / "sparse" / "0").mkdir(parents=True)
+        (bad / "images_8").symlink_to(DATA / "skull" / "images_8")
+        for f in (DATA / "skull" / "sparse" / "0").iterdir():
+            data = f.read_bytes()
+            (bad / "sparse" / "0" / f.name).write_bytes(data[: len(data) // 3] if f.name == "images.bin" else data)
+    return root
+
+
+FAST = {"steps": 40, "data_factor": 8, "cap_max": 20_000, "train_extra": {"init_random_count": 20_000}}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    if not (DATA / "skull").is_dir() or not (DATA / "fox").is_dir():
+        pytest.skip("../shared/datasets not found")
+    tmp = tmp_path_factory.mktemp("gen")
+    root = _root(tmp, broken=True)
+    out = tmp / "out"
+    cfg = GenerateConfig(dataset_root=root, output_dir=out, split_ratio=[0.3, 0.7],
+                         stages=["train", "render", "visibility", "depth"], max_workers=2, **FAST)  # fmt: skip
+    summary = generate(cfg)
+    return root, out, summary
+
+
+@needs_data
+def test_dry_run_lists_jobs_and_writes_nothing(tmp_path, capsys):
+    root = _root(tmp_path)
+    out = tmp_path / "out"
+    assert main(["generate", "--dataset-root", str(root), "--output-dir", str(out), "--split-ratio", "0.1", "0.3",
+                 "--data-factor", "8", "--dry-run"]) == 0  # fmt: skip
+    plan = json.loads(capsys.readouterr().out)
+    assert sorted(j["job"] for j in plan["jobs"]) == ["fox_0.1", "fox_0.3", "skull_0.1", "skull_0.3"]
+    assert not out.exists()
+
+
+@needs_data
+def test_generate_outputs_layout_and_failure_isolation(generated):
+    root, out, summary = generated
+    by_job = {r["job"]: r for r in summary["results"]}
+    assert {"skull_0.3", "skull_0.7", "fox_0.3", "fox_0.7"} <= set(by_job)
+    for job in ("skull_0.3", "skull_0.7", "fox_0.3", "fox_0.7"):
+        assert by_job[job]["status"] == "done", by_job[job]
+        d = out / job
+        partition, ext, K = read_metadata(d)
+        n = ext.shape[0]
+        assert check_partition(partition, n) is None
+        ratio = float(job.split("_")[1])
+        assert len(partition["train"]) == round(ratio * n)
+        assert ext.shape == (n, 4, 4) and K.shape == (n, 3, 3)
+        assert (d / "point_cloud" / "iteration_40" / "point_cloud.ply").is_file() and (d / "cameras.json").is_file()
+        for split in ("train", "test"):
+            m = len(partition[split])
+            folder = d / split / "ours_40"
+            for sub, pattern in (("renders", "*.png"), ("gt", "*.png"), ("depth", "*.npy"), ("depth", "*.png"),
+                                 ("visibility_mask_global_2ndpick_th0.5", "frame_*.png")):  # fmt: skip
+                assert len(list((folder / sub).glob(pattern))) == m, (job, split, sub)
+            depth = np.load(folder / "depth" / "00000.npy")
+            assert depth.dtype == np.float32 and depth.shape == (int(K[0, 1, 2] * 2 + 0.5), int(K[0, 0, 2] * 2 + 0.5)) or depth.ndim == 2
+    # the broken scene fails alone, with its reason in the summary
+    broken = [r for r in summary["results"] if r["scene"] == "broken_skull"] + [u for u in summary["unready"] if u["scene"] == "broken_skull"]
+    assert broken, summary
+    reason = broken[0].get("error") or broken[0].get("reason")
+    assert "images.bin" in reason or "broken_skull" in reason
+    md = (out / "summary.md").read_text()
+    assert "broken_skull" in md and "skull | 0.3 | done" in md
+    assert (out / "logs" / "skull_0.3.log").is_file()
+
+
+@needs_data
+def test_metadata_projects_sparse_points_onto_colmap_observations(generated):
+    """cam_intrinsics @ inv(cam_extrinsics) maps COLMAP's 3D points onto their 2D observations,
+    scaled to the rendered resolution (images_8)."""
+    import pycolmap
+
+    _, out, _ = generated
+    _, ext, K = read_metadata(out / "skull_0.3")
+    frames = json.loads((out / "skull_0.3" / "frames.json").read_text())
+    rec = pycolmap.Reconstruction(str(DATA / "skull" / "sparse" / "0"))
+    by_name = {im.name: im for im in rec.images.values()}
+    full_w = next(iter(rec.cameras.values())).width
+    errors = []
+    for i, f in enumerate(frames[:10]):
+        im = by_name[f["name"]]
+        scale = f["width"] / full_w
+        w2c = np.linalg.inv(ext[i])
+        for p in im.points2D:
+            if not p.has_point3D():
+                continue
+            X = rec.points3D[p.point3D_id].xyz
+            c = w2c[:3, :3] @ X + w2c[:3, 3]
+            uv = (K[i] @ c)[:2] / c[2]
+            errors.append(np.linalg.norm(uv - (p.xy * scale)))
+    assert len(errors) > 500 and np.median(errors) < 0.5
+
+
+@needs_data
+def test_partition_fix_rewrites_or_removes(generated, tmp_path):
+    import shutil
+
+    _, out, _ = generated
+    d = tmp_path / "copy"
+    shutil.copytree(out / "skull_0.3", d, ignore=shutil.ignore_patterns("train", "test", "checkpoints", "point_cloud"))
+    expected = json.loads((d / "partition.json").read_text())
+    assert fix_partition(d, expected) == "ok"
+    (d / "partition.json").write_text(json.dumps({"train": [0, 0, 1], "test": []}))
+    verdict = fix_partition(d, expected)
+    assert verdict.startswith("rewritten") and json.loads((d / "partition.json").read_text()) == expected
+    np.save(d / "cam_extrinsics.npy", np.zeros((3, 4, 4)))
+    assert fix_partition(d, expected).startswith("removed") and not d.exists()
+
+
+@needs_data
+def test_sigkill_and_restart_redoes_only_unfinished_stages(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "skull").symlink_to(DATA / "skull")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "splatforge.cli", "generate", "--dataset-root", str(root), "--output-dir", str(out),
+           "--split-ratio", "0.5", "--steps", "40", "--data-factor", "8", "--cap-max", "20000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    manifest = out / "skull_0.5" / "manifest.json"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        try:
+            stages = json.loads(manifest.read_text())["stages"]
+        except (OSError, ValueError):
+            stages = {}
+        if stages.get("train", {}).get("status") == "done":
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the generate process and its job subprocess
+    proc.wait()
+    first = json.loads(manifest.read_text())["stages"]
+    assert first["train"]["status"] == "done" and first["train"]["finished_at"] == 1
+    assert not all(first.get(s, {}).get("status") == "done" for s in ("render", "visibility", "depth"))
+    # no temp file left looking like an output: every file is written atomically
+    assert not [p for p in (out / "skull_0.5").rglob("*") if ".tmp" in p.name and p.suffix != ".tmp"]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
+    second = json.loads(manifest.read_text())["stages"]
+    for s in ("postprocess", "train"):
+        assert second[s]["finished_at"] == 1, f"{s} was redone"
+    for s in ("render", "visibility", "depth"):
+        assert second[s]["status"] == "done" and (first.get(s, {}).get("status") == "done") == (second[s]["finished_at"] == 1)
+    # a changed option reruns exactly the stages it affects
+    assert subprocess.run(cmd[:-6] + ["--steps", "40", "--data-factor", "8", "--cap-max", "20000", "--stages", "visibility"],
+                          capture_output=True, text=True, timeout=600).returncode == 0  # fmt: skip
+    third = json.loads(manifest.read_text())["stages"]
+    assert third["visibility"]["finished_at"] == second["visibility"]["finished_at"]  # same hash: skipped
+
+
+@needs_data
+def test_ray_executor_gives_the_same_outputs(tmp_path):
+    pytest.importorskip("ray")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "skull").symlink_to(DATA / "skull")
+    outs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        summary = generate(GenerateConfig(dataset_root=root, output_dir=out, split_ratio=[0.5], stages=["train", "render"],
+                                          executor=executor, **FAST))  # fmt: skip
+        assert summary["done"] == 1, summary
+        outs[executor] = out / "skull_0.5"
+    a = (outs["local"] / "point_cloud" / "iteration_40" / "point_cloud.ply").read_bytes()
+    b = (outs["ray"] / "point_cloud" / "iteration_40" / "point_cloud.ply").read_bytes()
+    assert a == b
+    ma, mb = (json.loads((outs[k] / "metrics.json").read_text())["test"]["psnr"] for k in ("local", "ray"))
+    assert ma == mb
+
+
+def test_job_spec_rejects_unknown_stage(tmp_path):
+    from splatforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown stage"):
+        run_job(JobSpec(scene="x", scene_root=str(tmp_path), output_dir=str(tmp_path), ratio=0.5, stages=["bake"]))

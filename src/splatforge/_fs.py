@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "build_once"]
+__all__ = ["atomic_path", "build_once", "read_input"]
 
 
 @contextmanager
@@ -64,3 +64,17 @@ def build_once(out: str | os.PathLike, build) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def read_input(path: str | os.PathLike) -> bytes:
+    """The bytes of an input file.
+
+    Raises:
+        DataFormatError: missing or unreadable (the message names the file).
+    """
+    from splatforge.errors import DataFormatError
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DataFormatError(f"{path}: cannot read: {exc}") from exc

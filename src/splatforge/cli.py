@@ -221,12 +221,19 @@ def preview(source: tyro.conf.Positional[Path], output: Optional[Path] = None, s
     print(json.dumps(write_previews(splats, out, camtoworlds=c2w, size=size, orbit=orbit), indent=2))
 
 
+def _quiet_colmap() -> None:
+    """COLMAP logs every step at INFO through glog; keep warnings and errors only."""
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 1
+
+
 def _prepare_config(inputs: list[Path], output: Path, target_frames: int, max_size: int, matcher: str,
-                    camera_model: str, downscale: tuple[int, ...]):  # fmt: skip
+                    camera_model: str, downscale: tuple[int, ...], max_features: int):  # fmt: skip
     from splatforge.pipeline.prepare import PrepareConfig
 
     return PrepareConfig(inputs=list(inputs), output=output, target_frames=target_frames, max_size=max_size,
-                         matcher=matcher, camera_model=camera_model, downscale=list(downscale))  # fmt: skip
+                         matcher=matcher, camera_model=camera_model, downscale=list(downscale), max_features=max_features)  # fmt: skip
 
 
 def prepare(
@@ -237,6 +244,7 @@ def prepare(
     matcher: Literal["auto", "sequential", "exhaustive"] = "auto",
     camera_model: str = "SIMPLE_RADIAL",
     downscale: tuple[int, ...] = (),
+    max_features: int = 4096,
 ) -> None:
     """Videos and/or photo folders -> a posed scene folder (images/, sparse/0/, splits/, prepare.json).
 
@@ -248,11 +256,16 @@ def prepare(
         matcher: auto = sequential for video frames or > 150 images, else exhaustive.
         camera_model: COLMAP model estimated by SfM (images are undistorted to PINHOLE).
         downscale: also write images_<k> for these factors.
+        max_features: SIFT features per image (fewer: faster matching).
     """
     from splatforge.pipeline.prepare import prepare as prepare_fn
 
-    summary = prepare_fn(_prepare_config(inputs, output, target_frames, max_size, matcher, camera_model, downscale))
-    STDERR.print(f"{summary['num_images']} images, {summary['num_registered']} registered "
+    _quiet_colmap()
+    with STDERR.status("prepare") as status:
+        summary = prepare_fn(_prepare_config(inputs, output, target_frames, max_size, matcher, camera_model, downscale, max_features),
+                             on_phase=lambda name: status.update(f"prepare: {name}"))  # fmt: skip
+    decoded = sum(v["decoded"] for v in summary["videos"]) + summary["photos"]["imported"] + len(summary["photos"]["skipped"])
+    STDERR.print(f"{summary['num_images']} frames kept of {decoded}, {summary['num_registered']} registered "
                  f"({100 * summary['registered_fraction']:.0f} %), mean reprojection error "
                  f"{summary['mean_reprojection_error_px']:.2f} px")  # fmt: skip
     print(json.dumps(summary, indent=2))
@@ -266,6 +279,7 @@ def run(
     max_size: int = 1600,
     matcher: Literal["auto", "sequential", "exhaustive"] = "auto",
     camera_model: str = "SIMPLE_RADIAL",
+    max_features: int = 4096,
     cap_max: int = 1_000_000,
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
     device: str = "cpu",
@@ -283,6 +297,7 @@ def run(
         max_size: longer image side after import, pixels.
         matcher: SfM matching.
         camera_model: COLMAP camera model for SfM.
+        max_features: SIFT features per image.
         cap_max: most Gaussians MCMC may use.
         backend: rasterizer backend.
         device: torch device.
@@ -291,7 +306,8 @@ def run(
     """
     from splatforge.pipeline.run import run_pipeline
 
-    cfg = _prepare_config(inputs, output / "scene", target_frames, max_size, matcher, camera_model, ())
+    cfg = _prepare_config(inputs, output / "scene", target_frames, max_size, matcher, camera_model, (), max_features)
+    _quiet_colmap()
     with _progress_bar(steps) as update:
         summary = run_pipeline(cfg, output, steps=steps, cap_max=cap_max, backend=backend, device=device, seed=seed,
                                preview_size=preview_size, progress=update)  # fmt: skip

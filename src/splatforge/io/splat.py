@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splatforge._fs import atomic_path
+from splatforge._fs import atomic_path, read_input
 from splatforge.errors import DataFormatError
 from splatforge.geometry.sh import SH_C0
 
@@ -89,8 +89,5 @@ def read_splat(path: Path) -> dict[str, np.ndarray]:
     Raises:
         DataFormatError: unreadable or malformed file (names the file).
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataFormatError(f"{path}: cannot read: {exc}") from exc
+    data = read_input(path)
     return decode_splat(data, str(path))

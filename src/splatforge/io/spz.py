@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from splatforge._fs import atomic_path
+from splatforge._fs import atomic_path, read_input
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.transform import named_transform, transform_splats
 
@@ -256,8 +256,5 @@ def read_spz(path: Path, *, coordinates: Literal["rdf", "rub"] = "rdf") -> dict[
     Raises:
         DataFormatError: unreadable or malformed file (names the file).
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise DataFormatError(f"{path}: cannot read: {exc}") from exc
+    data = read_input(path)
     return decode_spz(data, coordinates=coordinates, source=str(path))

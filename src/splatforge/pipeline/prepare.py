@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 from splatforge._fs import atomic_path
 from splatforge.data.frames import VIDEO_SUFFIXES, extract_video_frames, import_photos
@@ -51,6 +51,8 @@ class PrepareConfig:
     and hand-held videos jump), sequential above."""
     camera_model: str = "SIMPLE_RADIAL"
     """COLMAP camera model estimated by SfM; images are undistorted to PINHOLE afterwards."""
+    max_features: int = 4096
+    """SIFT features per image (on the feature images, see :mod:`splatforge.data.sfm`)."""
     downscale: list[int] = field(default_factory=list)
     """Also write images_<k> for these factors (e.g. 2 4 8)."""
     test_every: int = 8
@@ -85,8 +87,9 @@ def _video_frame_count(path: Path) -> int:
         return 0
 
 
-def prepare(cfg: PrepareConfig) -> dict:
+def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None) -> dict:
     """Build the scene; returns the summary also written to ``SCENE/prepare.json``.
+    ``on_phase(name)`` is called as each phase starts ("frames", "sfm", "layout").
 
     Raises:
         DataFormatError: unreadable inputs, a video with no decodable frame, fewer than 3 images,
@@ -107,7 +110,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     timings: dict[str, float] = {}
     summary: dict = {"inputs": [str(p) for p in cfg.inputs], "config": {k: (str(v) if isinstance(v, Path) else v)
                      for k, v in asdict(cfg).items() if k not in ("inputs", "output")}}  # fmt: skip
+    phase = on_phase or (lambda name: None)
     try:
+        phase("frames")
         t = time.perf_counter()
         frame_stats = []
         if videos:
@@ -128,8 +133,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         matcher = cfg.matcher
         if matcher == "auto":
             matcher = "sequential" if n_images > EXHAUSTIVE_MAX_IMAGES else "exhaustive"
+        phase(f"sfm ({matcher} matching, {n_images} images)")
         sfm = run_sfm(frames_dir, partial / "work", partial / "scene", matcher=matcher, camera_model=cfg.camera_model,
-                      single_camera=len(videos) + (1 if photos else 0) <= 1, max_image_size=cfg.max_size)  # fmt: skip
+                      single_camera=len(videos) + (1 if photos else 0) <= 1, max_image_size=cfg.max_size,
+                      max_features=cfg.max_features)  # fmt: skip
         timings.update(sfm.timings)
         summary.update(num_registered=sfm.num_registered, registered_fraction=sfm.registered_fraction,
                        num_points=sfm.num_points, mean_reprojection_error_px=sfm.mean_reprojection_error,
@@ -140,6 +147,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                 f"({100 * sfm.registered_fraction:.0f} %, need {100 * MIN_REGISTERED_FRACTION:.0f} %): too little overlap or texture"
             )
         scene = partial / "scene"
+        phase("layout")
         t = time.perf_counter()
         names = list_images(scene / "images")
         for k in cfg.downscale:

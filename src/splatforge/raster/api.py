@@ -82,6 +82,24 @@ def _check(name: str, t: Any, shape: tuple, device: torch.device) -> None:
         raise ConfigError(f"{name} is on {t.device} but means is on {device}; put all inputs on one device")
 
 
+def _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height) -> tuple[torch.device, int, int]:
+    """Shapes, devices and image size shared by every entry point; returns ``(device, N, C)``."""
+    device = means.device if isinstance(means, Tensor) else torch.device("cpu")
+    _check("means", means, (None, 3), device)
+    N = means.shape[0]
+    _check("quats", quats, (N, 4), device)
+    _check("scales", scales, (N, 3), device)
+    _check("opacities", opacities, (N,), device)
+    _check("viewmats", viewmats, (None, 4, 4), device)
+    C = viewmats.shape[0]
+    _check("Ks", Ks, (C, 3, 3), device)
+    if C == 0:
+        raise ConfigError("viewmats must hold at least one camera, got 0")
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise ConfigError(f"width and height must be positive ints, got {width!r} x {height!r}")
+    return device, N, C
+
+
 def rasterize(
     means: Tensor,
     quats: Tensor,
@@ -147,19 +165,7 @@ def rasterize(
         ConfigError: bad shapes, dtypes, devices or option values.
         BackendUnavailableError: the requested backend cannot run here.
     """
-    device = means.device if isinstance(means, Tensor) else torch.device("cpu")
-    _check("means", means, (None, 3), device)
-    N = means.shape[0]
-    _check("quats", quats, (N, 4), device)
-    _check("scales", scales, (N, 3), device)
-    _check("opacities", opacities, (N,), device)
-    _check("viewmats", viewmats, (None, 4, 4), device)
-    C = viewmats.shape[0]
-    _check("Ks", Ks, (C, 3, 3), device)
-    if C == 0:
-        raise ConfigError("viewmats must hold at least one camera, got 0")
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-        raise ConfigError(f"width and height must be positive ints, got {width!r} x {height!r}")
+    device, N, C = _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
     if render_mode not in RENDER_MODES:
         raise ConfigError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
     if rasterize_mode not in RASTERIZE_MODES:
@@ -277,15 +283,7 @@ def transmittance_stats(
     Raises:
         ConfigError, BackendUnavailableError: as :func:`rasterize`.
     """
-    device = means.device
-    N = means.shape[0]
-    _check("means", means, (None, 3), device)
-    _check("quats", quats, (N, 4), device)
-    _check("scales", scales, (N, 3), device)
-    _check("opacities", opacities, (N,), device)
-    _check("viewmats", viewmats, (None, 4, 4), device)
-    C = viewmats.shape[0]
-    _check("Ks", Ks, (C, 3, 3), device)
+    device, N, C = _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
     name = resolve_backend(backend, device)
     if name == "cpu":
         from splatforge.raster import cpu as impl

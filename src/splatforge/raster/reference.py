@@ -147,6 +147,30 @@ def tile_ranges(means2d: Tensor, radii: Tensor, width: int, height: int) -> tupl
     return tmin, tmax, tiles_x, tiles_y
 
 
+def _tiles(means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int):
+    """Yield, per camera and 16x16 tile, ``(cam, (x0, y0, x1, y1), ids, pix)``: the tile's pixel
+    bounds (exclusive max), the Gaussians touching it sorted by depth (stable, ties by index, as
+    gsplat's radix sort) and the pixel centres ``[P, 2]``."""
+    dev, dt = means2d.device, means2d.dtype
+    tmin, tmax, tiles_x, tiles_y = tile_ranges(means2d, radii, width, height)
+    visible = (radii > 0).all(dim=-1)
+    for cam in range(means2d.shape[0]):
+        for ty in range(tiles_y):
+            for tx in range(tiles_x):
+                x0, y0 = tx * TILE_SIZE, ty * TILE_SIZE
+                x1, y1 = min(x0 + TILE_SIZE, width), min(y0 + TILE_SIZE, height)
+                hit = (
+                    visible[cam]
+                    & (tmin[cam, :, 0] <= tx) & (tx < tmax[cam, :, 0])
+                    & (tmin[cam, :, 1] <= ty) & (ty < tmax[cam, :, 1])
+                )  # fmt: skip
+                ids = torch.nonzero(hit).flatten()
+                ids = ids[torch.sort(depths[cam, ids].detach(), stable=True).indices]
+                py, px = torch.meshgrid(torch.arange(y0, y1, device=dev, dtype=dt) + 0.5,
+                                        torch.arange(x0, x1, device=dev, dtype=dt) + 0.5, indexing="ij")  # fmt: skip
+                yield cam, (x0, y0, x1, y1), ids, torch.stack([px.flatten(), py.flatten()], dim=-1)
+
+
 def rasterize_to_pixels(
     means2d: Tensor,
     conics: Tensor,
@@ -174,39 +198,17 @@ def rasterize_to_pixels(
     """
     C, N, D = colors.shape
     dev, dt = means2d.device, means2d.dtype
-    tmin, tmax, tiles_x, tiles_y = tile_ranges(means2d, radii, width, height)
-    visible = (radii > 0).all(dim=-1)
     absgrad_buf = torch.zeros((C, N, 2), device=dev, dtype=dt) if absgrad else None
-    renders, alphas = [], []
-    for cam in range(C):
-        image = torch.zeros((height, width, D), device=dev, dtype=dt)
-        alpha_img = torch.zeros((height, width, 1), device=dev, dtype=dt)
-        for ty in range(tiles_y):
-            for tx in range(tiles_x):
-                x0, y0 = tx * TILE_SIZE, ty * TILE_SIZE
-                x1, y1 = min(x0 + TILE_SIZE, width), min(y0 + TILE_SIZE, height)
-                hit = (
-                    visible[cam]
-                    & (tmin[cam, :, 0] <= tx) & (tx < tmax[cam, :, 0])
-                    & (tmin[cam, :, 1] <= ty) & (ty < tmax[cam, :, 1])
-                )  # fmt: skip
-                ids = torch.nonzero(hit).flatten()
-                ids = ids[torch.sort(depths[cam, ids].detach(), stable=True).indices]
-                py, px = torch.meshgrid(
-                    torch.arange(y0, y1, device=dev, dtype=dt) + 0.5,
-                    torch.arange(x0, x1, device=dev, dtype=dt) + 0.5,
-                    indexing="ij",
-                )
-                pix = torch.stack([px.flatten(), py.flatten()], dim=-1)  # [P, 2]
-                bg = backgrounds[cam] if backgrounds is not None else None
-                color, T = _composite(
-                    pix, means2d[cam, ids], conics[cam, ids], colors[cam, ids], opacities[cam, ids], bg,
-                    absgrad_buf[cam] if absgrad_buf is not None else None, ids,
-                )  # fmt: skip
-                image[y0:y1, x0:x1] = color.reshape(y1 - y0, x1 - x0, D)
-                alpha_img[y0:y1, x0:x1] = (1.0 - T).reshape(y1 - y0, x1 - x0, 1)
-        renders.append(image)
-        alphas.append(alpha_img)
+    renders = [torch.zeros((height, width, D), device=dev, dtype=dt) for _ in range(C)]
+    alphas = [torch.zeros((height, width, 1), device=dev, dtype=dt) for _ in range(C)]
+    for cam, (x0, y0, x1, y1), ids, pix in _tiles(means2d, radii, depths, width, height):
+        bg = backgrounds[cam] if backgrounds is not None else None
+        color, T = _composite(
+            pix, means2d[cam, ids], conics[cam, ids], colors[cam, ids], opacities[cam, ids], bg,
+            absgrad_buf[cam] if absgrad_buf is not None else None, ids,
+        )  # fmt: skip
+        renders[cam][y0:y1, x0:x1] = color.reshape(y1 - y0, x1 - x0, D)
+        alphas[cam][y0:y1, x0:x1] = (1.0 - T).reshape(y1 - y0, x1 - x0, 1)
     if absgrad_buf is not None:
         means2d.absgrad = absgrad_buf  # filled during backward by the hooks in _composite
     render, alpha = torch.stack(renders), torch.stack(alphas)
@@ -277,37 +279,20 @@ def transmittance_stats(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
     """
     C, N = opacities.shape
     dev = means2d.device
-    tmin, tmax, tiles_x, tiles_y = tile_ranges(means2d, radii, width, height)
-    visible = (radii > 0).all(dim=-1)
     sum_T = torch.zeros((C, N), dtype=torch.float64, device=dev)
     count = torch.zeros((C, N), dtype=torch.int64, device=dev)
-    for cam in range(C):
-        for ty in range(tiles_y):
-            for tx in range(tiles_x):
-                x0, y0 = tx * TILE_SIZE, ty * TILE_SIZE
-                x1, y1 = min(x0 + TILE_SIZE, width), min(y0 + TILE_SIZE, height)
-                hit = (
-                    visible[cam]
-                    & (tmin[cam, :, 0] <= tx) & (tx < tmax[cam, :, 0])
-                    & (tmin[cam, :, 1] <= ty) & (ty < tmax[cam, :, 1])
-                )  # fmt: skip
-                ids = torch.nonzero(hit).flatten()
-                if ids.numel() == 0:
-                    continue
-                ids = ids[torch.sort(depths[cam, ids], stable=True).indices]
-                py, px = torch.meshgrid(torch.arange(y0, y1, device=dev, dtype=means2d.dtype) + 0.5,
-                                        torch.arange(x0, x1, device=dev, dtype=means2d.dtype) + 0.5, indexing="ij")  # fmt: skip
-                pix = torch.stack([px.flatten(), py.flatten()], dim=-1)
-                delta = means2d[cam, ids][None] - pix[:, None]
-                dx, dy = delta[..., 0], delta[..., 1]
-                conic = conics[cam, ids]
-                sigma = 0.5 * (conic[None, :, 0] * dx * dx + conic[None, :, 2] * dy * dy) + conic[None, :, 1] * dx * dy
-                alpha = torch.clamp(opacities[cam, ids][None] * torch.exp(-sigma), max=ALPHA_MAX)
-                alpha = torch.where((sigma < 0) | (alpha < ALPHA_THRESHOLD), torch.zeros_like(alpha), alpha)
-                keep = torch.cumprod(1.0 - alpha, dim=1) > TRANSMITTANCE_MIN
-                alpha = alpha * keep
-                T_before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
-                used = alpha > 0
-                sum_T[cam].index_add_(0, ids, (T_before * used).sum(0).double())
-                count[cam].index_add_(0, ids, used.sum(0))
+    for cam, _, ids, pix in _tiles(means2d, radii, depths, width, height):
+        if ids.numel() > 0:
+            delta = means2d[cam, ids][None] - pix[:, None]
+            dx, dy = delta[..., 0], delta[..., 1]
+            conic = conics[cam, ids]
+            sigma = 0.5 * (conic[None, :, 0] * dx * dx + conic[None, :, 2] * dy * dy) + conic[None, :, 1] * dx * dy
+            alpha = torch.clamp(opacities[cam, ids][None] * torch.exp(-sigma), max=ALPHA_MAX)
+            alpha = torch.where((sigma < 0) | (alpha < ALPHA_THRESHOLD), torch.zeros_like(alpha), alpha)
+            keep = torch.cumprod(1.0 - alpha, dim=1) > TRANSMITTANCE_MIN
+            alpha = alpha * keep
+            T_before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
+            used = alpha > 0
+            sum_T[cam].index_add_(0, ids, (T_before * used).sum(0).double())
+            count[cam].index_add_(0, ids, used.sum(0))
     return sum_T, count

@@ -341,8 +341,14 @@ def test_up_estimate_and_preview_framing(tmp_path):
         assert (uv.max(0) - uv.min(0)).max() > 0.5 * 128, name
     # top view looks straight down: its optical axis is -up
     np.testing.assert_allclose(cams["top"][0][2, :3], -up, atol=1e-9)
-    out = write_previews(s, tmp_path, camtoworlds=c2w, size=64)
+    out = write_previews(s, tmp_path, camtoworlds=c2w, size=64, orbit=True)
     assert Path(out["preview_top"]).exists() and Path(out["preview_angle"]).exists()
+    import av
+
+    with av.open(out["preview_orbit"]) as video:
+        frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+    assert len(frames) == 72 and frames[0].shape == (64, 64, 3)
+    assert all(f.mean() > 5 for f in frames), "the scene stays in view all around the orbit"
 
 
 def test_preview_failure_is_a_warning_not_an_error(tmp_path, caplog):

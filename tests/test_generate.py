@@ -275,3 +275,24 @@ def test_job_spec_rejects_unknown_stage(tmp_path):
 
     with pytest.raises(ConfigError, match="unknown stage"):
         run_job(JobSpec(scene="x", scene_root=str(tmp_path), output_dir=str(tmp_path), ratio=0.5, stages=["bake"]))
+
+
+@needs_data
+def test_presets_find_dl3dv_and_mipnerf360_layouts(tmp_path):
+    from splatforge.pipeline.generate import discover_scenes, plan_jobs
+
+    dl3dv = tmp_path / "dl3dv"
+    (dl3dv / "1K").mkdir(parents=True)
+    (dl3dv / "1K" / "fox").symlink_to(DATA / "fox")
+    (dl3dv / "1K" / "not_a_scene").mkdir()
+    cfg = GenerateConfig(dataset_root=dl3dv, output_dir=tmp_path / "o1", dataset="dl3dv", split_ratio=[0.1])
+    scenes = discover_scenes(cfg)
+    assert [(s.name, s.subset, s.data_factor, s.ready) for s in scenes] == [("fox", "1K", 4, True), ("not_a_scene", "1K", 4, False)]
+    assert "transforms.json" in scenes[1].reason
+    jobs = plan_jobs(cfg, scenes)
+    assert [str(j.out) for j in jobs] == [str(tmp_path / "o1" / "1K" / "fox_0.1")]
+    m360 = tmp_path / "m360"
+    m360.mkdir()
+    (m360 / "skull").symlink_to(DATA / "skull")
+    cfg = GenerateConfig(dataset_root=m360, output_dir=tmp_path / "o2", dataset="mipnerf360", split_ratio=[0.1], cut_start=0, cut_end=1)
+    assert [(s.name, s.data_factor, s.ready) for s in discover_scenes(cfg)] == [("skull", 4, True)]

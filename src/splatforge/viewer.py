@@ -8,7 +8,9 @@ viser is an optional dependency (``pip install "splatforge[viewer]"``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from typing import Optional
 
@@ -54,7 +56,8 @@ class SplatViewer:
             raise BackendUnavailableError('the viewer needs viser: pip install "splatforge[viewer]"') from exc
         from splatforge.products.previews import estimate_up
 
-        self.server = viser.ViserServer(host=host, port=port, verbose=False)
+        with contextlib.redirect_stdout(sys.stderr):  # viser prints a banner; stdout carries results only
+            self.server = viser.ViserServer(host=host, port=port, verbose=False)
         self.port = self.server.get_port()
         self._last_update = 0.0
         self._home = None

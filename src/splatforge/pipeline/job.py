@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -154,8 +154,6 @@ def _stage_render(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
 
 
 def _stage_visibility(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
-    import torch
-
     from splatforge.model.gaussians import activated
     from splatforge.products.visibility import gaussian_scores, score_maps, second_pick, write_visibility
 
@@ -177,7 +175,6 @@ def _stage_visibility(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], di
         maps = score_maps(g, vis, trainer.viewmats[ids], trainer.Ks[ids], w, h, backend=spec.backend)
         outputs += write_visibility(spec.out / split / f"ours_{trainer.step}", maps, spec.threshold)
     seen = float((vis >= spec.threshold).double().mean())
-    del torch
     return outputs, {"fraction_gaussians_seen_twice": round(seen, 4)}
 
 
@@ -314,7 +311,3 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def spec_dict(spec: JobSpec) -> dict:
-    return asdict(spec)

@@ -3,6 +3,8 @@ and every bad-input path of prepare."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -152,21 +154,34 @@ def test_prepare_skull_video_registers_90_percent(tmp_path):
 
 @needs_skull
 @pytest.mark.slow
-def test_prepare_skull_images_8_photos(tmp_path):
-    """266x177 photos: SfM runs on 4x upscaled, contrast-equalised copies; the model is in the
-    photos' own pixels (camera size 266x177) and agrees with the shipped model."""
+def test_run_skull_images_8_photos_end_to_end(tmp_path, capsys):
+    """`splatforge run` on the 266x177 photos: SfM on 4x upscaled, contrast-equalised copies (the
+    model is in the photos' own pixels and agrees with the shipped one), a short training, eval,
+    the three exports and both previews."""
+    import json
+
     import pycolmap
 
-    out = tmp_path / "scene"
-    summary = prepare(PrepareConfig(inputs=[SKULL / "images_8"], output=out))
-    assert summary["registered_fraction"] >= 0.75, summary
-    assert summary["mean_reprojection_error_px"] < 1.5
-    _check_layout(out, summary)
-    cam = next(iter(pycolmap.Reconstruction(str(out / "sparse" / "0")).cameras.values()))
+    from splatforge.cli import main
+    from splatforge.io import read_ply, read_splat, read_spz
+
+    out = tmp_path / "out"
+    assert main(["run", str(SKULL / "images_8"), "--output", str(out), "--steps", "60", "--preview-size", "96"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    prep = json.loads((out / "scene" / "prepare.json").read_text())
+    assert prep["registered_fraction"] >= 0.75, prep
+    assert prep["mean_reprojection_error_px"] < 1.5
+    _check_layout(out / "scene", prep)
+    cam = next(iter(pycolmap.Reconstruction(str(out / "scene" / "sparse" / "0")).cameras.values()))
     assert (cam.width, cam.height) == (266, 177)
     assert 530 < cam.params[0] < 680  # the shipped model: 4847.6 px at 2127 px wide, i.e. 606 px here
-    assert np.median(_relative_rotation_errors(out, SKULL / "sparse" / "0")) < 3.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]  # no work folder left behind
+    assert np.median(_relative_rotation_errors(out / "scene", SKULL / "sparse" / "0")) < 3.0
+    assert summary["train"]["steps"] == 60 and summary["test"]["psnr"] > 12
+    n = len(read_ply(out / "export" / "scene.ply")["means"])
+    assert len(read_splat(out / "export" / "scene.splat")["means"]) == n == len(read_spz(out / "export" / "scene.spz")["means"])
+    for name in ("preview_top", "preview_angle"):
+        assert Path(summary["previews"][name]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work folder left behind
 
 
 @needs_skull

@@ -52,6 +52,9 @@ def build_once(out: str | os.PathLike, build) -> Path:
     try:
         build(tmp)
         (tmp / ".complete").touch()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the usual folder mode
         if (out / ".complete").exists():
             return out  # another process finished first
         if out.exists():

@@ -216,9 +216,12 @@ def preview(source: tyro.conf.Positional[Path], output: Optional[Path] = None, s
 
     splats = load_splats(source)
     cams = Path(source) / "cameras.json" if Path(source).is_dir() else Path(source).parent / "cameras.json"
-    c2w = read_cameras_json(cams)[0] if cams.exists() else None
+    c2w, Ks, image_size = None, None, None
+    if cams.exists():
+        c2w, Ks, _ = read_cameras_json(cams)
+        image_size = (int(round(Ks[0, 0, 2] * 2)), int(round(Ks[0, 1, 2] * 2)))
     out = output or (Path(source) if Path(source).is_dir() else Path(source).parent)
-    print(json.dumps(write_previews(splats, out, camtoworlds=c2w, size=size, orbit=orbit), indent=2))
+    print(json.dumps(write_previews(splats, out, camtoworlds=c2w, Ks=Ks, image_size=image_size, size=size, orbit=orbit), indent=2))
 
 
 def _quiet_colmap() -> None:
@@ -310,7 +313,7 @@ def run(
     _quiet_colmap()
     with _progress_bar(steps) as update:
         summary = run_pipeline(cfg, output, steps=steps, cap_max=cap_max, backend=backend, device=device, seed=seed,
-                               preview_size=preview_size, progress=update)  # fmt: skip
+                               preview_size=preview_size, progress=update, on_phase=lambda name: STDERR.print(f"[bold]{name}"))  # fmt: skip
     print(json.dumps(summary, indent=2))
 
 

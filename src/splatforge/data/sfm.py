@@ -43,6 +43,7 @@ class SfmResult:
     camera_model: str
     matcher: str
     timings: dict[str, float] = field(default_factory=dict)
+    unregistered: list[str] = field(default_factory=list)
 
     @property
     def registered_fraction(self) -> float:
@@ -183,4 +184,5 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
         num_images=num_images, num_registered=best.num_reg_images(), num_points=best.num_points3D(),
         mean_reprojection_error=float(best.compute_mean_reprojection_error()), camera_model=camera_model,
         matcher=matcher, timings=timings,
+        unregistered=sorted(set(list_images(images_dir)) - {im.name for im in best.images.values() if im.has_pose}),
     )  # fmt: skip

@@ -23,7 +23,8 @@ __all__ = ["run_pipeline"]
 
 def run_pipeline(prepare_cfg: PrepareConfig, output: Path, *, steps: int = 30_000, data_factor: int = 1,
                  cap_max: int = 1_000_000, backend: str = "auto", device: str = "cpu", seed: int = 0,
-                 preview_size: int = 1024, progress: Optional[Callable] = None) -> dict:  # fmt: skip
+                 preview_size: int = 1024, progress: Optional[Callable] = None,
+                 on_phase: Optional[Callable[[str], None]] = None) -> dict:  # fmt: skip
     """Run prepare -> train -> eval -> export (ply, splat, spz) -> previews into ``output``.
 
     ``prepare_cfg.output`` is replaced by ``output / "scene"``. Returns the summary also written
@@ -44,9 +45,11 @@ def run_pipeline(prepare_cfg: PrepareConfig, output: Path, *, steps: int = 30_00
     times: dict[str, float] = {}
     t = time.perf_counter()
     prepare_cfg.output = output / "scene"
-    prep = prepare(prepare_cfg)
+    phase = on_phase or (lambda name: None)
+    prep = prepare(prepare_cfg, on_phase=lambda name: phase(f"prepare: {name}"))
     times["prepare_s"] = time.perf_counter() - t
 
+    phase("train")
     t = time.perf_counter()
     cfg = TrainConfig(data=output / "scene", output=output / "run", data_factor=data_factor, steps=steps,
                       backend=backend, device=device, seed=seed, strategy="mcmc",
@@ -54,16 +57,20 @@ def run_pipeline(prepare_cfg: PrepareConfig, output: Path, *, steps: int = 30_00
     trainer = Trainer(cfg)
     result = trainer.train(progress)
     times["train_s"] = time.perf_counter() - t
+    phase("eval")
     t = time.perf_counter()
     metrics = evaluate(trainer)
     times["eval_s"] = time.perf_counter() - t
 
+    phase("export")
     t = time.perf_counter()
     exports = {fmt: export(output / "run", output / "export" / f"scene.{fmt}", fmt) for fmt in ("ply", "splat", "spz")}
     times["export_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    c2w, _, _ = read_cameras_json(output / "run" / "cameras.json")
-    previews = write_previews(load_splats(output / "run"), output / "export", camtoworlds=c2w, size=preview_size)
+    c2w, Ks, _ = read_cameras_json(output / "run" / "cameras.json")
+    size = (int(trainer.scene.widths[0]), int(trainer.scene.heights[0]))
+    previews = write_previews(load_splats(output / "run"), output / "export", camtoworlds=c2w, Ks=Ks, image_size=size,
+                              size=preview_size)  # fmt: skip
     times["previews_s"] = time.perf_counter() - t
     times["total_s"] = sum(times.values())
     summary = {

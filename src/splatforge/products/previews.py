@@ -13,6 +13,11 @@ is estimated from the training cameras (the mean of their "up" vectors, ``-y`` i
 axes); without cameras it is ``-y`` of the world, COLMAP's usual convention. Cameras are
 perspective with a 40 degree field of view; renders use :func:`splatforge.raster.rasterize`
 on the device of the tensors (the CPU backend on CPU).
+
+When the training cameras' intrinsics are known, Gaussians that contribute less than
+``min_weight`` (blending weight ``sum alpha T`` over the pixels of the training views, at half
+resolution) are left out of the previews: floaters that the training views never needed (typical
+of random initialisation and short runs) would otherwise fill views from outside the capture.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from splatforge.errors import SplatforgeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SceneFrame", "scene_frame", "estimate_up", "preview_cameras", "render_view", "write_previews"]
+__all__ = ["SceneFrame", "scene_frame", "estimate_up", "preview_cameras", "render_view", "contributing", "write_previews"]
 
 FOV_DEG = 40.0
 
@@ -138,6 +143,31 @@ def render_view(splats: dict[str, np.ndarray], viewmat: np.ndarray, K: np.ndarra
     return img[0].clamp(0, 1).cpu().numpy()
 
 
+def contributing(splats: dict[str, np.ndarray], camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int,
+                 min_weight: float = 1.0, scale: float = 0.5, batch: int = 8) -> np.ndarray:  # fmt: skip
+    """``[N]`` bool: Gaussians whose blending weight ``sum_p alpha_i T_i`` in some batch of
+    ``batch`` training views (``camtoworlds [V,4,4]`` OpenCV, ``Ks [V,3,3]`` pixels at
+    ``width x height``), rendered at ``scale``, reaches ``min_weight``. The weight is the gradient
+    of the summed render with respect to a per-Gaussian scalar colour (exact, any backend)."""
+    from splatforge.raster import rasterize
+
+    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+    means, quats = t(splats["means"]), t(splats["quats"])
+    scales, opac = torch.exp(t(splats["scales"])), torch.sigmoid(t(splats["opacities"]))
+    n = means.shape[0]
+    K = t(Ks).clone()
+    K[:, :2] *= scale
+    viewmats = t(np.linalg.inv(camtoworlds))
+    w, h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+    weight = torch.zeros(n)
+    for i in range(0, len(viewmats), batch):
+        feature = torch.zeros(n, 1, requires_grad=True)
+        img, _, _ = rasterize(means, quats, scales, opac, feature, viewmats[i : i + batch], K[i : i + batch], w, h)
+        img.sum().backward()
+        weight = torch.maximum(weight, feature.grad[:, 0])
+    return (weight >= min_weight).numpy()
+
+
 def _write_jpg(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -170,12 +200,22 @@ def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int =
 
 
 def write_previews(splats: dict[str, np.ndarray], out_dir: Path, *, camtoworlds: Optional[np.ndarray] = None,
+                   Ks: Optional[np.ndarray] = None, image_size: Optional[tuple[int, int]] = None,
                    size: int = 1024, orbit: bool = False) -> dict[str, Optional[str]]:  # fmt: skip
     """Write ``preview_top.jpg`` and ``preview_angle.jpg`` (and ``preview_orbit.mp4``) into
-    ``out_dir``. A preview that fails to render is logged as a warning and reported as ``None``;
-    this function never raises for a rendering failure, so pipelines keep going."""
+    ``out_dir``. With ``camtoworlds``, ``Ks`` and ``image_size`` (width, height) of the training
+    views, non-contributing Gaussians are left out (:func:`contributing`). A preview that fails
+    to render is logged as a warning and reported as ``None``; this function never raises for a
+    rendering failure, so pipelines keep going."""
     out_dir = Path(out_dir)
     result: dict[str, Optional[str]] = {"preview_top": None, "preview_angle": None}
+    if camtoworlds is not None and Ks is not None and image_size is not None:
+        try:
+            keep = contributing(splats, camtoworlds, Ks, *image_size)
+            if keep.sum() >= 10:
+                splats = {k: np.asarray(v)[keep] for k, v in splats.items()}
+        except (RuntimeError, ValueError, MemoryError, SplatforgeError) as exc:
+            log.warning("previews: floater filtering skipped: %s", exc)
     try:
         frame = scene_frame(splats["means"], splats["opacities"], estimate_up(camtoworlds))
         cams = preview_cameras(frame, size)

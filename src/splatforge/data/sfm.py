@@ -88,10 +88,11 @@ def _rescale_model(rec, factor: float) -> None:
     rec.update_point_3d_errors()
 
 
-def _mapper_options():
+def _mapper_options(seed: int):
     import pycolmap
 
     opts = pycolmap.IncrementalPipelineOptions()
+    opts.random_seed = seed
     m = opts.mapper
     m.abs_pose_min_num_inliers = 15
     m.abs_pose_min_inlier_ratio = 0.1
@@ -103,10 +104,11 @@ def _mapper_options():
 
 def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Literal["sequential", "exhaustive"],
             camera_model: str = "SIMPLE_RADIAL", single_camera: bool = True, max_image_size: int = 1600,
-            max_features: int = 4096, upscale_below: int = 1000) -> SfmResult:  # fmt: skip
+            max_features: int = 4096, upscale_below: int = 1000, seed: int = 0) -> SfmResult:  # fmt: skip
     """Pose the images in ``images_dir``; write the undistorted scene (``images/``,
     ``sparse/0/``) into ``scene_dir``. ``work_dir`` holds the database, the feature images and
-    the raw models.
+    the raw models. ``seed`` seeds COLMAP's random number generator (RANSAC, mapping) so that a
+    rerun on the same images gives the same model as far as COLMAP's threading allows.
 
     Raises:
         ConfigError: unknown camera model or matcher.
@@ -122,6 +124,7 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
         database.unlink()
     timings: dict[str, float] = {}
     device = pycolmap.Device.cpu
+    pycolmap.set_random_seed(seed)
 
     t = time.perf_counter()
     feat_dir = work_dir / "feature_images"
@@ -155,7 +158,7 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
     models_dir = work_dir / "sparse"
     shutil.rmtree(models_dir, ignore_errors=True)
     models_dir.mkdir(parents=True)
-    models = pycolmap.incremental_mapping(database, feat_dir, models_dir, options=_mapper_options())
+    models = pycolmap.incremental_mapping(database, feat_dir, models_dir, options=_mapper_options(seed))
     timings["mapping_s"] = time.perf_counter() - t
     num_images = len([p for p in images_dir.iterdir() if p.is_file()])
     if not models:

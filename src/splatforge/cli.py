@@ -218,8 +218,8 @@ def preview(source: tyro.conf.Positional[Path], output: Optional[Path] = None, s
     cams = Path(source) / "cameras.json" if Path(source).is_dir() else Path(source).parent / "cameras.json"
     c2w, Ks, image_size = None, None, None
     if cams.exists():
-        c2w, Ks, _ = read_cameras_json(cams)
-        image_size = (int(round(Ks[0, 0, 2] * 2)), int(round(Ks[0, 1, 2] * 2)))
+        c2w, Ks, _, sizes = read_cameras_json(cams)
+        image_size = (int(sizes[0, 0]), int(sizes[0, 1]))
     out = output or (Path(source) if Path(source).is_dir() else Path(source).parent)
     print(json.dumps(write_previews(splats, out, camtoworlds=c2w, Ks=Ks, image_size=image_size, size=size, orbit=orbit), indent=2))
 
@@ -335,8 +335,7 @@ def view(source: tyro.conf.Positional[Path], host: str = "127.0.0.1", port: int 
     cams = Path(source) / "cameras.json" if Path(source).is_dir() else Path(source).parent / "cameras.json"
     c2w, Ks, sizes = None, None, None
     if cams.exists():
-        c2w, Ks, _ = read_cameras_json(cams)
-        sizes = Ks[:, :2, 2] * 2
+        c2w, Ks, _, sizes = read_cameras_json(cams)
     live = SplatViewer(host, port, camtoworlds=c2w, Ks=Ks, sizes=sizes)
     live.set_splats(splats)
     STDERR.print(f"viewer: http://{host}:{live.port}  ({len(splats['means']):,} Gaussians; Ctrl-C to stop)")

@@ -19,23 +19,12 @@ import torch
 
 from splatforge._fs import atomic_path
 from splatforge.data.images import write_png
+from splatforge.geometry.cameras import look_at
 from splatforge.raster import rasterize
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_demo_scene", "run_demo"]
-
-
-def _look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 1.0, 0.0)) -> np.ndarray:
-    """Camera-to-world (OpenCV axes: +z forward, +y down) looking from ``eye`` at ``target``."""
-    f = target - eye
-    f /= np.linalg.norm(f)
-    r = np.cross(f, -np.asarray(up))
-    r /= np.linalg.norm(r)
-    d = np.cross(f, r)
-    c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = r, d, f, eye
-    return c2w
 
 
 def build_demo_scene(folder: Path, *, n_views: int = 24, width: int = 160, height: int = 120, seed: int = 0) -> Path:
@@ -56,7 +45,7 @@ def build_demo_scene(folder: Path, *, n_views: int = 24, width: int = 160, heigh
     for i in range(n_views):
         angle = 2 * math.pi * i / n_views
         eye = np.array([3.2 * math.cos(angle), 1.4 + 0.3 * math.sin(3 * angle), 3.2 * math.sin(angle)])
-        c2w = _look_at(eye, np.zeros(3))
+        c2w = look_at(eye, np.zeros(3), image_up=(0.0, -1.0, 0.0))
         viewmat = torch.from_numpy(np.linalg.inv(c2w)).float()[None]
         with torch.no_grad():
             img, _, _ = rasterize(means, quats, scales, opacities, colors, viewmat, torch.from_numpy(K).float()[None],

@@ -15,23 +15,16 @@ import time
 from typing import Optional
 
 import numpy as np
+import torch
+from scipy.special import expit
 
 from splatforge.errors import BackendUnavailableError
+from splatforge.geometry.quats import quat_scale_to_covar
 from splatforge.geometry.sh import SH_C0
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SplatViewer"]
-
-
-def _covariances(quats: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
-    q = quats / np.maximum(np.linalg.norm(quats, axis=1, keepdims=True), 1e-12)
-    w, x, y, z = q.T
-    R = np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                  2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                  2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], axis=1).reshape(-1, 3, 3)  # fmt: skip
-    M = R * np.exp(log_scales)[:, None, :]
-    return M @ M.transpose(0, 2, 1)
 
 
 class SplatViewer:
@@ -84,8 +77,9 @@ class SplatViewer:
         replacing what was shown."""
         means = np.asarray(splats["means"], dtype=np.float32)
         rgb = np.clip(0.5 + SH_C0 * np.asarray(splats["sh0"], dtype=np.float32).reshape(-1, 3), 0, 1)
-        alpha = 1 / (1 + np.exp(-np.asarray(splats["opacities"], dtype=np.float32).reshape(-1, 1)))
-        cov = _covariances(np.asarray(splats["quats"], np.float64), np.asarray(splats["scales"], np.float64))
+        alpha = expit(np.asarray(splats["opacities"], dtype=np.float32).reshape(-1, 1))
+        cov = quat_scale_to_covar(torch.tensor(np.asarray(splats["quats"]), dtype=torch.float64),
+                                  torch.exp(torch.tensor(np.asarray(splats["scales"]), dtype=torch.float64))).numpy()  # fmt: skip
         self.server.scene.add_gaussian_splats("/splats", centers=means, covariances=cov.astype(np.float32), rgbs=rgb,
                                               opacities=alpha.astype(np.float32))  # fmt: skip
         if self._home is None:

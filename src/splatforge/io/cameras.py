@@ -40,9 +40,10 @@ def write_cameras_json(path: Path, entries: list[dict]) -> None:
         tmp.write_text(json.dumps(entries, indent=1))
 
 
-def read_cameras_json(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_cameras_json(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     """Read Inria's ``cameras.json``: ``camtoworlds [N, 4, 4]`` (OpenCV axes), ``Ks [N, 3, 3]``
-    (principal point at the image centre, which the format does not store) and image names.
+    (pixels; principal point at the image centre, which the format does not store), image names
+    and ``sizes [N, 2]`` int (width, height) in pixels.
 
     Raises:
         DataFormatError: unreadable JSON or entries without position/rotation/fx/fy/width/height.
@@ -53,11 +54,13 @@ def read_cameras_json(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         entries = json.loads(Path(path).read_text())
         c2w = np.tile(np.eye(4), (len(entries), 1, 1))
         Ks = np.tile(np.eye(3), (len(entries), 1, 1))
+        sizes = np.zeros((len(entries), 2), np.int64)
         for i, e in enumerate(entries):
             c2w[i, :3, :3] = np.asarray(e["rotation"], dtype=np.float64)
             c2w[i, :3, 3] = np.asarray(e["position"], dtype=np.float64)
             Ks[i, 0, 0], Ks[i, 1, 1] = e["fx"], e["fy"]
             Ks[i, 0, 2], Ks[i, 1, 2] = e["width"] / 2, e["height"] / 2
+            sizes[i] = e["width"], e["height"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataFormatError(f"{path}: not a readable cameras.json: {exc}") from exc
-    return c2w, Ks, [str(e.get("img_name", i)) for i, e in enumerate(entries)]
+    return c2w, Ks, [str(e.get("img_name", i)) for i, e in enumerate(entries)], sizes

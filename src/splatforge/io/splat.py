@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 
 from splatforge._fs import atomic_path, read_input
 from splatforge.errors import DataFormatError
@@ -31,21 +32,17 @@ __all__ = ["write_splat", "read_splat", "encode_splat", "decode_splat"]
 _DTYPE = np.dtype([("means", "<f4", 3), ("scales", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def encode_splat(splats: dict[str, np.ndarray]) -> bytes:
     """Encode a splat dict (:data:`splatforge.io.ply.SPLAT_KEYS`; ``scales`` log, ``opacities``
     logit, ``quats`` wxyz) into ``.splat`` bytes, sorted as the viewer expects."""
     means = np.asarray(splats["means"], dtype=np.float64)
     log_scales = np.asarray(splats["scales"], dtype=np.float64)
     logits = np.asarray(splats["opacities"], dtype=np.float64).reshape(-1)
-    order = np.argsort(-np.exp(log_scales.sum(axis=1)) * _sigmoid(logits), kind="stable")
+    order = np.argsort(-np.exp(log_scales.sum(axis=1)) * expit(logits), kind="stable")
     quats = np.asarray(splats["quats"], dtype=np.float64)
     quats = quats / np.maximum(np.linalg.norm(quats, axis=1, keepdims=True), 1e-12)
     rgb = 0.5 + SH_C0 * np.asarray(splats["sh0"], dtype=np.float64).reshape(-1, 3)
-    rgba = np.concatenate([rgb, _sigmoid(logits)[:, None]], axis=1)
+    rgba = np.concatenate([rgb, expit(logits)[:, None]], axis=1)
     rec = np.zeros(means.shape[0], dtype=_DTYPE)
     rec["means"] = means[order]
     rec["scales"] = np.exp(log_scales[order])

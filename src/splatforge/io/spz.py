@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy.special import expit
 
 from splatforge._fs import atomic_path, read_input
 from splatforge.errors import ConfigError, DataFormatError
@@ -53,10 +54,6 @@ _TOC = struct.Struct("<QQ")
 
 def _u8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _pack_smallest_three(q: np.ndarray) -> np.ndarray:
@@ -134,7 +131,7 @@ def encode_spz(splats: dict[str, np.ndarray], version: int = 3, *, antialiased: 
     fixed = np.round(means * (1 << frac)).astype(np.int64).reshape(-1)
     positions = np.stack([fixed & 0xFF, (fixed >> 8) & 0xFF, (fixed >> 16) & 0xFF], axis=1).astype(np.uint8).reshape(-1)
 
-    alphas = _u8(_sigmoid(np.asarray(splats["opacities"], dtype=np.float64).reshape(-1)) * 255.0)
+    alphas = _u8(expit(np.asarray(splats["opacities"], dtype=np.float64).reshape(-1)) * 255.0)
     colors = _u8(np.asarray(splats["sh0"], dtype=np.float64).reshape(n, 3) * (COLOR_SCALE * 255.0) + 127.5)
     scales = _u8((np.asarray(splats["scales"], dtype=np.float64) + 10.0) * 16.0)
     q = np.asarray(splats["quats"], dtype=np.float64)

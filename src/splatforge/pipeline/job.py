@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from splatforge._fs import atomic_path
 from splatforge.pipeline.manifest import Manifest, stage_hash
 
@@ -180,7 +178,8 @@ def _stage_visibility(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], di
 
 def _stage_depth(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
     import torch
-    from PIL import Image
+
+    from splatforge.products.renders import write_depth
 
     trainer = _trainer(spec)
     outputs: list[Path] = []
@@ -189,14 +188,7 @@ def _stage_depth(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
             folder = spec.out / split / f"ours_{trainer.step}" / "depth"
             for pos, index in enumerate(trainer.scene.split[split]):
                 render, alpha, _ = trainer.render(index, render_mode="ED")
-                d = torch.where(alpha[0, ..., 0] > 1e-4, render[0, ..., 0], torch.zeros_like(alpha[0, ..., 0])).cpu().numpy()
-                with atomic_path(folder / f"{pos:05d}.npy") as tmp:
-                    np.save(tmp, d.astype(np.float32))
-                top = float(np.percentile(d[d > 0], 99)) if (d > 0).any() else 1.0
-                preview = np.clip(d / max(top, 1e-9), 0, 1) * 65535
-                with atomic_path(folder / f"{pos:05d}.png") as tmp:
-                    Image.fromarray(preview.astype(np.uint16)).save(tmp)
-                outputs += [folder / f"{pos:05d}.npy", folder / f"{pos:05d}.png"]
+                outputs += write_depth(folder / f"{pos:05d}.npy", render[0, ..., 0], alpha[0, ..., 0], png_preview=True)
     return outputs, {}
 
 

@@ -67,10 +67,9 @@ def run_pipeline(prepare_cfg: PrepareConfig, output: Path, *, steps: int = 30_00
     exports = {fmt: export(output / "run", output / "export" / f"scene.{fmt}", fmt) for fmt in ("ply", "splat", "spz")}
     times["export_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    c2w, Ks, _ = read_cameras_json(output / "run" / "cameras.json")
-    size = (int(trainer.scene.widths[0]), int(trainer.scene.heights[0]))
-    previews = write_previews(load_splats(output / "run"), output / "export", camtoworlds=c2w, Ks=Ks, image_size=size,
-                              size=preview_size)  # fmt: skip
+    c2w, Ks, _, sizes = read_cameras_json(output / "run" / "cameras.json")
+    previews = write_previews(load_splats(output / "run"), output / "export", camtoworlds=c2w, Ks=Ks,
+                              image_size=(int(sizes[0, 0]), int(sizes[0, 1])), size=preview_size)  # fmt: skip
     times["previews_s"] = time.perf_counter() - t
     times["total_s"] = sum(times.values())
     summary = {

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import numpy as np
+from scipy.special import expit
 
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.transform import Similarity, euler_transform, named_transform, transform_splats
@@ -93,7 +94,7 @@ def _select(splats: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.nda
 
 def prune(splats: dict[str, np.ndarray], min_opacity: float) -> dict[str, np.ndarray]:
     """Drop Gaussians whose **activated** opacity ``sigmoid(logit)`` is below ``min_opacity``."""
-    alpha = 1.0 / (1.0 + np.exp(-np.asarray(splats["opacities"], dtype=np.float64)))
+    alpha = expit(np.asarray(splats["opacities"], dtype=np.float64))
     return _select(splats, alpha >= min_opacity)
 
 

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from scipy.special import expit
 import torch
 
 from splatforge._fs import atomic_path
 from splatforge.errors import SplatforgeError
+from splatforge.geometry.cameras import look_at
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def scene_frame(means: np.ndarray, opacities: np.ndarray, up: np.ndarray, lo: fl
         ValueError: no finite mean.
     """
     means = np.asarray(means, dtype=np.float64)
-    alpha = 1.0 / (1.0 + np.exp(-np.asarray(opacities, dtype=np.float64)))
+    alpha = expit(np.asarray(opacities, dtype=np.float64))
     finite = np.isfinite(means).all(axis=1) & np.isfinite(alpha)
     if not finite.any():
         raise ValueError("no Gaussian has a finite position")
@@ -97,23 +99,24 @@ def scene_frame(means: np.ndarray, opacities: np.ndarray, up: np.ndarray, lo: fl
 
 def _look_at(eye: np.ndarray, target: np.ndarray, image_up: np.ndarray) -> np.ndarray:
     """world-to-camera ``[4, 4]``, OpenCV axes (z forward, y down)."""
-    z = target - eye
-    z /= np.linalg.norm(z)
-    x = np.cross(z, image_up)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    R = np.stack([x, y, z])
-    viewmat = np.eye(4)
-    viewmat[:3, :3] = R
-    viewmat[:3, 3] = -R @ eye
-    return viewmat
+    return np.linalg.inv(look_at(eye, target, image_up))
+
+
+def _intrinsics(size: int) -> np.ndarray:
+    """``[3, 3]`` pixels: a ``size x size`` image with a ``FOV_DEG`` field of view."""
+    f = (size / 2) / np.tan(np.radians(FOV_DEG) / 2)
+    return np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+
+
+def _sphere_distance(frame: SceneFrame) -> float:
+    """Distance from the centre at which the bounding sphere fits the field of view (5 % margin)."""
+    return 1.05 * frame.radius / np.sin(np.radians(FOV_DEG) / 2)
 
 
 def preview_cameras(frame: SceneFrame, size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"top": (viewmat, K), "angle": (viewmat, K)}`` for a ``size x size`` image, framing the
     robust bounds (see the module docstring)."""
-    f = (size / 2) / np.tan(np.radians(FOV_DEG) / 2)
-    K = np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+    K = _intrinsics(size)
     tan_half = np.tan(np.radians(FOV_DEG) / 2)
     major, minor, up = frame.axes
     hx, hy, hz = frame.half_extent
@@ -122,8 +125,7 @@ def preview_cameras(frame: SceneFrame, size: int) -> dict[str, tuple[np.ndarray,
     top = _look_at(frame.center + up * top_dist, frame.center, image_up=major)
     # angle: the bounding sphere fits the field of view.
     direction = np.cos(np.radians(45)) * (major + minor) / np.sqrt(2) + np.sin(np.radians(45)) * up
-    dist = 1.05 * frame.radius / np.sin(np.radians(FOV_DEG) / 2)
-    angle = _look_at(frame.center + direction * dist, frame.center, image_up=up)
+    angle = _look_at(frame.center + direction * _sphere_distance(frame), frame.center, image_up=up)
     return {"top": (top, K), "angle": (angle, K)}
 
 
@@ -179,9 +181,7 @@ def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int =
     import av
 
     major, minor, up = frame.axes
-    f = (size / 2) / np.tan(np.radians(FOV_DEG) / 2)
-    K = np.array([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
-    dist = 1.05 * frame.radius / np.sin(np.radians(FOV_DEG) / 2)
+    K, dist = _intrinsics(size), _sphere_distance(frame)
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w") as container:
             stream = container.add_stream("libx264", rate=fps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,7 +24,7 @@ from splatforge.train.losses import ssim as ssim_fn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["render_split", "evaluate", "lpips_metric"]
+__all__ = ["render_split", "evaluate", "lpips_metric", "write_depth"]
 
 
 def lpips_metric() -> Optional[Callable[[torch.Tensor, torch.Tensor], float]]:
@@ -49,6 +50,25 @@ def lpips_metric() -> Optional[Callable[[torch.Tensor, torch.Tensor], float]]:
     return run
 
 
+def write_depth(path: Path, depth: torch.Tensor, alpha: torch.Tensor, png_preview: bool = False) -> list[Path]:
+    """Write one depth map atomically: ``path`` (``.npy``, float32 ``[H, W]`` expected camera-z
+    depth in world units, 0 where ``alpha [H, W]`` <= 1e-4, i.e. nothing was drawn) and, with
+    ``png_preview``, a 16-bit PNG beside it (the 99th percentile of the depths is white).
+    Returns the written paths."""
+    from PIL import Image
+
+    d = torch.where(alpha > 1e-4, depth, torch.zeros_like(alpha)).cpu().numpy().astype(np.float32)
+    with atomic_path(path) as tmp:
+        np.save(tmp, d)
+    if not png_preview:
+        return [Path(path)]
+    top = float(np.percentile(d[d > 0], 99)) if (d > 0).any() else 1.0
+    png = Path(path).with_suffix(".png")
+    with atomic_path(png) as tmp:
+        Image.fromarray((np.clip(d / max(top, 1e-9), 0, 1) * 65535).astype(np.uint16)).save(tmp)
+    return [Path(path), png]
+
+
 @torch.no_grad()
 def render_split(trainer, split: str, *, depth: bool = False, write: bool = True,
                  lpips: Optional[Callable] = None) -> dict:  # fmt: skip
@@ -66,9 +86,7 @@ def render_split(trainer, split: str, *, depth: bool = False, write: bool = True
             write_png(rgb[0], folder / "renders" / f"{pos:05d}.png")
             write_png(gt[0], folder / "gt" / f"{pos:05d}.png")
             if depth:
-                d = torch.where(alpha[0, ..., 0] > 1e-4, render[0, ..., 3], torch.zeros_like(alpha[0, ..., 0]))
-                with atomic_path(folder / "depth" / f"{pos:05d}.npy") as tmp:
-                    np.save(tmp, d.cpu().numpy().astype(np.float32))
+                write_depth(folder / "depth" / f"{pos:05d}.npy", render[0, ..., 3], alpha[0, ..., 0])
         per_view.append({
             "index": index, "image_name": trainer.scene.image_names[index],
             "psnr": psnr_fn(rgb, gt), "ssim": float(ssim_fn(rgb.clamp(0, 1), gt)),

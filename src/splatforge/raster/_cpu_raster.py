@@ -118,6 +118,20 @@ def _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0,
     return g, box, col
 
 
+@nb.njit(inline="always", **_JIT)
+def _alpha(u, ca, cb, cc, o, bound, px, dy):
+    """The compositing alpha of a Gaussian (centre x ``u``, conic ``ca cb cc``, opacity ``o``,
+    skip bound on sigma) at pixel column ``px`` with ``dy = v - (py + 0.5)``; 0.0 where the
+    forward pass skips it (sigma < 0, sigma > bound, or alpha < 1/255). Shared by the forward
+    kernel and the visibility accumulators so that both apply exactly the same tests."""
+    dx = u - (px + 0.5)
+    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+    if sigma < 0.0 or sigma > bound:
+        return 0.0
+    alpha = min(ALPHA_MAX, o * math.exp(-sigma))
+    return alpha if alpha >= ALPHA_THRESHOLD else 0.0
+
+
 @nb.njit(parallel=True, **_JIT)
 def raster_fwd(
     means2d, conics, colors, opacities, radii, backgrounds, offsets, ids, width, height, tiles_x,
@@ -152,12 +166,8 @@ def raster_fwd(
                     p = row + px
                     if done[p]:
                         continue
-                    dx = u - (px + 0.5)
-                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0.0 or sigma > bound:
-                        continue
-                    alpha = min(ALPHA_MAX, o * math.exp(-sigma))
-                    if alpha < ALPHA_THRESHOLD:
+                    alpha = _alpha(u, ca, cb, cc, o, bound, px, dy)
+                    if alpha == 0.0:
                         continue
                     next_T = Tr[p] * (1.0 - alpha)
                     if next_T <= TRANSMITTANCE_MIN:
@@ -332,12 +342,8 @@ def raster_transmittance(means2d, conics, opacities, radii, offsets, ids, width,
                     p = row + px
                     if done[p]:
                         continue
-                    dx = u - (px + 0.5)
-                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0.0 or sigma > bound:
-                        continue
-                    alpha = min(ALPHA_MAX, o * math.exp(-sigma))
-                    if alpha < ALPHA_THRESHOLD:
+                    alpha = _alpha(u, ca, cb, cc, o, bound, px, dy)
+                    if alpha == 0.0:
                         continue
                     next_T = Tr[p] * (1.0 - alpha)
                     if next_T <= TRANSMITTANCE_MIN:

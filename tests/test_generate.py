@@ -235,9 +235,11 @@ def test_sigkill_and_restart_redoes_only_unfinished_stages(tmp_path):
     first = json.loads(manifest.read_text())["stages"]
     assert first["train"]["status"] == "done" and first["train"]["finished_at"] == 1
     assert not all(first.get(s, {}).get("status") == "done" for s in ("render", "visibility", "depth"))
-    # no temp file left looking like an output: every file is written atomically
-    assert not [p for p in (out / "skull_0.5").rglob("*") if ".tmp" in p.name and p.suffix != ".tmp"]
+    # a kill can interrupt a write, but only ever a hidden temp file, never a file under its final name
+    temps = [p for p in (out / "skull_0.5").rglob("*") if ".tmp" in p.name]
+    assert all(p.name.startswith(".") for p in temps), temps
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=600).returncode == 0
+    assert not [p for p in (out / "skull_0.5").rglob("*") if ".tmp" in p.name]  # the restart cleared them
     second = json.loads(manifest.read_text())["stages"]
     for s in ("postprocess", "train"):
         assert second[s]["finished_at"] == 1, f"{s} was redone"
@@ -296,3 +298,16 @@ def test_presets_find_dl3dv_and_mipnerf360_layouts(tmp_path):
     (m360 / "skull").symlink_to(DATA / "skull")
     cfg = GenerateConfig(dataset_root=m360, output_dir=tmp_path / "o2", dataset="mipnerf360", split_ratio=[0.1], cut_start=0, cut_end=1)
     assert [(s.name, s.data_factor, s.ready) for s in discover_scenes(cfg)] == [("skull", 4, True)]
+
+
+def test_remove_stale_temps_only_touches_atomic_temp_files(tmp_path):
+    from splatforge._fs import atomic_path, remove_stale_temps
+
+    (tmp_path / "a" / "renders").mkdir(parents=True)
+    (tmp_path / "a" / "renders" / ".00001.k3j2.tmp.png").write_bytes(b"half")  # as atomic_path names them
+    (tmp_path / "a" / "renders" / "00000.png").write_bytes(b"done")
+    (tmp_path / "a" / "notes.tmp.txt").write_text("a user's file, not hidden")
+    with atomic_path(tmp_path / "a" / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["00000.png", "notes.tmp.txt", "x.json"]

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "build_once", "read_input"]
+__all__ = ["atomic_path", "build_once", "read_input", "remove_stale_temps"]
 
 
 @contextmanager
@@ -67,6 +67,18 @@ def build_once(out: str | os.PathLike, build) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temporary files :func:`atomic_path` leaves when its process is killed
+    (hidden ``.<stem>.<random>.tmp<suffix>`` files) anywhere under ``folder``; returns how many.
+    Call it only when no other process is writing into ``folder``."""
+    removed = 0
+    for p in Path(folder).rglob(".*.tmp*"):
+        if p.is_file() and ".tmp" in p.name:
+            p.unlink()
+            removed += 1
+    return removed
 
 
 def read_input(path: str | os.PathLike) -> bytes:

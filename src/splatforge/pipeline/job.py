@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from splatforge._fs import atomic_path
+from splatforge._fs import atomic_path, remove_stale_temps
 from splatforge.pipeline.manifest import Manifest, stage_hash
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,8 @@ def run_job(spec: JobSpec) -> dict:
         result["stages"]["clean"] = "done"
         return result
     out.mkdir(parents=True, exist_ok=True)
+    if remove_stale_temps(out):  # debris of a killed run: temp files never renamed into place
+        log.info("%s: removed temporary files of an interrupted run", spec.name)
     manifest = Manifest(out)
     manifest.begin_run()
     digests = stage_digests(spec)

@@ -22,11 +22,11 @@ from scenes import REPO, look_at
 from splatforge.cli import main
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.sh import eval_sh
-from splatforge.geometry.transform import (NAMED_TRANSFORMS, Similarity, euler_transform, named_transform,
+from splatforge.geometry.transform import (NAMED_TRANSFORMS, euler_transform, named_transform,
                                            rotate_sh, transform_splats)  # fmt: skip
 from splatforge.io import read_ply, read_splat, read_spz, write_ply, write_splat, write_spz
 from splatforge.io.spz import decode_spz, encode_spz
-from splatforge.products.export import build_transform, export, load_splats
+from splatforge.products.export import build_transform, load_splats
 from splatforge.products.previews import estimate_up, preview_cameras, render_view, scene_frame, write_previews
 
 

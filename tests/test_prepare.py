@@ -179,7 +179,9 @@ def test_run_skull_images_8_photos_end_to_end(tmp_path, capsys):
 
     first = out / "scene" / "images" / list_images(out / "scene" / "images")[0]
     assert (cam.width, cam.height) == image_size(first)  # the model is in the images' own pixels
-    assert abs(cam.width - 266) <= 2 and abs(cam.height - 177) <= 2  # undistortion may trim a pixel
+    # not the 4x feature images' 1064 px; undistortion (no blank pixels) only trims, by a few
+    # pixels at this focal (263 px was seen when SfM estimated a strong radial term)
+    assert 0.95 * 266 <= cam.width <= 266 and 0.95 * 177 <= cam.height <= 177
     assert 530 < cam.params[0] < 680  # the shipped model: 4847.6 px at 2127 px wide, i.e. 606 px here
     assert np.median(_relative_rotation_errors(out / "scene", SKULL / "sparse" / "0")) < 3.0
     assert summary["train"]["steps"] == 60 and summary["test"]["psnr"] > 12
@@ -202,3 +204,27 @@ def test_prepare_fails_when_under_half_registers(tmp_path):
     with pytest.raises(DataFormatError, match=r"registered only \d of 12 images"):
         prepare(PrepareConfig(inputs=[src], output=tmp_path / "scene"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed"]
+
+
+@needs_skull
+def test_sfm_is_repeatable_for_a_seed(tmp_path):
+    """Two runs on the same 14 photos (9 register) give the same model to the last bit: COLMAP's image ids
+    follow the names (not the order extraction threads finish) and verification is seeded.
+    Before that, reruns differed (38-59 of 66 registered on images_8)."""
+    import pycolmap
+
+    from splatforge.data.sfm import run_sfm
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in sorted(p.name for p in (SKULL / "images_8").iterdir())[40:54]:
+        (src / name).write_bytes((SKULL / "images_8" / name).read_bytes())
+    models = []
+    for run in range(2):
+        result = run_sfm(src, tmp_path / f"work{run}", tmp_path / f"scene{run}", matcher="exhaustive", seed=3)
+        assert result.num_registered >= 6, result
+        rec = pycolmap.Reconstruction(str(tmp_path / f"scene{run}" / "sparse" / "0"))
+        models.append({im.name: np.asarray(im.cam_from_world().matrix()) for im in rec.images.values()})
+    assert models[0].keys() == models[1].keys()
+    for name in models[0]:
+        np.testing.assert_array_equal(models[0][name], models[1][name])

@@ -232,11 +232,12 @@ def _quiet_colmap() -> None:
 
 
 def _prepare_config(inputs: list[Path], output: Path, target_frames: int, max_size: int, matcher: str,
-                    camera_model: str, downscale: tuple[int, ...], max_features: int):  # fmt: skip
+                    camera_model: str, downscale: tuple[int, ...], max_features: int, seed: int = 0):  # fmt: skip
     from splatforge.pipeline.prepare import PrepareConfig
 
     return PrepareConfig(inputs=list(inputs), output=output, target_frames=target_frames, max_size=max_size,
-                         matcher=matcher, camera_model=camera_model, downscale=list(downscale), max_features=max_features)  # fmt: skip
+                         matcher=matcher, camera_model=camera_model, downscale=list(downscale), max_features=max_features,
+                         seed=seed)  # fmt: skip
 
 
 def prepare(
@@ -248,6 +249,7 @@ def prepare(
     camera_model: str = "SIMPLE_RADIAL",
     downscale: tuple[int, ...] = (),
     max_features: int = 4096,
+    seed: int = 0,
 ) -> None:
     """Videos and/or photo folders -> a posed scene folder (images/, sparse/0/, splits/, prepare.json).
 
@@ -256,16 +258,17 @@ def prepare(
         output: scene folder to create (must not exist).
         target_frames: frames kept from the videos (sharpest per window, evenly spread).
         max_size: longer image side after import, pixels.
-        matcher: auto = sequential for video frames or > 150 images, else exhaustive.
+        matcher: auto = exhaustive up to 100 images (video frames included), sequential above.
         camera_model: COLMAP model estimated by SfM (images are undistorted to PINHOLE).
         downscale: also write images_<k> for these factors.
         max_features: SIFT features per image (fewer: faster matching).
+        seed: seeds SfM (RANSAC, mapping): the same inputs and options give the same model.
     """
     from splatforge.pipeline.prepare import prepare as prepare_fn
 
     _quiet_colmap()
     with STDERR.status("prepare") as status:
-        summary = prepare_fn(_prepare_config(inputs, output, target_frames, max_size, matcher, camera_model, downscale, max_features),
+        summary = prepare_fn(_prepare_config(inputs, output, target_frames, max_size, matcher, camera_model, downscale, max_features, seed),
                              on_phase=lambda name: status.update(f"prepare: {name}"))  # fmt: skip
     decoded = sum(v["decoded"] for v in summary["videos"]) + summary["photos"]["imported"] + len(summary["photos"]["skipped"])
     STDERR.print(f"{summary['num_images']} frames kept of {decoded}, {summary['num_registered']} registered "
@@ -304,12 +307,12 @@ def run(
         cap_max: most Gaussians MCMC may use.
         backend: rasterizer backend.
         device: torch device.
-        seed: random seed.
+        seed: random seed (SfM and training).
         preview_size: preview image side in pixels.
     """
     from splatforge.pipeline.run import run_pipeline
 
-    cfg = _prepare_config(inputs, output / "scene", target_frames, max_size, matcher, camera_model, (), max_features)
+    cfg = _prepare_config(inputs, output / "scene", target_frames, max_size, matcher, camera_model, (), max_features, seed)
     _quiet_colmap()
     with _progress_bar(steps) as update:
         summary = run_pipeline(cfg, output, steps=steps, cap_max=cap_max, backend=backend, device=device, seed=seed,

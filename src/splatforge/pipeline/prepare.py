@@ -56,6 +56,8 @@ class PrepareConfig:
     downscale: list[int] = field(default_factory=list)
     """Also write images_<k> for these factors (e.g. 2 4 8)."""
     test_every: int = 8
+    seed: int = 0
+    """Seeds COLMAP's RANSAC and mapper: the same inputs, options and seed give the same model."""
 
 
 def _classify(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
@@ -136,11 +138,11 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
         phase(f"sfm ({matcher} matching, {n_images} images)")
         sfm = run_sfm(frames_dir, partial / "work", partial / "scene", matcher=matcher, camera_model=cfg.camera_model,
                       single_camera=len(videos) + (1 if photos else 0) <= 1, max_image_size=cfg.max_size,
-                      max_features=cfg.max_features)  # fmt: skip
+                      max_features=cfg.max_features, seed=cfg.seed)  # fmt: skip
         timings.update(sfm.timings)
         summary.update(num_registered=sfm.num_registered, registered_fraction=sfm.registered_fraction,
                        num_points=sfm.num_points, mean_reprojection_error_px=sfm.mean_reprojection_error,
-                       matcher=matcher, unregistered=sfm.unregistered)  # fmt: skip
+                       matcher=matcher, seed=cfg.seed, unregistered=sfm.unregistered)  # fmt: skip
         if sfm.registered_fraction < MIN_REGISTERED_FRACTION:
             raise DataFormatError(
                 f"{', '.join(map(str, cfg.inputs))}: SfM registered only {sfm.num_registered} of {sfm.num_images} images "

@@ -207,7 +207,8 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
     models_dir.mkdir(parents=True)
     models = pycolmap.incremental_mapping(database, feat_dir, models_dir, options=_mapper_options(seed))
     timings["mapping_s"] = time.perf_counter() - t
-    num_images = len([p for p in images_dir.iterdir() if p.is_file()])
+    names = list_images(images_dir)
+    num_images = len(names)
     if not models:
         raise DataFormatError(f"{images_dir}: SfM could not register any image pair (0 of {num_images} images posed)")
     best_id, best = max(models.items(), key=lambda kv: kv[1].num_reg_images())
@@ -234,5 +235,5 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
         num_images=num_images, num_registered=best.num_reg_images(), num_points=best.num_points3D(),
         mean_reprojection_error=float(best.compute_mean_reprojection_error()), camera_model=camera_model,
         matcher=matcher, timings=timings,
-        unregistered=sorted(set(list_images(images_dir)) - {im.name for im in best.images.values() if im.has_pose}),
+        unregistered=sorted(set(names) - {im.name for im in best.images.values() if im.has_pose}),
     )  # fmt: skip

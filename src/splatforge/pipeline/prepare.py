@@ -142,7 +142,7 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
         timings.update(sfm.timings)
         summary.update(num_registered=sfm.num_registered, registered_fraction=sfm.registered_fraction,
                        num_points=sfm.num_points, mean_reprojection_error_px=sfm.mean_reprojection_error,
-                       matcher=matcher, seed=cfg.seed, unregistered=sfm.unregistered)  # fmt: skip
+                       matcher=matcher, unregistered=sfm.unregistered)  # fmt: skip
         if sfm.registered_fraction < MIN_REGISTERED_FRACTION:
             raise DataFormatError(
                 f"{', '.join(map(str, cfg.inputs))}: SfM registered only {sfm.num_registered} of {sfm.num_images} images "

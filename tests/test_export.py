@@ -149,6 +149,33 @@ def test_spz_headers_and_large_coordinates():
         encode_spz(s, 5)
 
 
+def test_truncated_spz_v4_table_names_the_file(tmp_path):
+    """A v4 file cut inside its table of streams (or right after the header) is a
+    DataFormatError naming the file, not a struct.error."""
+    raw4 = encode_spz(make_splats(20), 4)
+    for cut in (32, 32 + 5, 32 + 16 * 3 + 7):
+        path = tmp_path / f"cut{cut}.spz"
+        path.write_bytes(raw4[:cut])
+        with pytest.raises(DataFormatError, match=rf"cut{cut}\.spz: truncated"):
+            read_spz(path)
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"ply\nformat binary_little_endian 1.0\nelement vertex many\nproperty float x\nend_header\n", "malformed PLY header, line 3"),
+    (b"ply\nformat\nelement vertex 1\nend_header\n", "malformed PLY header, line 2"),
+    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float\nend_header\n", "malformed PLY header, line 4"),
+    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float x\nend_header\n1 2\n", "repeated vertex property"),
+    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header\nabc\n", "not a number"),
+    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header", "no complete 'end_header'"),
+])  # fmt: skip
+def test_malformed_ply_headers_name_the_file(tmp_path, header, message):
+    path = tmp_path / "bad.ply"
+    path.write_bytes(header)
+    with pytest.raises(DataFormatError, match=message) as info:
+        read_ply(path)
+    assert str(path) in str(info.value)
+
+
 # --- independent readers ---------------------------------------------------------------------
 
 
@@ -325,7 +352,7 @@ def test_up_estimate_and_preview_framing(tmp_path):
     c2w[:, :3, :3] = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # camera y (down) = world -z
     up = estimate_up(c2w)
     np.testing.assert_allclose(up, [0, 0, 1], atol=1e-12)
-    frame = scene_frame(s["means"], s["opacities"], up)
+    frame = scene_frame(s, up)
     assert frame.half_extent[0] < 2.5 and frame.half_extent[2] < 0.3
     cams = preview_cameras(frame, 128)
     for name, (viewmat, K) in cams.items():

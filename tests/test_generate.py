@@ -157,7 +157,11 @@ def test_generate_outputs_layout_and_failure_isolation(generated):
                                  ("visibility_mask_global_2ndpick_th0.5", "frame_*.png")):  # fmt: skip
                 assert len(list((folder / sub).glob(pattern))) == m, (job, split, sub)
             depth = np.load(folder / "depth" / "00000.npy")
-            assert depth.dtype == np.float32 and depth.shape == (int(K[0, 1, 2] * 2 + 0.5), int(K[0, 0, 2] * 2 + 0.5)) or depth.ndim == 2
+            frames = json.loads((d / "frames.json").read_text())
+            first = partition[split][0]
+            assert depth.dtype == np.float32
+            assert depth.shape == (frames[first]["height"], frames[first]["width"]), (job, split, depth.shape)
+            assert (depth > 0).mean() > 0.05 and np.isfinite(depth).all()
     # the broken scene fails alone, with its reason in the summary
     broken = [r for r in summary["results"] if r["scene"] == "broken_skull"] + [u for u in summary["unready"] if u["scene"] == "broken_skull"]
     assert broken, summary

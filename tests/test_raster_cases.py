@@ -103,7 +103,9 @@ def test_sh_basis_is_orthonormal_and_signed_as_3dgs():
 
 def test_default_strategy_runs_on_cpu_info():
     """gsplat's DefaultStrategy reads info from a CPU render (means2d.grad/absgrad, radii, sizes)
-    and densifies: the Gaussian count changes and Adam's state follows."""
+    and grows exactly the Gaussians whose normalised screen-space gradient, computed here from
+    the same info by gsplat's formula, is above the threshold (set to its median, so about half
+    grow); Adam's state follows."""
     from gsplat.strategy import DefaultStrategy
 
     scene = random_scene(seed=2, n=200, n_cameras=1, width=64, height=48, sh_degree=1)
@@ -115,23 +117,29 @@ def test_default_strategy_runs_on_cpu_info():
     })  # fmt: skip
     optimizers = {k: torch.optim.Adam([p], lr=1e-3) for k, p in params.items()}
     for absgrad in (False, True):
-        strategy = DefaultStrategy(
-            refine_start_iter=0, refine_every=1, grow_grad2d=1e-9, prune_opa=0.0, absgrad=absgrad,
-            pause_refine_after_reset=0, reset_every=1000,
-        )  # fmt: skip
-        strategy.check_sanity(params, optimizers)
-        state = strategy.initialize_state()
         render, alpha, info = rasterize(
             params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]),
             torch.cat([params["sh0"], params["shN"]], 1), scene.viewmats, scene.Ks, 64, 48, sh_degree=1,
             absgrad=absgrad, backend="cpu",
         )  # fmt: skip
-        strategy.step_pre_backward(params, optimizers, state, 1, info)
+        info["means2d"].retain_grad()
         render.mean().backward()
+        g = (info["means2d"].absgrad if absgrad else info["means2d"].grad).clone()
+        g[..., 0] *= 64 / 2.0
+        g[..., 1] *= 48 / 2.0
+        visible = (info["radii"] > 0).all(dim=-1)[0]
+        norms = g[0].norm(dim=-1)
+        threshold = float(norms[visible].median())
+        expected_growth = int((visible & (norms > threshold)).sum())
+        assert 0.3 * visible.sum() < expected_growth < 0.7 * visible.sum() and visible.sum() > 100
+        strategy = DefaultStrategy(refine_start_iter=0, refine_every=1, grow_grad2d=threshold, prune_opa=0.0,
+                                   absgrad=absgrad, pause_refine_after_reset=0, reset_every=1000)  # fmt: skip
+        strategy.check_sanity(params, optimizers)
+        state = strategy.initialize_state()
         for opt in optimizers.values():
             opt.step()
         strategy.step_post_backward(params, optimizers, state, 1, info)
-        assert len(params["means"]) > n, "densification did not add Gaussians"
+        assert len(params["means"]) == n + expected_growth, "duplicated + split must be those above the threshold"
         for key, opt in optimizers.items():
             assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].shape == params[key].shape
         n = len(params["means"])
@@ -214,3 +222,47 @@ def test_cpu_matches_gsplat_on_cuda(sh_degree, rasterize_mode):
     torch.testing.assert_close(r0[..., :3], r1[..., :3], atol=1e-3, rtol=0)
     for got, want in zip(g0, g1):
         assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-5
+
+
+def test_depth_test_rejects_nan():
+    from splatforge.raster._cpu_project import _depth_ok
+
+    assert _depth_ok(1.0, 0.01, 1e10) and not _depth_ok(0.001, 0.01, 1e10) and not _depth_ok(2e10, 0.01, 1e10)
+    assert not _depth_ok(float("nan"), 0.01, 1e10)
+    assert not _depth_ok(float("inf"), 0.01, 1e10)
+
+
+def test_nan_depth_is_culled_like_the_reference():
+    """A Gaussian whose camera depth is NaN (a NaN mean) is culled by both backends: radius 0,
+    nothing drawn, no NaN in the image; the others render as before. The CPU kernel used to test
+    ``z < near or z > far``, which NaN passes."""
+    s = random_scene(seed=4, n=60, n_cameras=1, width=40, height=30)
+    means = s.means.clone()
+    means[7, 2] = float("nan")
+    out = {}
+    for backend in ("cpu", "reference"):
+        img, alpha, info = rasterize(means, s.quats, s.scales, s.opacities, s.colors, s.viewmats, s.Ks, 40, 30,
+                                     backend=backend)  # fmt: skip
+        assert torch.isfinite(img).all() and torch.isfinite(alpha).all(), backend
+        assert (info["radii"][0, 7] == 0).all(), backend
+        out[backend] = img
+    torch.testing.assert_close(out["cpu"], out["reference"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rasterize_mode="mip"), "rasterize_mode must be one of"),
+        (dict(near_plane=2.0, far_plane=1.0), "near_plane"),
+        (dict(means=torch.zeros(4, 3, dtype=torch.float64)), "cpu backend needs float32"),
+        (dict(Ks=torch.zeros(2, 3, 3)), r"Ks must have shape \[1, 3, 3\]"),
+    ],
+)
+def test_transmittance_stats_checks_its_arguments_as_rasterize(change, message):
+    from splatforge.raster import transmittance_stats
+
+    args = dict(means=torch.zeros(4, 3), quats=torch.zeros(4, 4), scales=torch.ones(4, 3), opacities=torch.ones(4),
+                viewmats=torch.eye(4)[None], Ks=torch.eye(3)[None], width=8, height=8)  # fmt: skip
+    args.update(change)
+    with pytest.raises(ConfigError, match=message):
+        transmittance_stats(**args, backend="cpu")

@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from scenes import datasets_dir
+
+REPO_DATA = datasets_dir() / "skull"  # only named by configs that are resolved, never read
 from splatforge.demo import build_demo_scene
 from splatforge.io import read_ply
 from splatforge.products import evaluate
@@ -24,8 +26,8 @@ def demo_scene(tmp_path_factory):
 
 def small_cfg(scene, out, **kw) -> TrainConfig:
     base = dict(data=scene, output=out, steps=30, sh_degree=1, sh_degree_interval=10, init_random_count=1500,
-                init_extent=0.5, checkpoint_every=0,
-                densify=DensifyConfig(refine_start=5, refine_stop=25, refine_every=5, reset_every=10**6))  # fmt: skip
+                init_extent=0.5, checkpoint_every=0, strategy="default",
+                densify=DensifyConfig(refine_start_iter=5, refine_stop_iter=25, refine_every=5, reset_every=10**6))  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
@@ -34,10 +36,10 @@ def test_skull_short_training_beats_floor(tmp_path):
     """300 steps on the real skull photos (images_8): held-out PSNR well above the ~12 dB of
     the initialisation, and every promised output in the run folder."""
     cfg = TrainConfig(data=datasets_dir() / "skull", output=tmp_path / "run", data_factor=8, steps=300,
-                      checkpoint_every=100, densify=DensifyConfig(refine_start=100, refine_stop=250, refine_every=50))  # fmt: skip
+                      checkpoint_every=100)  # the defaults: MCMC, schedules scaled to 300 steps
     trainer = Trainer(cfg)
     result = trainer.train()
-    metrics = evaluate(trainer)
+    metrics = evaluate(trainer.as_run())
     assert metrics["test"]["num_views"] == 9 and metrics["train"]["num_views"] == 57
     assert metrics["test"]["psnr"] > 20.0, metrics["test"]["psnr"]
     assert metrics["test"]["ssim"] > 0.6
@@ -76,7 +78,7 @@ def test_resume_equals_uninterrupted_run(demo_scene, tmp_path):
 
 def test_opacity_reset_happens(demo_scene, tmp_path):
     """gsplat 1.5.3's DefaultStrategy never resets opacities by itself; the trainer does."""
-    cfg = small_cfg(demo_scene, tmp_path, densify=DensifyConfig(refine_start=1000, refine_stop=100, reset_every=7))
+    cfg = small_cfg(demo_scene, tmp_path, densify=DensifyConfig(refine_start_iter=1000, refine_stop_iter=100, reset_every=7))
     trainer = Trainer(cfg)
     for _ in range(7):
         trainer.train_step()
@@ -115,3 +117,82 @@ def test_split_ratio_training(demo_scene, tmp_path):
     assert len(trainer.scene.split["train"]) == 6 and len(trainer.scene.split["test"]) == 6
     trainer.train()
     assert np.isfinite(trainer.params["means"].detach().numpy()).all()
+
+
+class _Payload:
+    """Stands for code a pickle would run: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_checkpoints_load_plain_data_only(tmp_path):
+    from splatforge.errors import DataFormatError
+
+    ok = tmp_path / "ok" / "ckpt_000001.pt"
+    ok.parent.mkdir()
+    torch.save({"version": 1, "step": 1, "params": {"means": torch.zeros(2, 3)}, "config": {"steps": 1}}, ok)
+    assert load_checkpoint(ok)["params"]["means"].shape == (2, 3)
+    bad = tmp_path / "ckpt_000002.pt"
+    torch.save({"version": 1, "step": 2, "payload": _Payload()}, bad)
+    with pytest.raises(DataFormatError, match="ckpt_000002.pt"):
+        load_checkpoint(bad)
+
+
+def test_run_opens_a_finished_run_without_a_trainer(demo_scene, tmp_path):
+    """Run.open reads cfg.yml and the newest checkpoint's parameters (no optimizer, strategy or
+    initialisation), renders a view exactly as the trainer did, and any camera; without
+    checkpoints it reads the newest PLY."""
+    import shutil
+
+    from splatforge.train import Run
+
+    trainer = Trainer(small_cfg(demo_scene, tmp_path / "run", steps=12))
+    trainer.train()
+    run = Run.open(tmp_path / "run")
+    assert run.step == 12 and run.num_gaussians == len(trainer.params["means"]) and run.source.name == "ckpt_000012.pt"
+    for key in run.splats.keys():
+        assert torch.equal(run.splats[key], trainer.params[key].detach()), key
+    with torch.no_grad():
+        want, _, _ = trainer.render(3)
+    got, _, _ = run.render(3)
+    assert torch.equal(got, want)
+    vm, K = run.cameras()
+    w, h = run.image_size(3)
+    any_cam, _, _ = run.render(viewmats=vm[3].numpy(), Ks=K[3].numpy(), width=w, height=h)
+    assert torch.equal(any_cam, want)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    from_ply = Run.open(tmp_path / "run")
+    assert from_ply.source.name == "point_cloud.ply" and from_ply.step == 12
+    torch.testing.assert_close(from_ply.render(3)[0], want)
+
+
+def test_schedules_scale_with_steps_unless_given():
+    from splatforge.train.config import MIN_REFINE_EVERY
+
+    cfg = TrainConfig(data=REPO_DATA, steps=3000, strategy="default").resolve()
+    d = cfg.densify
+    assert (d.refine_start_iter, d.refine_stop_iter, d.refine_every, d.reset_every) == (50, 1500, MIN_REFINE_EVERY, 300)
+    assert cfg.sh_degree_interval == 100 and (cfg.mcmc.refine_start_iter, cfg.mcmc.refine_stop_iter) == (50, 2500)
+    full = TrainConfig(data=REPO_DATA, steps=30_000).resolve()
+    assert (full.mcmc.refine_start_iter, full.mcmc.refine_stop_iter, full.mcmc.refine_every) == (500, 25_000, 100)
+    assert (full.densify.reset_every, full.sh_degree_interval) == (3000, 1000)
+    given = TrainConfig(data=REPO_DATA, steps=3000, densify=DensifyConfig(refine_stop_iter=2900)).resolve()
+    assert given.densify.refine_stop_iter == 2900 and given.densify.refine_start_iter == 50
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_puts_strategy_state_on_the_device(demo_scene, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    for strategy in ("default", "mcmc"):
+        cfg = small_cfg(demo_scene, tmp_path / strategy, device="cuda", backend="auto", strategy=strategy)
+        first = Trainer(cfg)
+        for _ in range(8):
+            first.train_step()
+        first.save()
+        resumed = Trainer(cfg)
+        assert resumed.resume()
+        tensors = [v for v in resumed.strategy_state.values() if isinstance(v, torch.Tensor)]
+        assert tensors and all(t.device.type == "cuda" for t in tensors), strategy
+        resumed.train_step()  # would fail mixing devices

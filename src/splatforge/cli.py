@@ -1,227 +1,49 @@
-"""The ``splatforge`` command. Thin: it parses arguments and calls one library function."""
+"""The ``splatforge`` command. Thin: each subcommand is a dataclass of its options (the library's
+config dataclass where there is one, parsed by tyro, so every config field is an option), and
+its ``main()`` calls library functions. ``train`` applies its ``--preset`` before parsing, so any
+option given overrides the preset and ``--help`` shows the preset's values. Logs and progress go
+to stderr; stdout carries only results (JSON summaries, listings)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
-import numpy as np
 import tyro
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from splatforge.errors import SplatforgeError
-from splatforge.train.config import DensifyConfig, LearningRates, MCMCConfig
+from splatforge.pipeline.generate import GenerateConfig
+from splatforge.pipeline.prepare import PrepareConfig
+from splatforge.pipeline.run import RunConfig
+from splatforge.train.config import TrainConfig
 
 STDERR = Console(stderr=True)
+Backend = Literal["auto", "cpu", "gsplat", "reference"]
 
 
 @contextlib.contextmanager
-def _progress_bar(total: int, start: int = 0) -> Iterator:
-    """A rich progress bar on stderr; yields the per-step callback the trainer calls."""
+def progress_bar(total: int, start: int = 0) -> Iterator:
+    """A rich progress bar on stderr with the ETA; yields the trainer's progress callback."""
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]  # fmt: skip
     with Progress(*columns, console=STDERR, transient=False) as bar:
         task = bar.add_task("train", total=total, completed=start, stats="")
 
         def update(step: int, loss: float, psnr: float, n: int, its: float) -> None:
-            if step % 10 == 0 or step == total:
-                bar.update(task, completed=step, stats=f"loss {loss:.4f}  PSNR {psnr:5.2f}  #G {n:,}  {its:5.1f} it/s")
+            bar.update(task, completed=step, stats=f"loss {loss:.4f}  PSNR {psnr:5.2f}  #G {n:,}  {its:5.1f} it/s")
 
         yield update
-
-
-def train(
-    data: tyro.conf.Positional[Path],
-    output: Path,
-    data_factor: int = 1,
-    steps: int = 30_000,
-    max_gaussians: int = 0,
-    test_every: int = 8,
-    split_ratio: Optional[float] = None,
-    partition: Optional[Path] = None,
-    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
-    device: str = "cpu",
-    seed: int = 0,
-    sh_degree: int = 3,
-    random_background: bool = False,
-    checkpoint_every: int = 1000,
-    strategy: Literal["default", "mcmc"] = "default",
-    resume: bool = False,
-    eval: bool = True,
-    viewer: bool = False,
-    viewer_port: int = 8080,
-    lr: LearningRates = LearningRates(),
-    densify: DensifyConfig = DensifyConfig(),
-    mcmc: MCMCConfig = MCMCConfig(),
-) -> None:
-    """Train Gaussians on a scene folder (COLMAP or transforms.json), then render and evaluate.
-
-    Args:
-        data: scene folder.
-        output: run folder (created; never the input folder).
-        data_factor: read images_<k> (downscaled copies are made in the cache when missing).
-        steps: optimisation steps.
-        max_gaussians: hard cap on the count, 0 for none.
-        test_every: every k-th image (sorted by name) is a test view.
-        split_ratio: fraction of views to train on, evenly spread (overrides test_every).
-        partition: partition.json or splits/ folder (overrides both).
-        backend: rasterizer backend.
-        device: torch device (cpu, cuda).
-        seed: random seed.
-        sh_degree: final SH degree (0..3).
-        random_background: train on random background colours.
-        checkpoint_every: checkpoint period in steps (0: at the end only).
-        strategy: densification: "default" (3DGS adaptive density control) or "mcmc" (relocation,
-            regularised; fewer floaters when test views are far from training views).
-        resume: continue from the run's latest checkpoint.
-        eval: render the train/test views and write metrics.json at the end.
-        viewer: show the Gaussians live in a browser (viser) at http://localhost:VIEWER_PORT.
-        viewer_port: port of the live viewer.
-    """
-    from splatforge.products import evaluate
-    from splatforge.train import TrainConfig, Trainer
-
-    cfg = TrainConfig(
-        data=data, output=output, data_factor=data_factor, steps=steps, max_gaussians=max_gaussians,
-        test_every=test_every, split_ratio=split_ratio, partition=partition, backend=backend, device=device,
-        seed=seed, sh_degree=sh_degree, random_background=random_background, checkpoint_every=checkpoint_every,
-        strategy=strategy, lr=lr, densify=densify, mcmc=mcmc,
-    )  # fmt: skip
-    trainer = Trainer(cfg)
-    if resume and not trainer.resume():
-        logging.getLogger("splatforge").warning("no checkpoint in %s: starting from scratch", output / "checkpoints")
-    live = None
-    if viewer:
-        from splatforge.viewer import SplatViewer
-
-        sc = trainer.scene
-        live = SplatViewer(port=viewer_port, camtoworlds=sc.camtoworlds[sc.split["train"]], Ks=sc.Ks[sc.split["train"]],
-                           sizes=np.stack([sc.widths, sc.heights], 1)[sc.split["train"]])  # fmt: skip
-        STDERR.print(f"viewer: http://localhost:{live.port}")
-    with _progress_bar(cfg.steps, trainer.step) as update:
-        if live is not None:
-            bar_update = update
-
-            def update(step: int, *args) -> None:
-                bar_update(step, *args)
-                live.maybe_update(lambda: {k: v.detach().cpu().numpy() for k, v in trainer.params.items()})
-
-        result = trainer.train(update)
-    summary = {"step": result.step, "num_gaussians": result.num_gaussians, "train_seconds": round(result.train_seconds, 1),
-               "ply": str(result.ply_path)}  # fmt: skip
-    if eval:
-        metrics = evaluate(trainer)
-        summary.update({f"{split}_{k}": metrics[split][k] for split in ("test", "train") for k in ("psnr", "ssim", "lpips")})
-    print(json.dumps(summary, indent=2))
-
-
-def render(run: tyro.conf.Positional[Path], split: Literal["test", "train", "all"] = "test", depth: bool = False) -> None:
-    """Render a trained run's views with ground truth (and depth maps) into RUN/{split}/ours_N/.
-
-    Args:
-        run: run folder written by `splatforge train`.
-        split: which views.
-        depth: also write depth/NNNNN.npy (expected camera-z depth, float32).
-    """
-    from splatforge.products import render_split
-    from splatforge.train import Trainer
-
-    trainer = Trainer.from_run(run)
-    for name in ("test", "train") if split == "all" else (split,):
-        out = render_split(trainer, name, depth=depth)
-        print(f"{name}: {out['num_views']} views -> {run / name / f'ours_{trainer.step}'}  PSNR {out['psnr']}")
-
-
-def eval(run: tyro.conf.Positional[Path]) -> None:  # noqa: A001 - the command's name
-    """Evaluate a trained run: PSNR, SSIM, LPIPS per split into RUN/metrics.json."""
-    from splatforge.products import evaluate
-    from splatforge.train import Trainer
-
-    metrics = evaluate(Trainer.from_run(run))
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("test", "train")} |
-                     {s: {k: v for k, v in metrics[s].items() if k != "per_view"} for s in ("test", "train")}, indent=2))  # fmt: skip
-
-
-def demo(output: Path = Path("out/demo"), steps: int = 300, seed: int = 0,
-         backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto") -> None:  # fmt: skip
-    """Build a small scene offline (rendered Gaussians + transforms.json), train on it, render the
-    test views and report metrics: the whole path in about a minute on a laptop CPU.
-
-    Args:
-        output: folder for the scene (OUTPUT/scene) and the run (OUTPUT/run).
-        steps: training steps.
-        seed: random seed.
-        backend: rasterizer backend.
-    """
-    from splatforge.demo import run_demo
-
-    with _progress_bar(steps) as update:
-        summary = run_demo(output, steps=steps, seed=seed, backend=backend, progress=update)
-    print(json.dumps(summary, indent=2))
-
-
-def export(
-    source: tyro.conf.Positional[Path],
-    output: Path,
-    format: Optional[Literal["ply", "splat", "spz"]] = None,  # noqa: A002 - the option's name
-    transform: Optional[Literal["identity", "opengl", "splatter"]] = None,
-    rotate: Optional[str] = None,
-    matrix: Optional[Path] = None,
-    scale: float = 1.0,
-    prune_opacity: float = 1 / 255,
-    crop: Optional[tuple[float, float, float, float, float, float]] = None,
-    spz_version: Literal[2, 3, 4] = 3,
-) -> None:
-    """Export a run (its latest point cloud) or a .ply/.splat/.spz file to ply, splat or spz.
-
-    Args:
-        source: run folder or splat file.
-        output: file to write; its suffix picks the format unless --format is given.
-        format: ply (Inria), splat (antimatter15), spz (Niantic).
-        transform: named rotation from the COLMAP/OpenCV frame: opengl (y up, three.js/Spark),
-            splatter (Rz(-90 deg)).
-        rotate: extra rotation "x,y,z" in degrees (about the fixed world axes, x first).
-        matrix: 4x4 or 3x4 similarity matrix file (.npy or text), applied after the rotations.
-        scale: uniform scale applied last (means and scales).
-        prune_opacity: drop Gaussians whose activated opacity is below this.
-        crop: keep means inside xmin ymin zmin xmax ymax zmax (after the transform).
-        spz_version: SPZ version (3 is what most viewers read; 4 uses zstd).
-    """
-    from splatforge.products.export import build_transform
-    from splatforge.products.export import export as export_fn
-
-    sim = build_transform(transform, rotate, matrix, scale)
-    print(json.dumps(export_fn(source, output, format, transform=sim, prune_opacity=prune_opacity, crop_box=crop,
-                               spz_version=spz_version), indent=2))  # fmt: skip
-
-
-def preview(source: tyro.conf.Positional[Path], output: Optional[Path] = None, size: int = 1024, orbit: bool = False) -> None:
-    """Write preview_top.jpg and preview_angle.jpg (and preview_orbit.mp4) of a run or splat file.
-
-    Args:
-        source: run folder (its cameras.json gives the up axis) or .ply/.splat/.spz file.
-        output: folder for the images (default: the run folder, or the file's folder).
-        size: image side in pixels.
-        orbit: also write a 360 degree orbit video.
-    """
-    from splatforge.io.cameras import read_cameras_json
-    from splatforge.products.export import load_splats
-    from splatforge.products.previews import write_previews
-
-    splats = load_splats(source)
-    cams = Path(source) / "cameras.json" if Path(source).is_dir() else Path(source).parent / "cameras.json"
-    c2w, Ks, image_size = None, None, None
-    if cams.exists():
-        c2w, Ks, _, sizes = read_cameras_json(cams)
-        image_size = (int(sizes[0, 0]), int(sizes[0, 1]))
-    out = output or (Path(source) if Path(source).is_dir() else Path(source).parent)
-    print(json.dumps(write_previews(splats, out, camtoworlds=c2w, Ks=Ks, image_size=image_size, size=size, orbit=orbit), indent=2))
 
 
 def _quiet_colmap() -> None:
@@ -231,264 +53,355 @@ def _quiet_colmap() -> None:
     pycolmap.logging.minloglevel = 1
 
 
-def _prepare_config(inputs: list[Path], output: Path, target_frames: int, max_size: int, matcher: str,
-                    camera_model: str, downscale: tuple[int, ...], max_features: int, seed: int = 0):  # fmt: skip
-    from splatforge.pipeline.prepare import PrepareConfig
-
-    return PrepareConfig(inputs=list(inputs), output=output, target_frames=target_frames, max_size=max_size,
-                         matcher=matcher, camera_model=camera_model, downscale=list(downscale), max_features=max_features,
-                         seed=seed)  # fmt: skip
-
-
-def prepare(
-    inputs: tyro.conf.Positional[tuple[Path, ...]],
-    output: Path,
-    target_frames: int = 150,
-    max_size: int = 1600,
-    matcher: Literal["auto", "sequential", "exhaustive"] = "auto",
-    camera_model: str = "SIMPLE_RADIAL",
-    downscale: tuple[int, ...] = (),
-    max_features: int = 4096,
-    seed: int = 0,
-) -> None:
-    """Videos and/or photo folders -> a posed scene folder (images/, sparse/0/, splits/, prepare.json).
-
-    Args:
-        inputs: videos, image files or folders of photos (any mix).
-        output: scene folder to create (must not exist).
-        target_frames: frames kept from the videos (sharpest per window, evenly spread).
-        max_size: longer image side after import, pixels.
-        matcher: auto = exhaustive up to 100 images (video frames included), sequential above.
-        camera_model: COLMAP model estimated by SfM (images are undistorted to PINHOLE).
-        downscale: also write images_<k> for these factors.
-        max_features: SIFT features per image (fewer: faster matching).
-        seed: seeds SfM (RANSAC, mapping): the same inputs and options give the same model.
-    """
-    from splatforge.pipeline.prepare import prepare as prepare_fn
-
-    _quiet_colmap()
-    with STDERR.status("prepare") as status:
-        summary = prepare_fn(_prepare_config(inputs, output, target_frames, max_size, matcher, camera_model, downscale, max_features, seed),
-                             on_phase=lambda name: status.update(f"prepare: {name}"))  # fmt: skip
-    decoded = sum(v["decoded"] for v in summary["videos"]) + summary["photos"]["imported"] + len(summary["photos"]["skipped"])
-    STDERR.print(f"{summary['num_images']} frames kept of {decoded}, {summary['num_registered']} registered "
-                 f"({100 * summary['registered_fraction']:.0f} %), mean reprojection error "
-                 f"{summary['mean_reprojection_error_px']:.2f} px")  # fmt: skip
-    print(json.dumps(summary, indent=2))
+def _prescan(argv: list[str], **defaults: str) -> dict[str, str]:
+    """The values of a few options before the full parse (argparse, no abbreviations)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default)
+    known, _ = parser.parse_known_args(argv)
+    return vars(known)
 
 
-def run(
-    inputs: tyro.conf.Positional[tuple[Path, ...]],
-    output: Path,
-    steps: int = 30_000,
-    target_frames: int = 150,
-    max_size: int = 1600,
-    matcher: Literal["auto", "sequential", "exhaustive"] = "auto",
-    camera_model: str = "SIMPLE_RADIAL",
-    max_features: int = 4096,
-    cap_max: int = 1_000_000,
-    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
-    device: str = "cpu",
-    seed: int = 0,
-    preview_size: int = 1024,
-) -> None:
-    """From captures to a splat in one command: prepare -> train (MCMC) -> eval -> export (ply,
-    splat, spz) -> previews, into OUTPUT/{scene,run,export}.
-
-    Args:
-        inputs: videos, image files or folders of photos.
-        output: output folder.
-        steps: training steps.
-        target_frames: frames kept from the videos.
-        max_size: longer image side after import, pixels.
-        matcher: SfM matching.
-        camera_model: COLMAP camera model for SfM.
-        max_features: SIFT features per image.
-        cap_max: most Gaussians MCMC may use.
-        backend: rasterizer backend.
-        device: torch device.
-        seed: random seed (SfM and training).
-        preview_size: preview image side in pixels.
-    """
-    from splatforge.pipeline.run import run_pipeline
-
-    cfg = _prepare_config(inputs, output / "scene", target_frames, max_size, matcher, camera_model, (), max_features, seed)
-    _quiet_colmap()
-    with _progress_bar(steps) as update:
-        summary = run_pipeline(cfg, output, steps=steps, cap_max=cap_max, backend=backend, device=device, seed=seed,
-                               preview_size=preview_size, progress=update, on_phase=lambda name: STDERR.print(f"[bold]{name}"))  # fmt: skip
-    print(json.dumps(summary, indent=2))
+# ---------------------------------------------------------------------------------- training
 
 
-def view(source: tyro.conf.Positional[Path], host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Open a run or a .ply/.splat/.spz file in a browser viewer (viser), with the run's cameras.
+@dataclass
+class TrainCommand(TrainConfig):
+    """Train Gaussians on a scene folder (COLMAP or transforms.json), then render and evaluate.
+    Prints what it will do and about how long it takes, then a progress bar with the ETA."""
 
-    Args:
-        source: run folder or splat file.
-        host: interface to serve on (0.0.0.0 for other machines).
-        port: port.
-    """
-    import time
+    data: tyro.conf.Positional[Path] = tyro.MISSING
+    """Scene folder (COLMAP sparse/0 + images, or transforms.json)."""
+    preset: Literal["auto", "fast", "default", "quality"] = "auto"
+    """Steps, training resolution and Gaussian cap for the device: auto (default on a GPU, fast
+    on a CPU), fast, default, quality. Options given here override it."""
+    resume: bool = False
+    """Continue from the run's latest checkpoint (exactly: bit-identical to an uninterrupted run)."""
+    eval: bool = True
+    """Render the train/test views and write metrics.json at the end."""
+    viewer: bool = False
+    """Show the Gaussians live in a browser (viser) at http://localhost:VIEWER_PORT."""
+    viewer_port: int = 8080
 
+    @classmethod
+    def defaults(cls, argv: list[str]) -> "TrainCommand":
+        from splatforge.train import apply_preset, resolve_preset
+        from splatforge.train.config import resolve_device
+
+        seen = _prescan(argv, preset="auto", device="auto")
+        preset = resolve_preset(seen["preset"], resolve_device(seen["device"]))
+        return dataclasses.replace(apply_preset(cls(), preset), preset=seen["preset"])
+
+    def config(self) -> TrainConfig:
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+    def main(self) -> None:
+        from splatforge.products import evaluate
+        from splatforge.train import Trainer
+        from splatforge.train.config import default_output
+        from splatforge.train.presets import describe_plan, estimate_seconds
+
+        cfg = self.config()
+        if cfg.output is None:
+            cfg.output = default_output(cfg.data, reuse=self.resume)
+        trainer = Trainer(cfg)
+        if self.resume and not trainer.resume():
+            logging.getLogger("splatforge").warning("no checkpoint in %s: starting from scratch", cfg.output / "checkpoints")
+        STDERR.print(f"run folder: {cfg.output}")
+        if trainer.step < cfg.steps:
+            STDERR.print(describe_plan(trainer, estimate_seconds(trainer)), soft_wrap=True)
+        live = None
+        if self.viewer:
+            from splatforge.viewer import SplatViewer
+
+            sc, ids = trainer.scene, trainer.train_ids
+            live = SplatViewer(port=self.viewer_port, camtoworlds=sc.camtoworlds[ids], Ks=sc.Ks[ids],
+                               sizes=list(zip(sc.widths[ids], sc.heights[ids])))  # fmt: skip
+            STDERR.print(f"viewer: http://localhost:{live.port}")
+        with progress_bar(cfg.steps, trainer.step) as update:
+            if live is not None:
+                bar_update = update
+
+                def update(step: int, *args) -> None:
+                    bar_update(step, *args)
+                    live.maybe_update(lambda: trainer.splats)
+
+            result = trainer.train(update)
+        summary = {"run": str(cfg.output), "step": result.step, "num_gaussians": result.num_gaussians,
+                   "train_seconds": round(result.train_seconds, 1), "ply": str(result.ply_path)}  # fmt: skip
+        if self.eval:
+            metrics = evaluate(trainer.as_run())
+            summary.update({f"{s}_{k}": metrics[s][k] for s in ("test", "train") for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex")})
+            summary["lpips_note"] = metrics["lpips_note"]
+        print(json.dumps(summary, indent=2))
+
+
+@dataclass
+class RenderCommand:
+    """Render a trained run's views with ground truth (and depth maps) into RUN/{split}/ours_N/."""
+
+    run: tyro.conf.Positional[Path]
+    """Run folder written by `splatforge train`."""
+    split: Literal["test", "train", "all"] = "test"
+    depth: bool = False
+    """Also write depth/NNNNN.npy (expected camera-z depth, float32, world units)."""
+    device: Optional[str] = None
+    """torch device (default: the run's, or cpu)."""
+
+    def main(self) -> None:
+        from splatforge.products import render_split
+        from splatforge.products.renders import split_folder
+        from splatforge.train import Run
+
+        run = Run.open(self.run, device=self.device)
+        for name in ("test", "train") if self.split == "all" else (self.split,):
+            out = render_split(run, name, depth=self.depth)
+            print(f"{name}: {out['num_views']} views -> {split_folder(run, name)}  PSNR {out['psnr']}")
+
+
+@dataclass
+class EvalCommand:
+    """Evaluate a trained run: PSNR, SSIM, LPIPS (VGG and AlexNet) per split into RUN/metrics.json."""
+
+    run: tyro.conf.Positional[Path]
+    device: Optional[str] = None
+    """torch device (default: the run's, or cpu)."""
+
+    def main(self) -> None:
+        from splatforge.products import evaluate
+        from splatforge.train import Run
+
+        metrics = evaluate(Run.open(self.run, device=self.device))
+        print(json.dumps({k: v for k, v in metrics.items() if k not in ("test", "train")} |
+                         {s: {k: v for k, v in metrics[s].items() if k != "per_view"} for s in ("test", "train")}, indent=2))  # fmt: skip
+
+
+@dataclass
+class DemoCommand:
+    """Build a small scene offline (rendered Gaussians + transforms.json), train on it, render the
+    test views and report metrics: the whole path in about a minute on a laptop CPU."""
+
+    output: Path = Path("out/demo")
+    """Folder for the scene (OUTPUT/scene) and the run (OUTPUT/run)."""
+    steps: int = 300
+    seed: int = 0
+    backend: Backend = "auto"
+
+    def main(self) -> None:
+        from splatforge.demo import run_demo
+
+        with progress_bar(self.steps) as update:
+            summary = run_demo(self.output, steps=self.steps, seed=self.seed, backend=self.backend, progress=update)
+        print(json.dumps(summary, indent=2))
+
+
+# ------------------------------------------------------------------------ exports and viewing
+
+
+@dataclass
+class ExportCommand:
+    """Export a run (its latest point cloud) or a .ply/.splat/.spz file to ply, splat or spz."""
+
+    source: tyro.conf.Positional[Path]
+    """Run folder or splat file."""
+    output: Path
+    """File to write; its suffix picks the format unless --format is given."""
+    format: Optional[Literal["ply", "splat", "spz"]] = None
+    """ply (Inria), splat (antimatter15), spz (Niantic)."""
+    transform: Optional[Literal["identity", "opengl", "splatter"]] = None
+    """Named rotation from the COLMAP/OpenCV frame: opengl (y up, three.js/Spark), splatter (Rz(-90 deg))."""
+    rotate: Optional[str] = None
+    """Extra rotation "x,y,z" in degrees (about the fixed world axes, x first)."""
+    matrix: Optional[Path] = None
+    """4x4 or 3x4 similarity matrix file (.npy or text), applied after the rotations."""
+    scale: float = 1.0
+    """Uniform scale applied last (means and scales)."""
+    prune_opacity: float = 1 / 255
+    """Drop Gaussians whose activated opacity is below this."""
+    crop: Optional[tuple[float, float, float, float, float, float]] = None
+    """Keep means inside xmin ymin zmin xmax ymax zmax (after the transform)."""
+    spz_version: Literal[2, 3, 4] = 3
+    """SPZ version (3 is what most viewers read; 4 uses zstd)."""
+
+    def main(self) -> None:
+        from splatforge.products.export import build_transform, export
+
+        sim = build_transform(self.transform, self.rotate, self.matrix, self.scale)
+        print(json.dumps(export(self.source, self.output, self.format, transform=sim, prune_opacity=self.prune_opacity,
+                                crop_box=self.crop, spz_version=self.spz_version), indent=2))  # fmt: skip
+
+
+def _cameras_beside(source: Path):
+    """``(camtoworlds, Ks, sizes)`` from the ``cameras.json`` of a run folder or beside a file."""
     from splatforge.io.cameras import read_cameras_json
-    from splatforge.products.export import load_splats
-    from splatforge.viewer import SplatViewer
 
-    splats = load_splats(source)
-    cams = Path(source) / "cameras.json" if Path(source).is_dir() else Path(source).parent / "cameras.json"
-    c2w, Ks, sizes = None, None, None
-    if cams.exists():
-        c2w, Ks, _, sizes = read_cameras_json(cams)
-    live = SplatViewer(host, port, camtoworlds=c2w, Ks=Ks, sizes=sizes)
-    live.set_splats(splats)
-    STDERR.print(f"viewer: http://{host}:{live.port}  ({len(splats['means']):,} Gaussians; Ctrl-C to stop)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        live.close()
+    cams = source / "cameras.json" if source.is_dir() else source.parent / "cameras.json"
+    if not cams.exists():
+        return None, None, None
+    c2w, Ks, _, sizes = read_cameras_json(cams)
+    return c2w, Ks, sizes
 
 
-class _JobBoard:
-    """Live table on stderr: jobs queued/running/done/failed per device, and an ETA."""
+@dataclass
+class PreviewCommand:
+    """Write preview_top.jpg and preview_angle.jpg (and preview_orbit.mp4) of a run or splat file."""
 
-    def __init__(self, total: int):
-        from rich.live import Live
+    source: tyro.conf.Positional[Path]
+    """Run folder (its cameras.json gives the up axis) or .ply/.splat/.spz file."""
+    output: Optional[Path] = None
+    """Folder for the images (default: the run folder, or the file's folder)."""
+    size: int = 1024
+    """Image side in pixels."""
+    orbit: bool = False
+    """Also write a 360 degree orbit video."""
 
-        self.total, self.started, self.t0 = total, 0, None
-        self.per_device: dict[str, dict[str, int]] = {}
-        self.durations: list[float] = []
-        self.begin: dict[str, float] = {}
-        self.live = Live(self._table(), console=STDERR, refresh_per_second=2)
+    def main(self) -> None:
+        from splatforge.products.export import load_splats
+        from splatforge.products.previews import write_previews
 
-    def _table(self):
-        import time
-
-        from rich.table import Table
-
-        table = Table(title="splatforge generate")
-        for col in ("device", "running", "done", "failed"):
-            table.add_column(col)
-        for dev, c in sorted(self.per_device.items()):
-            table.add_row(dev, str(c["running"]), str(c["done"]), str(c["failed"]))
-        finished = sum(c["done"] + c["failed"] for c in self.per_device.values())
-        running = sum(c["running"] for c in self.per_device.values())
-        eta = ""
-        if self.durations and self.t0 is not None:
-            rate = finished / max(time.monotonic() - self.t0, 1e-9)
-            eta = f"  ETA {(self.total - finished) / max(rate, 1e-9) / 60:.1f} min"
-        table.caption = f"{self.total - finished - running} queued, {running} running, {finished}/{self.total} finished{eta}"
-        return table
-
-    def __call__(self, event: str, spec, result, device: str) -> None:
-        import time
-
-        c = self.per_device.setdefault(device, {"running": 0, "done": 0, "failed": 0})
-        if self.t0 is None:
-            self.t0 = time.monotonic()
-        if event == "start":
-            c["running"] += 1
-            self.begin[spec.name] = time.monotonic()
-        else:
-            c["running"] -= 1
-            c["done" if result["status"] == "done" else "failed"] += 1
-            self.durations.append(time.monotonic() - self.begin.pop(spec.name, time.monotonic()))
-        self.live.update(self._table())
+        source = Path(self.source)
+        splats = load_splats(source)
+        c2w, Ks, sizes = _cameras_beside(source)
+        image_size = (int(sizes[0, 0]), int(sizes[0, 1])) if sizes is not None else None
+        out = self.output or (source if source.is_dir() else source.parent)
+        print(json.dumps(write_previews(splats, out, camtoworlds=c2w, Ks=Ks, image_size=image_size, size=self.size,
+                                        orbit=self.orbit), indent=2))  # fmt: skip
 
 
-def generate(
-    dataset_root: Path,
-    output_dir: Path,
-    dataset: Literal["dl3dv", "mipnerf360", "auto"] = "auto",
-    subset: tuple[str, ...] = (),
-    split_ratio: tuple[float, ...] = (0.1, 0.3),
-    stages: tuple[str, ...] = ("train", "render", "visibility", "depth"),
-    steps: int = 7000,
-    data_factor: int = 1,
-    strategy: Literal["default", "mcmc"] = "mcmc",
-    cap_max: int = 300_000,
-    seed: int = 0,
-    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
-    skip_existing: bool = True,
-    cut_start: int = 0,
-    cut_end: Optional[int] = None,
-    max_workers: int = 0,
-    excluded_gpus: tuple[int, ...] = (),
-    jobs_per_gpu: str = "1",
-    executor: Literal["local", "ray"] = "local",
-    ray_address: Optional[str] = None,
-    dry_run: bool = False,
-) -> None:
-    """Bulk dataset generation: every scene x split ratio through the stages, resumable.
+@dataclass
+class ViewCommand:
+    """Open a run or a .ply/.splat/.spz file in a browser viewer (viser), with the run's cameras."""
 
-    Args:
-        dataset_root: the dataset folder.
-        output_dir: outputs, logs/, summary.json, summary.md.
-        dataset: layout preset (dl3dv: <root>/<subset>/<scene>/images_4 + transforms.json;
-            mipnerf360: <root>/<scene>/images_4|images_2 + sparse/0; auto: any readable folder).
-        subset: subset folders to process (dl3dv: default all).
-        split_ratio: fractions of frames used for training (one output per scene and ratio).
-        stages: postprocess train render visibility depth partition_fix clean.
-        steps: training steps.
-        data_factor: image downscale factor for the auto preset.
-        strategy: densification strategy.
-        cap_max: most Gaussians (MCMC).
-        seed: random seed.
-        backend: rasterizer backend.
-        skip_existing: skip stages whose inputs hash matches and whose outputs are intact.
-        cut_start: first scene (sorted) to process.
-        cut_end: scene after the last to process.
-        max_workers: jobs at once (0: one per GPU slot, or 1 on CPU).
-        excluded_gpus: GPU indices not to use.
-        jobs_per_gpu: jobs per GPU, or auto (by free memory).
-        executor: local (subprocesses) or ray.
-        ray_address: Ray cluster address (default: start a local instance).
-        dry_run: list the jobs and write nothing.
-    """
-    from splatforge.pipeline.generate import GenerateConfig
-    from splatforge.pipeline.generate import generate as generate_fn
-    from splatforge.pipeline.generate import discover_scenes, plan_jobs
+    source: tyro.conf.Positional[Path]
+    """Run folder or splat file."""
+    host: str = "127.0.0.1"
+    """Interface to serve on (0.0.0.0 for other machines)."""
+    port: int = 8080
 
-    cfg = GenerateConfig(
-        dataset_root=dataset_root, output_dir=output_dir, dataset=dataset, subset=list(subset),
-        split_ratio=list(split_ratio), stages=list(stages), steps=steps, data_factor=data_factor, strategy=strategy,
-        cap_max=cap_max, seed=seed, backend=backend, skip_existing=skip_existing, cut_start=cut_start, cut_end=cut_end,
-        max_workers=max_workers, excluded_gpus=list(excluded_gpus), jobs_per_gpu=jobs_per_gpu, executor=executor,
-        ray_address=ray_address, dry_run=dry_run,
-    )  # fmt: skip
-    if dry_run:
-        print(json.dumps(generate_fn(cfg), indent=2))
-        return
-    board = _JobBoard(len(plan_jobs(cfg, discover_scenes(cfg))))
-    with board.live:
-        summary = generate_fn(cfg, on_event=board)
-    STDERR.print(f"{summary['done']} done, {summary['failed']} failed of {summary['jobs']} jobs -> {output_dir / 'summary.md'}")
-    print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
-    if summary["failed"]:
-        raise SystemExit(1)
+    def main(self) -> None:
+        from splatforge.products.export import load_splats
+        from splatforge.viewer import SplatViewer
+
+        splats = load_splats(self.source)
+        c2w, Ks, sizes = _cameras_beside(Path(self.source))
+        live = SplatViewer(self.host, self.port, camtoworlds=c2w, Ks=Ks, sizes=sizes)
+        live.set_splats(splats)
+        STDERR.print(f"viewer: http://{self.host}:{live.port}  ({len(splats):,} Gaussians; Ctrl-C to stop)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            live.close()
 
 
-def backends() -> None:
+# --------------------------------------------------------------------------------- pipelines
+
+
+@dataclass
+class PrepareCommand(PrepareConfig):
+    """Videos and/or photo folders -> a posed scene folder (images/, sparse/0/, splits/, prepare.json)."""
+
+    inputs: tyro.conf.Positional[list[Path]] = tyro.MISSING
+    """Videos, image files or folders of photos (any mix)."""
+    output: Path = tyro.MISSING
+    """Scene folder to create (must not exist)."""
+
+    def main(self) -> None:
+        from splatforge.pipeline.prepare import prepare
+
+        _quiet_colmap()
+        cfg = PrepareConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PrepareConfig)})
+        with STDERR.status("prepare") as status:
+            summary = prepare(cfg, on_phase=lambda name: status.update(f"prepare: {name}"))
+        decoded = sum(v["decoded"] for v in summary["videos"]) + summary["photos"]["imported"] + len(summary["photos"]["skipped"])
+        STDERR.print(f"{summary['num_images']} frames kept of {decoded}, {summary['num_registered']} registered "
+                     f"({100 * summary['registered_fraction']:.0f} %), mean reprojection error "
+                     f"{summary['mean_reprojection_error_px']:.2f} px")  # fmt: skip
+        print(json.dumps(summary, indent=2))
+
+
+@dataclass
+class RunCommand(RunConfig):
+    """From captures to a splat in one command: prepare -> train -> eval -> export (ply, splat,
+    spz) -> previews, into OUTPUT/{scene,run,export}. Says before training what it will do and
+    about how long it takes."""
+
+    inputs: tyro.conf.Positional[list[Path]] = tyro.MISSING
+    """Videos, image files or folders of photos."""
+    output: Path = tyro.MISSING
+
+    def main(self) -> None:
+        from splatforge.pipeline.run import run_pipeline, run_train_config
+
+        cfg = RunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)})
+        _quiet_colmap()
+        with progress_bar(run_train_config(cfg).steps) as update:
+            summary = run_pipeline(cfg, progress=update, on_phase=lambda name: STDERR.print(f"[bold]{name}"),
+                                   on_plan=lambda text: STDERR.print(text, soft_wrap=True))  # fmt: skip
+        print(json.dumps(summary, indent=2))
+
+
+@dataclass
+class GenerateCommand(GenerateConfig):
+    """Bulk dataset generation: every scene x split ratio through the stages, resumable."""
+
+    dataset_root: Path = tyro.MISSING
+    """The dataset folder."""
+    output_dir: Path = tyro.MISSING
+    """Outputs, logs/, summary.json, summary.md."""
+    train_extra: tyro.conf.Suppress[dict] = field(default_factory=dict)
+
+    def main(self) -> None:
+        from splatforge.pipeline.board import JobBoard
+        from splatforge.pipeline.generate import discover_scenes, generate, plan_jobs
+
+        cfg = GenerateConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerateConfig)})
+        if cfg.dry_run:
+            print(json.dumps(generate(cfg), indent=2))
+            return
+        board = JobBoard(len(plan_jobs(cfg, discover_scenes(cfg))), console=STDERR)
+        with board.live:
+            summary = generate(cfg, on_event=board)
+        STDERR.print(f"{summary['done']} done, {summary['failed']} failed of {summary['jobs']} jobs -> {cfg.output_dir / 'summary.md'}")
+        print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
+        if summary["failed"]:
+            raise SystemExit(1)
+
+
+@dataclass
+class BackendsCommand:
     """List the rasterizer backends usable on this machine (never builds gsplat)."""
-    import torch
 
-    from splatforge.raster import available_backends
+    def main(self) -> None:
+        import torch
 
-    print("cpu tensors: ", ", ".join(available_backends("cpu")))
-    print("cuda tensors:", ", ".join(available_backends("cuda")) if torch.cuda.is_available() else "no CUDA device")
+        from splatforge.raster import available_backends
+
+        print("cpu tensors: ", ", ".join(available_backends("cpu")))
+        print("cuda tensors:", ", ".join(available_backends("cuda")) if torch.cuda.is_available() else "no CUDA device")
 
 
-COMMANDS = {"prepare": prepare, "train": train, "render": render, "eval": eval, "export": export, "preview": preview,
-            "run": run, "view": view, "generate": generate, "demo": demo,
-            "backends": backends}
+COMMANDS = {"prepare": PrepareCommand, "train": TrainCommand, "render": RenderCommand, "eval": EvalCommand,
+            "export": ExportCommand, "preview": PreviewCommand, "run": RunCommand, "view": ViewCommand,
+            "generate": GenerateCommand, "demo": DemoCommand, "backends": BackendsCommand}  # fmt: skip
+
+
+def parse(argv: list[str]):
+    """The command object for ``argv`` (``[name, options...]``); exits with tyro's usage message
+    on bad options, as any command line does."""
+    if argv and argv[0] in COMMANDS:
+        cls = COMMANDS[argv[0]]
+        default = cls.defaults(argv[1:]) if hasattr(cls, "defaults") else None
+        return tyro.cli(cls, args=argv[1:], default=default, prog=f"splatforge {argv[0]}")
+    return tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="splatforge")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    # Logs and progress go to stderr; stdout carries only results (JSON summaries, listings).
+    argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=STDERR, show_path=False)])
     logging.getLogger("numba").setLevel(logging.WARNING)
     try:
-        tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="splatforge")
+        parse(argv).main()
     except SplatforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)  # one unwrapped line naming the file at fault
         return 1

@@ -66,17 +66,16 @@ def run_demo(output: Path, *, steps: int = 300, seed: int = 0, backend: str = "a
     """Build the demo scene in ``output/scene``, train ``steps`` steps into ``output/run``,
     render and evaluate; returns the metrics dict (also in ``output/run/metrics.json``)."""
     from splatforge.products import evaluate
-    from splatforge.train import DensifyConfig, TrainConfig, Trainer
+    from splatforge.train import TrainConfig, Trainer
 
     scene_dir = build_demo_scene(Path(output) / "scene", seed=seed)
-    cfg = TrainConfig(
-        data=scene_dir, output=Path(output) / "run", steps=steps, seed=seed, backend=backend, sh_degree=1,
-        sh_degree_interval=max(1, steps // 3), init_random_count=4000, init_extent=0.5, checkpoint_every=0,
-        densify=DensifyConfig(refine_start=100, refine_stop=int(steps * 0.8), refine_every=50, reset_every=10**9),
-    )  # fmt: skip
+    # the library's defaults (MCMC, schedules scaled to the run's length), sized for the scene:
+    # a random start in the torus's bounds, degree-1 colour, at most 12,000 Gaussians
+    cfg = TrainConfig(data=scene_dir, output=Path(output) / "run", steps=steps, seed=seed, backend=backend, device="cpu",
+                      sh_degree=1, init_random_count=4000, init_extent=0.5, max_gaussians=12_000, checkpoint_every=0)  # fmt: skip
     trainer = Trainer(cfg)
     result = trainer.train(progress)
-    metrics = evaluate(trainer, ("test",))
+    metrics = evaluate(trainer.as_run(), ("test",))
     return {"run": str(cfg.output), "steps": result.step, "num_gaussians": result.num_gaussians,
             "train_seconds": round(result.train_seconds, 2), "test_psnr": metrics["test"]["psnr"],
             "test_ssim": metrics["test"]["ssim"], "ply": str(result.ply_path)}  # fmt: skip

@@ -16,11 +16,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from scipy.special import expit
 
 from splatforge.errors import BackendUnavailableError
 from splatforge.geometry.quats import quat_scale_to_covar
 from splatforge.geometry.sh import SH_C0
+from splatforge.model import Splats
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,15 @@ class SplatViewer:
                 scale=0.05 * extent, wxyz=rotmat_to_quat(c2w[:3, :3]), position=c2w[:3, 3], color=(255, 160, 0),
             )  # fmt: skip
 
-    def set_splats(self, splats: dict[str, np.ndarray]) -> None:
-        """Show ``splats`` (:data:`splatforge.io.ply.SPLAT_KEYS`: log scales, logit opacities),
-        replacing what was shown."""
-        means = np.asarray(splats["means"], dtype=np.float32)
-        rgb = np.clip(0.5 + SH_C0 * np.asarray(splats["sh0"], dtype=np.float32).reshape(-1, 3), 0, 1)
-        alpha = expit(np.asarray(splats["opacities"], dtype=np.float32).reshape(-1, 1))
-        cov = quat_scale_to_covar(torch.tensor(np.asarray(splats["quats"]), dtype=torch.float64),
-                                  torch.exp(torch.tensor(np.asarray(splats["scales"]), dtype=torch.float64))).numpy()  # fmt: skip
-        self.server.scene.add_gaussian_splats("/splats", centers=means, covariances=cov.astype(np.float32), rgbs=rgb,
-                                              opacities=alpha.astype(np.float32))  # fmt: skip
+    def set_splats(self, splats: Splats | dict) -> None:
+        """Show ``splats`` (:class:`~splatforge.model.Splats`, numpy or torch: log scales, logit
+        opacities), replacing what was shown."""
+        splats = Splats.from_mapping(splats).numpy()
+        a = splats.torch(dtype=torch.float64).activated(0)
+        rgb = np.clip(0.5 + SH_C0 * splats.sh0.reshape(-1, 3), 0, 1)
+        cov = quat_scale_to_covar(a.quats, a.scales).numpy()
+        self.server.scene.add_gaussian_splats("/splats", centers=splats.means, covariances=cov.astype(np.float32), rgbs=rgb,
+                                              opacities=a.opacities.numpy().astype(np.float32).reshape(-1, 1))  # fmt: skip
         if self._home is None:
             self._frame_scene(splats)
         self._last_update = time.monotonic()
@@ -91,7 +90,7 @@ class SplatViewer:
         from splatforge.products.previews import preview_cameras, scene_frame
 
         try:
-            frame = scene_frame(splats["means"], splats["opacities"], self._up)
+            frame = scene_frame(splats, self._up)
         except ValueError:
             return
         viewmat = preview_cameras(frame, 512)["angle"][0]

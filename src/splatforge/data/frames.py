@@ -3,8 +3,10 @@
 Frame selection: the video is decoded once; evenly spaced candidates (about ``oversample`` per
 kept frame) are scored by sharpness (variance of the Laplacian of the grey image, Pech-Pacheco
 et al. 2000); the timeline is cut into ``target`` equal windows and the sharpest candidate of each
-window is kept, so kept frames are both sharp and evenly spread. A kept frame that barely differs
-from the previous kept one (camera not moving) is dropped as a near-duplicate.
+window is kept, so kept frames are both sharp and evenly spread; only the best frame so far of
+each window is held in memory (``target`` frames, whatever the video's length and resolution).
+A kept frame that barely differs from the previous kept one (camera not moving) is dropped as a
+near-duplicate.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from splatforge.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sharpness", "select_windows", "is_near_duplicate", "extract_video_frames", "import_photos", "VIDEO_SUFFIXES"]
+__all__ = ["sharpness", "select_windows", "WindowBest", "video_frame_count", "is_near_duplicate", "extract_video_frames",
+           "import_photos", "VIDEO_SUFFIXES"]  # fmt: skip
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".MP4", ".MOV")
 _THUMB = 64
@@ -92,6 +95,7 @@ def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int =
     import av
 
     path = Path(path)
+    total = video_frame_count(path)
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as exc:
@@ -100,12 +104,9 @@ def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int =
         if not container.streams.video:
             raise DataFormatError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        total = stream.frames or 0
-        if total <= 0 and stream.duration and stream.average_rate:
-            total = int(float(stream.duration * stream.time_base) * float(stream.average_rate))
-        stride = max(1, (total // max(1, target * oversample)) if total else 1)
-        candidates: list[tuple[int, float, np.ndarray, int]] = []  # frame no, score, rgb, rotation
-        decoded = 0
+        stride = max(1, total // max(1, target * oversample))
+        best = WindowBest(target, max(total, 1))
+        candidates = decoded = 0
         try:
             for decoded, frame in enumerate(container.decode(stream), start=1):
                 index = decoded - 1
@@ -115,22 +116,16 @@ def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int =
                     continue
                 rgb = frame.to_ndarray(format="rgb24")
                 small = np.asarray(_resize(Image.fromarray(rgb), 480).convert("L"))
-                candidates.append((index, sharpness(small), rgb, int(getattr(frame, "rotation", 0) or 0)))
-                if len(candidates) > 4 * target * oversample:  # unknown length: thin as we go
-                    candidates = candidates[::2]
-                    stride *= 2
+                candidates += 1
+                best.offer(index, sharpness(small), (rgb, int(getattr(frame, "rotation", 0) or 0)))
         except av.error.FFmpegError as exc:
             if not candidates:
                 raise DataFormatError(f"{path}: no decodable video frame ({exc})") from exc
             log.warning("%s: decoding stopped after %d frames: %s", path, decoded, exc)
     if not candidates:
         raise DataFormatError(f"{path}: no decodable video frame (0 of {total} frames decoded)")
-    positions = np.array([c[0] for c in candidates])
-    scores = np.array([c[1] for c in candidates])
-    chosen = select_windows(positions, scores, target, max(decoded, int(positions[-1]) + 1))
     kept, duplicates, last_thumb = 0, 0, None
-    for i in chosen:
-        index, _, rgb, rotation = candidates[i]
+    for index, (rgb, rotation) in best.chosen():
         thumb = _thumb(rgb)
         if last_thumb is not None and is_near_duplicate(thumb, last_thumb):
             duplicates += 1
@@ -142,7 +137,44 @@ def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int =
         with atomic_path(out_dir / f"{path.stem}_{index:06d}.jpg") as tmp:
             _resize(img, max_size).save(tmp, quality=95)
         kept += 1
-    return FrameStats(str(path), decoded, len(candidates), kept, duplicates)
+    return FrameStats(str(path), decoded, candidates, kept, duplicates)
+
+
+def video_frame_count(path: Path) -> int:
+    """Frames in the first video stream: the container's count, or the packets counted by
+    demuxing (no decoding) when it has none."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                return 0
+            stream = c.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for packet in c.demux(stream) if packet.size)
+    except (av.error.FFmpegError, OSError):
+        return 0
+
+
+class WindowBest:
+    """The sharpest candidate of each of ``target`` equal windows of frames ``[0, total)``,
+    kept while the video streams past: only the best payload per window is held (at most
+    ``target`` frames in memory, not every candidate). Chooses as :func:`select_windows`; frames
+    past ``total`` count to the last window."""
+
+    def __init__(self, target: int, total: int):
+        self.target, self.total = target, total
+        self.best: dict[int, tuple[float, int, object]] = {}
+
+    def offer(self, index: int, score: float, payload: object) -> None:
+        w = min(self.target - 1, index * self.target // self.total)
+        if w not in self.best or score > self.best[w][0]:
+            self.best[w] = (score, index, payload)
+
+    def chosen(self) -> list[tuple[int, object]]:
+        """``[(frame index, payload), ...]`` in window order."""
+        return [(i, p) for _, (_, i, p) in sorted(self.best.items())]
 
 
 def import_photos(paths: Iterable[Path], out_dir: Path, max_size: int = 1600) -> tuple[int, list[str]]:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from pathlib import Path
 from typing import Optional
 
 from splatforge.data.colmap import find_sparse_dir, read_colmap
+from splatforge.data.images import image_size, list_images
 from splatforge.data.scene import SceneData, make_split
 from splatforge.data.transforms import read_transforms
 from splatforge.errors import DataFormatError
 
-__all__ = ["detect_format", "load_scene"]
+log = logging.getLogger(__name__)
+
+__all__ = ["detect_format", "load_scene", "image_folders", "fit_data_factor"]
 
 
 def detect_format(root: Path) -> str:
@@ -73,3 +79,67 @@ def load_scene(
     if not scene.split["train"]:
         raise DataFormatError(f"{root}: the split leaves no training views")
     return scene
+
+
+def image_folders(root: Path) -> tuple[Path, dict[int, Path]]:
+    """The scene's base image folder (``images/`` for COLMAP, the frames' folder for
+    transforms.json; it may not exist) and the downscaled copies beside it: ``{k: folder}`` for
+    every ``<base>_<k>`` present (and ``1: base`` when it exists).
+
+    Raises:
+        DataFormatError: as :func:`detect_format`, or an unreadable transforms.json.
+    """
+    root = Path(root)
+    if detect_format(root) == "transforms":
+        from splatforge.data.transforms import _resolve
+
+        try:
+            frame = json.loads((root / "transforms.json").read_text())["frames"][0]
+            base = _resolve(root, frame["file_path"]).parent
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise DataFormatError(f"{root / 'transforms.json'}: not a readable transforms.json: {exc}") from exc
+    else:
+        base = root / "images"
+    found = {1: base} if base.is_dir() else {}
+    for p in base.parent.glob(f"{base.name}_*"):
+        suffix = p.name[len(base.name) + 1 :]
+        if p.is_dir() and suffix.isdigit() and int(suffix) > 1:
+            found[int(suffix)] = p
+    return base, found
+
+
+def fit_data_factor(root: Path, data_factor: int, max_image_size: int) -> int:
+    """The data factor to train ``root`` at: ``data_factor``, raised until the images' longer side
+    is at most ``max_image_size`` pixels (0: no limit). A factor is usable when its folder exists
+    or the full-size folder does (a downscaled copy is made in the cache); otherwise the next
+    larger existing folder is taken. The size is read from the first image's header.
+
+    Raises:
+        DataFormatError: no image folder to measure.
+    """
+    if max_image_size <= 0:
+        return data_factor
+    base, folders = image_folders(root)
+    if not folders:
+        return data_factor  # load_scene names what is missing
+    k0, folder = (data_factor, folders[data_factor]) if data_factor in folders else min(folders.items())
+    names = list_images(folder)
+    if not names:
+        return data_factor
+    w, h = image_size(folder / names[0])
+    longer = max(w, h) * k0 / data_factor  # the size at the requested factor
+    if longer <= max_image_size:
+        return data_factor
+    wanted = data_factor * math.ceil(longer / max_image_size)
+    if wanted in folders or 1 in folders:
+        chosen = wanted
+    else:
+        larger = sorted(k for k in folders if k >= wanted)
+        if not larger:
+            log.warning("%s: images are %d px at factor %d and no folder of a larger factor exists to fit %d px",
+                        root, round(longer), data_factor, max_image_size)  # fmt: skip
+            return data_factor
+        chosen = larger[0]
+    log.info("%s: training at data factor %d (images at most %d px; the longer side at factor %d is %d px)",
+             root, chosen, max_image_size, data_factor, round(longer))  # fmt: skip
+    return chosen

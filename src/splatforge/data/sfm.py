@@ -34,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from splatforge.data.images import list_images
 from splatforge.errors import ConfigError, DataFormatError
@@ -98,26 +98,41 @@ def _rescale_model(rec, factor: float) -> None:
     rec.update_point_3d_errors()
 
 
-def _database_in_name_order(raw: Path, out: Path) -> None:
-    """Copy the cameras, rigs, images (with their frames), keypoints and descriptors of the
-    database ``raw`` into a new database ``out`` with image and frame ids 1..N in image-name
-    order. Only for a database that holds no matches yet (pair ids would change)."""
+def _database_in_name_order(raw: Path, out: Path, sources: Optional[dict[str, str]] = None) -> dict[int, list[str]]:
+    """Copy the cameras, images (with their frames and rigs), keypoints and descriptors of the
+    database ``raw`` (extracted with one camera per image) into a new database ``out`` with
+    image and frame ids 1..N in image-name order and **one camera per source and image size**:
+    the images of one source (``sources[name]``, default one source for all) and one size share
+    the camera (and rig) of the first of them. So a phone's photos taken both ways up get two
+    cameras, landscape and portrait, that start from the same focal (COLMAP's prior, 1.2 times
+    the longer side) and are refined separately. Only for a database that holds no matches yet
+    (pair ids would change). Returns ``{camera id: image names}``."""
     import pycolmap
 
     src, dst = pycolmap.Database.open(str(raw)), pycolmap.Database.open(str(out))
+    groups: dict[tuple, int] = {}
+    members: dict[int, list[str]] = {}
     try:
-        for cam in src.read_all_cameras():
-            dst.write_camera(cam, use_camera_id=True)
-        for rig in src.read_all_rigs():
-            dst.write_rig(rig, use_rig_id=True)
         for new_id, image in enumerate(sorted(src.read_all_images(), key=lambda im: im.name), start=1):
+            cam = src.read_camera(image.camera_id)
+            key = ((sources or {}).get(image.name, ""), cam.width, cam.height)
+            if key not in groups:
+                cam_id = groups[key] = len(groups) + 1
+                cam.camera_id = cam_id
+                dst.write_camera(cam, use_camera_id=True)
+                rig = pycolmap.Rig()
+                rig.rig_id = cam_id
+                rig.add_ref_sensor(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cam_id))
+                dst.write_rig(rig, use_rig_id=True)
+            cam_id = groups[key]
+            members.setdefault(cam_id, []).append(image.name)
             keypoints, descriptors = src.read_keypoints(image.image_id), src.read_descriptors(image.image_id)
             frame = pycolmap.Frame()
             frame.frame_id = new_id
-            frame.rig_id = src.read_frame(image.frame_id).rig_id
-            frame.add_data_id(pycolmap.data_t(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, image.camera_id), new_id))
+            frame.rig_id = cam_id
+            frame.add_data_id(pycolmap.data_t(pycolmap.sensor_t(pycolmap.SensorType.CAMERA, cam_id), new_id))
             dst.write_frame(frame, use_frame_id=True)
-            renumbered = pycolmap.Image(name=image.name, camera_id=image.camera_id, image_id=new_id)
+            renumbered = pycolmap.Image(name=image.name, camera_id=cam_id, image_id=new_id)
             renumbered.frame_id = new_id
             dst.write_image(renumbered, use_image_id=True)
             dst.write_keypoints(new_id, keypoints)
@@ -125,6 +140,7 @@ def _database_in_name_order(raw: Path, out: Path) -> None:
     finally:
         src.close()
         dst.close()
+    return members
 
 
 def _mapper_options(seed: int):
@@ -145,12 +161,14 @@ def _mapper_options(seed: int):
 
 
 def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Literal["sequential", "exhaustive"],
-            camera_model: str = "SIMPLE_RADIAL", single_camera: bool = True, max_image_size: int = 1600,
+            camera_model: str = "SIMPLE_RADIAL", sources: Optional[dict[str, str]] = None, max_image_size: int = 1600,
             max_features: int = 4096, upscale_below: int = 1000, seed: int = 0) -> SfmResult:  # fmt: skip
     """Pose the images in ``images_dir``; write the undistorted scene (``images/``,
     ``sparse/0/``) into ``scene_dir``. ``work_dir`` holds the database, the feature images and
-    the raw models. ``seed`` seeds COLMAP's random number generators (two-view RANSAC, mapping):
-    a rerun on the same images with the same options gives the same model.
+    the raw models. There is one camera per source (``sources``: image name -> video or folder;
+    default: one source) and image size, so no image is dropped for having another size.
+    ``seed`` seeds COLMAP's random number generators (two-view RANSAC, mapping): a rerun on the
+    same images with the same options gives the same model.
 
     Raises:
         ConfigError: unknown camera model or matcher.
@@ -178,10 +196,13 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.max_image_size = int(max_image_size * factor)
     extraction.sift.max_num_features = max_features
-    mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.AUTO
-    pycolmap.extract_features(raw_database, feat_dir, camera_mode=mode, reader_options=reader,
+    # one camera per image here (none is dropped for its size); merged per source and size next
+    pycolmap.extract_features(raw_database, feat_dir, camera_mode=pycolmap.CameraMode.PER_IMAGE, reader_options=reader,
                               extraction_options=extraction, device=device)  # fmt: skip
-    _database_in_name_order(raw_database, database)
+    cameras = _database_in_name_order(raw_database, database, sources)
+    if len(cameras) > 1:
+        log.info("SfM with %d cameras (one per source and image size): %s", len(cameras),
+                 ", ".join(f"{len(v)} images" for v in cameras.values()))  # fmt: skip
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -4,23 +4,23 @@ the interchange format every viewer reads.
 Properties, all float32, binary little endian, in this order: ``x y z``, ``nx ny nz`` (zeros),
 ``f_dc_0..2`` (SH DC per channel), ``f_rest_0..3(K-1)-1`` (higher SH bands, **channel-major**:
 all of red's coefficients, then green's, then blue's), ``opacity`` (logit), ``scale_0..2`` (log),
-``rot_0..3`` (quaternion wxyz, unnormalised). Pure functions, numpy in and out.
+``rot_0..3`` (quaternion wxyz, unnormalised). Pure functions: :class:`~splatforge.model.Splats`
+(or any mapping with its six keys) in, numpy :class:`~splatforge.model.Splats` out.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from splatforge._fs import atomic_path
 from splatforge.errors import DataFormatError
+from splatforge.model.splats import SPLAT_KEYS, Splats
 
 __all__ = ["write_ply", "read_ply", "SPLAT_KEYS"]
-
-#: Keys of the dict :func:`write_ply` takes and :func:`read_ply` returns (gsplat's layout).
-SPLAT_KEYS = ("means", "quats", "scales", "opacities", "sh0", "shN")
 
 
 def _attributes(n_rest: int) -> list[str]:
@@ -30,20 +30,17 @@ def _attributes(n_rest: int) -> list[str]:
     return names
 
 
-def write_ply(path: Path, splats: dict[str, np.ndarray]) -> None:
-    """Write ``splats`` (``means [N,3]``, ``quats [N,4]`` wxyz, ``scales [N,3]`` log,
-    ``opacities [N]`` logit, ``sh0 [N,1,3]``, ``shN [N,K-1,3]``) to ``path`` atomically.
+def write_ply(path: Path, splats: Splats | Mapping) -> None:
+    """Write ``splats`` (:class:`~splatforge.model.Splats`: ``means [N,3]``, ``quats [N,4]`` wxyz,
+    ``scales [N,3]`` log, ``opacities [N]`` logit, ``sh0 [N,1,3]``, ``shN [N,K-1,3]``; numpy or
+    torch) to ``path`` atomically.
 
     Raises:
         DataFormatError: inconsistent shapes.
     """
-    arr = {k: np.asarray(splats[k], dtype=np.float32) for k in SPLAT_KEYS}
-    n = arr["means"].shape[0]
-    want = {"means": (n, 3), "quats": (n, 4), "scales": (n, 3), "opacities": (n,), "sh0": (n, 1, 3)}
-    for key, shape in want.items():
-        if arr[key].shape != shape:
-            raise DataFormatError(f"{path}: {key} has shape {arr[key].shape}, expected {shape}")
-    shN = arr["shN"].reshape(n, -1, 3)
+    arr = Splats.from_mapping(splats, str(path)).numpy()
+    n = len(arr)
+    shN = arr["shN"]
     columns = [arr["means"], np.zeros((n, 3), np.float32), arr["sh0"].reshape(n, 3),
                shN.transpose(0, 2, 1).reshape(n, -1), arr["opacities"][:, None], arr["scales"], arr["quats"]]  # fmt: skip
     data = np.ascontiguousarray(np.concatenate(columns, axis=1), dtype="<f4")
@@ -61,13 +58,14 @@ _TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "ucha
           "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4"}  # fmt: skip
 
 
-def read_ply(path: Path) -> dict[str, np.ndarray]:
+def read_ply(path: Path) -> Splats:
     """Read a 3DGS PLY (Inria's, gsplat's ``export_splats``, nerfstudio's ``ns-export
     gaussian-splat``): the vertex element's properties in any order, binary (either endianness)
-    or ASCII. Returns the dict :func:`write_ply` takes (float32).
+    or ASCII. Returns numpy float32 :class:`~splatforge.model.Splats`.
 
     Raises:
-        DataFormatError: not a PLY, a truncated file, or missing Gaussian properties.
+        DataFormatError: not a PLY, a malformed header, a truncated file, or missing Gaussian
+            properties (the message names the file).
     """
     path = Path(path)
     try:
@@ -75,33 +73,47 @@ def read_ply(path: Path) -> dict[str, np.ndarray]:
     except OSError as exc:
         raise DataFormatError(f"{path}: cannot read: {exc}") from exc
     end = raw.find(b"end_header")
-    if not raw.startswith(b"ply") or end < 0:
-        raise DataFormatError(f"{path}: not a PLY file (no 'ply' magic or 'end_header')")
-    body_start = raw.index(b"\n", end) + 1
+    newline = raw.find(b"\n", end) if end >= 0 else -1
+    if not raw.startswith(b"ply") or end < 0 or newline < 0:
+        raise DataFormatError(f"{path}: not a PLY file (no 'ply' magic or no complete 'end_header' line)")
+    body_start = newline + 1
     lines = raw[:end].decode("ascii", errors="replace").splitlines()
     fmt, elements, current = None, [], None
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         parts = line.split()
-        if not parts:
+        if not parts or parts[0] not in ("format", "element", "property"):
             continue
-        if parts[0] == "format":
-            fmt = parts[1]
-        elif parts[0] == "element":
-            current = (parts[1], int(parts[2]), [])
-            elements.append(current)
-        elif parts[0] == "property" and current is not None:
-            if parts[1] == "list":
+        try:
+            if parts[0] == "format":
+                fmt = parts[1]
+            elif parts[0] == "element":
+                current = (parts[1], int(parts[2]), [])
+                if current[1] < 0:
+                    raise ValueError("negative count")
+                elements.append(current)
+            elif current is not None:
+                kind, name = parts[1], parts[2]
+        except (IndexError, ValueError) as exc:
+            raise DataFormatError(f"{path}: malformed PLY header, line {number}: {line.strip()!r}") from exc
+        if parts[0] == "property" and current is not None:
+            if kind == "list":
                 raise DataFormatError(f"{path}: list property {parts[-1]!r} in element {current[0]!r} is not supported")
-            if parts[1] not in _TYPES:
-                raise DataFormatError(f"{path}: unknown property type {parts[1]!r}")
-            current[2].append((parts[2], _TYPES[parts[1]]))
+            if kind not in _TYPES:
+                raise DataFormatError(f"{path}: unknown property type {kind!r}")
+            current[2].append((name, _TYPES[kind]))
     if fmt not in ("binary_little_endian", "binary_big_endian", "ascii"):
         raise DataFormatError(f"{path}: unsupported PLY format {fmt!r}")
     if not elements or elements[0][0] != "vertex":
         raise DataFormatError(f"{path}: the first element must be 'vertex'")
     _, n, props = elements[0]
+    names = [name for name, _ in props]
+    if len(set(names)) != len(names):
+        raise DataFormatError(f"{path}: malformed PLY header: repeated vertex property names")
     if fmt == "ascii":
-        values = np.array(raw[body_start:].split()[: n * len(props)], dtype=np.float64)
+        try:
+            values = np.array(raw[body_start:].split()[: n * len(props)], dtype=np.float64)
+        except ValueError as exc:
+            raise DataFormatError(f"{path}: ASCII PLY body holds a value that is not a number") from exc
         if values.size != n * len(props):
             raise DataFormatError(f"{path}: truncated: expected {n} vertices")
         table = {name: values.reshape(n, len(props))[:, i] for i, (name, _) in enumerate(props)}
@@ -116,16 +128,13 @@ def read_ply(path: Path) -> dict[str, np.ndarray]:
     missing = [k for k in needed if k not in table]
     if missing:
         raise DataFormatError(f"{path}: not a Gaussian splat PLY, missing properties {missing}")
-    rest = sorted((k for k in table if k.startswith("f_rest_")), key=lambda k: int(re.sub(r"\D", "", k)))
+    rest = sorted((k for k in table if re.fullmatch(r"f_rest_\d+", k)), key=lambda k: int(k[7:]))
     if len(rest) % 3:
         raise DataFormatError(f"{path}: {len(rest)} f_rest properties is not a multiple of 3")
     col = lambda keys: np.stack([np.asarray(table[k], dtype=np.float32) for k in keys], axis=1)  # noqa: E731
     shN = col(rest).reshape(n, 3, len(rest) // 3).transpose(0, 2, 1) if rest else np.zeros((n, 0, 3), np.float32)
-    return {
-        "means": col(["x", "y", "z"]),
-        "quats": col(["rot_0", "rot_1", "rot_2", "rot_3"]),
-        "scales": col(["scale_0", "scale_1", "scale_2"]),
-        "opacities": np.asarray(table["opacity"], dtype=np.float32),
-        "sh0": col(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :],
-        "shN": np.ascontiguousarray(shN),
-    }
+    return Splats(
+        means=col(["x", "y", "z"]), quats=col(["rot_0", "rot_1", "rot_2", "rot_3"]),
+        scales=col(["scale_0", "scale_1", "scale_2"]), opacities=np.asarray(table["opacity"], dtype=np.float32),
+        sh0=col(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :], shN=np.ascontiguousarray(shN),
+    ).validate(str(path))  # fmt: skip

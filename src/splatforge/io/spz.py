@@ -31,14 +31,14 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 import numpy as np
-from scipy.special import expit
 
 from splatforge._fs import atomic_path, read_input
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.transform import named_transform, transform_splats
+from splatforge.model.splats import Splats
 
 __all__ = ["write_spz", "read_spz", "encode_spz", "decode_spz"]
 
@@ -93,9 +93,9 @@ def _quantize_sh(x: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(q, 0, 255).astype(np.uint8)
 
 
-def encode_spz(splats: dict[str, np.ndarray], version: int = 3, *, antialiased: bool = False,
+def encode_spz(splats: Splats | Mapping, version: int = 3, *, antialiased: bool = False,
                coordinates: Literal["rdf", "rub"] = "rdf") -> bytes:  # fmt: skip
-    """Encode a splat dict (:data:`splatforge.io.ply.SPLAT_KEYS`) as ``.spz`` bytes.
+    """Encode :class:`~splatforge.model.Splats` as ``.spz`` bytes.
 
     Args:
         splats: ``means [N,3]``, ``quats [N,4]`` wxyz, ``scales [N,3]`` log, ``opacities [N]``
@@ -113,8 +113,9 @@ def encode_spz(splats: dict[str, np.ndarray], version: int = 3, *, antialiased: 
         raise ConfigError(f"SPZ version must be 2, 3 or 4, got {version!r}")
     if coordinates not in ("rdf", "rub"):
         raise ConfigError(f"coordinates must be 'rdf' or 'rub', got {coordinates!r}")
+    splats = Splats.from_mapping(splats).numpy()
     if coordinates == "rdf":
-        splats = transform_splats(splats, named_transform("opengl"))
+        splats = Splats.from_mapping(transform_splats(splats, named_transform("opengl")))
     means = np.asarray(splats["means"], dtype=np.float64)
     n = means.shape[0]
     shN = np.asarray(splats["shN"], dtype=np.float64).reshape(n, -1, 3)
@@ -131,7 +132,7 @@ def encode_spz(splats: dict[str, np.ndarray], version: int = 3, *, antialiased: 
     fixed = np.round(means * (1 << frac)).astype(np.int64).reshape(-1)
     positions = np.stack([fixed & 0xFF, (fixed >> 8) & 0xFF, (fixed >> 16) & 0xFF], axis=1).astype(np.uint8).reshape(-1)
 
-    alphas = _u8(expit(np.asarray(splats["opacities"], dtype=np.float64).reshape(-1)) * 255.0)
+    alphas = _u8(splats.alphas() * 255.0)
     colors = _u8(np.asarray(splats["sh0"], dtype=np.float64).reshape(n, 3) * (COLOR_SCALE * 255.0) + 127.5)
     scales = _u8((np.asarray(splats["scales"], dtype=np.float64) + 10.0) * 16.0)
     q = np.asarray(splats["quats"], dtype=np.float64)
@@ -161,8 +162,9 @@ def encode_spz(splats: dict[str, np.ndarray], version: int = 3, *, antialiased: 
     return header + toc + b"".join(packed)
 
 
-def decode_spz(data: bytes, *, coordinates: Literal["rdf", "rub"] = "rdf", source: str = ".spz data") -> dict[str, np.ndarray]:
-    """Decode ``.spz`` bytes (version 2, 3 or 4) into a splat dict; see :func:`encode_spz`.
+def decode_spz(data: bytes, *, coordinates: Literal["rdf", "rub"] = "rdf", source: str = ".spz data") -> Splats:
+    """Decode ``.spz`` bytes (version 2, 3 or 4) into numpy :class:`~splatforge.model.Splats`;
+    see :func:`encode_spz`.
 
     Raises:
         DataFormatError: not an SPZ file, an unsupported version, or truncated data (the message
@@ -193,6 +195,9 @@ def decode_spz(data: bytes, *, coordinates: Literal["rdf", "rub"] = "rdf", sourc
         import zstandard
 
         pos = toc_offset + num_streams * _TOC.size
+        if toc_offset < _HEADER_V4.size or pos > len(data):
+            raise DataFormatError(f"{source}: truncated: the table of {num_streams} streams at offset {toc_offset} "
+                                  f"needs {pos} bytes, the file has {len(data)}")  # fmt: skip
         streams = []
         decompressor = zstandard.ZstdDecompressor()
         for i in range(num_streams):
@@ -237,17 +242,17 @@ def decode_spz(data: bytes, *, coordinates: Literal["rdf", "rub"] = "rdf", sourc
     }
     if coordinates == "rdf":
         out = transform_splats(out, named_transform("opengl"))
-    return out
+    return Splats.from_mapping(out, source)
 
 
-def write_spz(path: Path, splats: dict[str, np.ndarray], version: int = 3, **kwargs) -> None:
+def write_spz(path: Path, splats: Splats | Mapping, version: int = 3, **kwargs) -> None:
     """Write ``splats`` to ``path`` as ``.spz`` atomically; ``kwargs`` as :func:`encode_spz`."""
     data = encode_spz(splats, version, **kwargs)
     with atomic_path(Path(path)) as tmp:
         Path(tmp).write_bytes(data)
 
 
-def read_spz(path: Path, *, coordinates: Literal["rdf", "rub"] = "rdf") -> dict[str, np.ndarray]:
+def read_spz(path: Path, *, coordinates: Literal["rdf", "rub"] = "rdf") -> Splats:
     """Read an ``.spz`` file (v2, v3 or v4); see :func:`decode_spz`.
 
     Raises:

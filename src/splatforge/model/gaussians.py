@@ -1,9 +1,5 @@
-"""Gaussian parameters in gsplat's trainer layout, their initialisation and the hard cap.
-
-``params`` is a ``torch.nn.ParameterDict`` with ``means [N, 3]`` (world), ``quats [N, 4]`` (wxyz,
-unnormalised), ``scales [N, 3]`` (**log** of the standard deviations), ``opacities [N]``
-(**logit**), ``sh0 [N, 1, 3]`` and ``shN [N, K - 1, 3]`` (SH coefficients, K = (degree + 1)^2):
-the layout gsplat's strategies operate on unchanged.
+"""Initialisation of Gaussians and the hard cap, in gsplat's trainer layout (:class:`Splats`:
+log scales, logit opacities, wxyz quaternions), which gsplat's strategies operate on unchanged.
 """
 
 from __future__ import annotations
@@ -17,8 +13,9 @@ from scipy.spatial import cKDTree
 
 from splatforge.errors import ConfigError
 from splatforge.geometry.sh import num_sh_bases, rgb_to_sh
+from splatforge.model.splats import Splats
 
-__all__ = ["init_from_points", "init_random", "activated", "cap_gaussians"]
+__all__ = ["init_from_points", "init_random", "cap_gaussians"]
 
 
 def _knn_scale(points: np.ndarray, k: int = 3) -> np.ndarray:
@@ -30,25 +27,21 @@ def _knn_scale(points: np.ndarray, k: int = 3) -> np.ndarray:
     return np.maximum(dist[:, 1:].mean(axis=1), 1e-7)
 
 
-def _params(means: np.ndarray, rgb: np.ndarray, log_scales: np.ndarray, sh_degree: int, init_opacity: float) -> torch.nn.ParameterDict:
+def _params(means: np.ndarray, rgb: np.ndarray, log_scales: np.ndarray, sh_degree: int, init_opacity: float) -> Splats:
     n = len(means)
     quats = torch.zeros(n, 4)
     quats[:, 0] = 1.0
-    sh0 = rgb_to_sh(torch.from_numpy(rgb).float())[:, None, :]
-    shN = torch.zeros(n, num_sh_bases(sh_degree) - 1, 3)
-    return torch.nn.ParameterDict({
-        "means": torch.from_numpy(means).float(),
-        "quats": quats,
-        "scales": torch.from_numpy(np.repeat(log_scales[:, None], 3, axis=1)).float(),
-        "opacities": torch.full((n,), math.log(init_opacity / (1.0 - init_opacity))),
-        "sh0": sh0,
-        "shN": shN,
-    })  # fmt: skip
+    return Splats(
+        means=torch.from_numpy(means).float(), quats=quats,
+        scales=torch.from_numpy(np.repeat(log_scales[:, None], 3, axis=1)).float(),
+        opacities=torch.full((n,), math.log(init_opacity / (1.0 - init_opacity))),
+        sh0=rgb_to_sh(torch.from_numpy(rgb).float())[:, None, :], shN=torch.zeros(n, num_sh_bases(sh_degree) - 1, 3),
+    )  # fmt: skip
 
 
 def init_from_points(
     points: np.ndarray, rgb: np.ndarray, *, sh_degree: int = 3, init_opacity: float = 0.1, init_scale: float = 1.0
-) -> torch.nn.ParameterDict:
+) -> Splats:
     """Gaussians at SfM points: isotropic scale = mean distance to the 3 nearest neighbours
     (times ``init_scale``), identity rotation, colour from the point colour (SH DC), opacity
     ``init_opacity`` (3DGS, Kerbl et al. 2023, sec. 5.1).
@@ -69,37 +62,23 @@ def init_from_points(
 
 def init_random(
     n: int, center: np.ndarray, extent: float, *, sh_degree: int = 3, init_opacity: float = 0.1,
-    generator: Optional[torch.Generator] = None,
-) -> torch.nn.ParameterDict:  # fmt: skip
+    init_scale: float = 1.0, generator: Optional[torch.Generator] = None,
+) -> Splats:  # fmt: skip
     """``n`` Gaussians uniform in the cube ``center ± extent`` (world units) with random colours,
-    for scenes without sparse points (gsplat's ``init_type="random"``)."""
+    scale the mean distance to the 3 nearest (times ``init_scale``), for scenes without sparse
+    points (gsplat's ``init_type="random"``)."""
     g = generator or torch.Generator().manual_seed(0)
     means = (torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1).numpy() * extent + np.asarray(center)
     rgb = torch.rand(n, 3, generator=g).numpy()
-    log_scales = np.log(_knn_scale(means))
+    log_scales = np.log(_knn_scale(means) * init_scale)
     return _params(means.astype(np.float32), rgb, log_scales, sh_degree, init_opacity)
-
-
-def activated(params: torch.nn.ParameterDict, sh_degree: Optional[int] = None) -> dict[str, torch.Tensor]:
-    """The tensors :func:`splatforge.raster.rasterize` takes: ``quats``, ``scales`` = exp,
-    ``opacities`` = sigmoid, ``colors`` = SH coefficients ``[N, K, 3]`` (first
-    ``(sh_degree + 1)^2`` when given)."""
-    colors = torch.cat([params["sh0"], params["shN"]], dim=1)
-    if sh_degree is not None:
-        colors = colors[:, : num_sh_bases(sh_degree)]
-    return {
-        "means": params["means"],
-        "quats": params["quats"],
-        "scales": torch.exp(params["scales"]),
-        "opacities": torch.sigmoid(params["opacities"]),
-        "colors": colors,
-    }
 
 
 @torch.no_grad()
 def cap_gaussians(params, optimizers, state, max_gaussians: int) -> int:
     """Keep the ``max_gaussians`` most opaque Gaussians, removing the rest from the parameters,
-    the Adam moments and the strategy state together (gsplat's ``strategy.ops.remove``).
+    the Adam moments and the per-Gaussian tensors of the strategy state together (gsplat's
+    ``strategy.ops.remove``; other state, such as MCMC's binomial table, is left alone).
     Returns how many were removed."""
     from gsplat.strategy.ops import remove
 
@@ -109,5 +88,7 @@ def cap_gaussians(params, optimizers, state, max_gaussians: int) -> int:
     keep = torch.topk(params["opacities"].detach(), max_gaussians, sorted=False).indices
     mask = torch.ones(n, dtype=torch.bool, device=params["means"].device)
     mask[keep] = False
-    remove(params=params, optimizers=optimizers, state=state, mask=mask)
+    per_gaussian = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n}
+    remove(params=params, optimizers=optimizers, state=per_gaussian, mask=mask)
+    state.update(per_gaussian)
     return n - max_gaussians

@@ -47,11 +47,17 @@ class GenerateConfig:
     subset: list[str] = field(default_factory=list)
     split_ratio: list[float] = field(default_factory=lambda: [0.1, 0.3])
     stages: list[str] = field(default_factory=lambda: ["train", "render", "visibility", "depth"])
-    steps: int = 7000
+    preset: Literal["auto", "fast", "default", "quality"] = "auto"
+    """Training preset (:mod:`splatforge.train.presets`) for the steps, strategy and cap (auto:
+    default on GPUs, fast on CPUs). The resolution is the dataset's own (``data_factor``)."""
+    steps: Optional[int] = None
+    """Training steps (default: the preset's)."""
     data_factor: int = 1
     """Image downscale factor for ``auto`` (dl3dv uses 4, mipnerf360 4 or 2)."""
-    strategy: Literal["default", "mcmc"] = "mcmc"
-    cap_max: int = 300_000
+    strategy: Optional[Literal["default", "mcmc"]] = None
+    """Densification strategy (default: the preset's, mcmc)."""
+    cap_max: Optional[int] = None
+    """Most Gaussians per scene (default: the preset's)."""
     seed: int = 0
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto"
     skip_existing: bool = True
@@ -139,9 +145,20 @@ def discover_scenes(cfg: GenerateConfig) -> list[SceneEntry]:
     return entries
 
 
-def plan_jobs(cfg: GenerateConfig, scenes: list[SceneEntry]) -> list[JobSpec]:
-    """One job per ready scene in the cut and split ratio."""
+def plan_jobs(cfg: GenerateConfig, scenes: list[SceneEntry], device: str = "cpu") -> list[JobSpec]:
+    """One job per ready scene in the cut and split ratio; steps, strategy and cap resolved from
+    the preset for ``device`` ("cuda" when the jobs get GPUs) and the explicit options.
+
+    Raises:
+        ConfigError: unknown stages or preset, a ratio outside (0, 1).
+    """
+    from splatforge.train.presets import resolve_preset
+
     stage_order(cfg.stages)  # validates stage names
+    preset = resolve_preset(cfg.preset, device)
+    steps = cfg.steps if cfg.steps is not None else preset.steps
+    strategy = cfg.strategy if cfg.strategy is not None else preset.strategy
+    cap = cfg.cap_max if cfg.cap_max is not None else preset.max_gaussians
     for r in cfg.split_ratio:
         if not 0.0 < r < 1.0:
             raise ConfigError(f"split ratio must be in (0, 1), got {r}")
@@ -149,7 +166,7 @@ def plan_jobs(cfg: GenerateConfig, scenes: list[SceneEntry]) -> list[JobSpec]:
     out = Path(cfg.output_dir)
     return [
         JobSpec(scene=s.name, scene_root=str(s.root), output_dir=str(out), ratio=r, stages=list(cfg.stages),
-                subset=s.subset, data_factor=s.data_factor, steps=cfg.steps, strategy=cfg.strategy, cap_max=cfg.cap_max,
+                subset=s.subset, data_factor=s.data_factor, steps=steps, strategy=strategy, cap_max=cap,
                 seed=cfg.seed, backend=cfg.backend, skip_existing=cfg.skip_existing,
                 cache_dir=str(out / ".cache" / f"{s.subset + '_' if s.subset else ''}{s.name}_f{s.data_factor}"),
                 extra=dict(cfg.train_extra))  # fmt: skip
@@ -342,7 +359,8 @@ def generate(cfg: GenerateConfig, on_event: Optional[Callable] = None) -> dict:
     unready = [s for s in scenes if not s.ready]
     for s in unready:
         log.warning("not ready: %s: %s", s.name, s.reason)
-    jobs = plan_jobs(cfg, scenes)
+    slots = gpu_slots(cfg.excluded_gpus, cfg.jobs_per_gpu)
+    jobs = plan_jobs(cfg, scenes, device="cuda" if slots else "cpu")
     if cfg.dry_run:
         return {"jobs": [{"job": j.name, "scene": j.scene, "subset": j.subset, "ratio": j.ratio, "output": str(j.out),
                           "stages": stage_order(j.stages)} for j in jobs],
@@ -352,10 +370,9 @@ def generate(cfg: GenerateConfig, on_event: Optional[Callable] = None) -> dict:
     t = time.perf_counter()
     events = on_event or (lambda *a: None)
     if cfg.executor == "ray":
-        slots = gpu_slots(cfg.excluded_gpus, cfg.jobs_per_gpu)
         executor = RayExecutor(cfg.ray_address, num_gpus=(1.0 / int(cfg.jobs_per_gpu) if cfg.jobs_per_gpu != "auto" else 0.5) if slots else 0.0)
     else:
-        slots = gpu_slots(cfg.excluded_gpus, cfg.jobs_per_gpu) or cpu_slots(cfg.max_workers or 1)
+        slots = slots or cpu_slots(cfg.max_workers or 1)
         if cfg.max_workers:
             slots = slots[: cfg.max_workers]
         executor = LocalExecutor(slots, out / "logs")  # type: ignore[assignment]

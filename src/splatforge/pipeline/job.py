@@ -38,7 +38,7 @@ from splatforge.pipeline.manifest import Manifest, stage_hash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobSpec", "STAGES", "run_job", "scene_fingerprint"]
+__all__ = ["JobSpec", "JobContext", "STAGES", "run_job", "scene_fingerprint", "train_config"]
 
 STAGES = ("postprocess", "train", "render", "visibility", "depth", "partition_fix", "clean")
 #: which upstream stages each stage reads (its hash includes theirs)
@@ -58,7 +58,8 @@ class JobSpec:
     stages: list[str]
     subset: str = ""
     data_factor: int = 1
-    steps: int = 7000
+    steps: int = 3000
+    """Training steps, strategy and cap: resolved from the preset when the job is planned."""
     strategy: str = "mcmc"
     cap_max: int = 300_000
     seed: int = 0
@@ -101,106 +102,97 @@ def _load_scene(spec: JobSpec):
                       cache_dir=Path(spec.cache_dir) if spec.cache_dir else spec.out / "cache")  # fmt: skip
 
 
-def _train_config(spec: JobSpec):
+def train_config(spec: JobSpec):
+    """The job's :class:`~splatforge.train.TrainConfig`: the scene at the dataset's own data
+    factor (products and metadata share its resolution, so no ``max_image_size``), the split of
+    the job's ratio, the steps, strategy and cap resolved from the preset when the job was
+    planned (schedules scale with the steps), ``extra`` fields on top."""
     from splatforge.train import TrainConfig
-    from splatforge.train.config import MCMCConfig
 
     return TrainConfig(data=Path(spec.scene_root), output=spec.out, data_factor=spec.data_factor, steps=spec.steps,
                        split_ratio=spec.ratio, backend=spec.backend, device=spec.device, seed=spec.seed,
-                       sh_degree=spec.sh_degree, strategy=spec.strategy, checkpoint_every=max(100, spec.steps // 5),
-                       cache_dir=Path(spec.cache_dir) if spec.cache_dir else None,
-                       mcmc=MCMCConfig(cap_max=spec.cap_max, refine_stop=int(spec.steps * 0.85)), **spec.extra)  # fmt: skip
+                       sh_degree=spec.sh_degree, strategy=spec.strategy, max_gaussians=spec.cap_max,
+                       checkpoint_every=max(100, spec.steps // 5),
+                       cache_dir=Path(spec.cache_dir) if spec.cache_dir else None, **spec.extra)  # fmt: skip
 
 
-def _stage_postprocess(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+class JobContext:
+    """What a job's stages share: the spec, the manifest and the trained run, opened once
+    (:meth:`run`) for all the stages that read it."""
+
+    def __init__(self, spec: JobSpec, manifest: Manifest):
+        self.spec, self.manifest = spec, manifest
+        self._run = None
+
+    def run(self):
+        """The job's :class:`~splatforge.train.Run` (opened on first use, or the one training
+        just produced)."""
+        if self._run is None:
+            from splatforge.train import Run
+
+            self._run = Run.open(self.spec.out, device=self.spec.device, backend=self.spec.backend)
+        return self._run
+
+
+def _stage_postprocess(ctx: JobContext) -> tuple[list[Path], dict]:
     from splatforge.products.metadata import write_metadata
 
-    scene = _load_scene(spec)
-    return write_metadata(spec.out, scene), {"num_frames": len(scene)}
+    scene = _load_scene(ctx.spec)
+    return write_metadata(ctx.spec.out, scene), {"num_frames": len(scene)}
 
 
-def _stage_train(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+def _stage_train(ctx: JobContext) -> tuple[list[Path], dict]:
     from splatforge.train import Trainer
 
-    trainer = Trainer(_train_config(spec))
+    spec = ctx.spec
+    trainer = Trainer(train_config(spec))
     if trainer.resume():
         log.info("%s: resuming training at step %d", spec.name, trainer.step)
     result = trainer.train()
+    ctx._run = trainer.as_run()
     ckpts = sorted((spec.out / "checkpoints").glob("ckpt_*.pt"))
     outputs = [result.ply_path, spec.out / "cameras.json", spec.out / "cfg.yml"] + ckpts[-1:]
     return outputs, {"num_gaussians": result.num_gaussians, "train_seconds": round(result.train_seconds, 1),
                      "step": result.step, "train_psnr": result.last_psnr}  # fmt: skip
 
 
-def _trainer(spec: JobSpec):
-    from splatforge.train import Trainer
-
-    return Trainer.from_run(spec.out)
-
-
-def _stage_render(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+def _stage_render(ctx: JobContext) -> tuple[list[Path], dict]:
     from splatforge.products import evaluate
+    from splatforge.products.renders import split_folder
 
-    trainer = _trainer(spec)
-    metrics = evaluate(trainer)
-    outputs = [spec.out / "metrics.json"]
+    run = ctx.run()
+    metrics = evaluate(run)
+    outputs = [ctx.spec.out / "metrics.json"]
     for split in ("train", "test"):
-        folder = spec.out / split / f"ours_{trainer.step}"
+        folder = split_folder(run, split)
         outputs += sorted((folder / "renders").glob("*.png")) + sorted((folder / "gt").glob("*.png"))
     summary = {f"{s}_{k}": metrics[s][k] for s in ("test", "train") for k in ("psnr", "ssim", "lpips")}
     return outputs, summary
 
 
-def _stage_visibility(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
-    from splatforge.model.gaussians import activated
-    from splatforge.products.visibility import gaussian_scores, score_maps, second_pick, write_visibility
+def _stage_visibility(ctx: JobContext) -> tuple[list[Path], dict]:
+    from splatforge.products.visibility import visibility_products
 
-    trainer = _trainer(spec)
-    g = activated(trainer.params)
-    scene = trainer.scene
-    outputs: list[Path] = []
-    train_ids = scene.split["train"]
-    sizes = {(int(scene.widths[i]), int(scene.heights[i])) for i in range(len(scene))}
-    if len(sizes) != 1:
-        raise ValueError(f"visibility needs one image size per scene, found {sorted(sizes)}")
-    (w, h), = sizes
-    scores = gaussian_scores(g, trainer.viewmats[train_ids], trainer.Ks[train_ids], w, h, backend=spec.backend)
-    vis = second_pick(scores)
-    for split in ("train", "test"):
-        ids = scene.split[split]
-        if not ids:
-            continue
-        maps = score_maps(g, vis, trainer.viewmats[ids], trainer.Ks[ids], w, h, backend=spec.backend)
-        outputs += write_visibility(spec.out / split / f"ours_{trainer.step}", maps, spec.threshold)
-    seen = float((vis >= spec.threshold).double().mean())
-    return outputs, {"fraction_gaussians_seen_twice": round(seen, 4)}
+    return visibility_products(ctx.run(), ctx.spec.threshold)
 
 
-def _stage_depth(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
-    import torch
+def _stage_depth(ctx: JobContext) -> tuple[list[Path], dict]:
+    from splatforge.products.renders import render_depth_split
 
-    from splatforge.products.renders import write_depth
-
-    trainer = _trainer(spec)
-    outputs: list[Path] = []
-    with torch.no_grad():
-        for split in ("train", "test"):
-            folder = spec.out / split / f"ours_{trainer.step}" / "depth"
-            for pos, index in enumerate(trainer.scene.split[split]):
-                render, alpha, _ = trainer.render(index, render_mode="ED")
-                outputs += write_depth(folder / f"{pos:05d}.npy", render[0, ..., 0], alpha[0, ..., 0], png_preview=True)
-    return outputs, {}
+    run = ctx.run()
+    return [p for split in ("train", "test") for p in render_depth_split(run, split)], {}
 
 
-def _stage_partition_fix(spec: JobSpec, manifest: Manifest) -> tuple[list[Path], dict]:
+def _stage_partition_fix(ctx: JobContext) -> tuple[list[Path], dict]:
     from splatforge.products.metadata import fix_partition
 
+    spec = ctx.spec
     verdict = fix_partition(spec.out, _load_scene(spec).split)
     log.info("%s: partition_fix: %s", spec.name, verdict)
     return ([spec.out / "partition.json"] if spec.out.exists() else []), {"verdict": verdict}
 
 
-STAGE_FNS: dict[str, Callable[[JobSpec, Manifest], tuple[list[Path], dict]]] = {
+STAGE_FNS: dict[str, Callable[[JobContext], tuple[list[Path], dict]]] = {
     "postprocess": _stage_postprocess, "train": _stage_train, "render": _stage_render,
     "visibility": _stage_visibility, "depth": _stage_depth, "partition_fix": _stage_partition_fix,
 }  # fmt: skip
@@ -255,6 +247,7 @@ def run_job(spec: JobSpec) -> dict:
         log.info("%s: removed temporary files of an interrupted run", spec.name)
     manifest = Manifest(out)
     manifest.begin_run()
+    ctx = JobContext(spec, manifest)
     digests = stage_digests(spec)
     for stage in order:
         if stage == "clean":
@@ -268,7 +261,7 @@ def run_job(spec: JobSpec) -> dict:
         t = time.perf_counter()
         manifest.start(stage, digests[stage])
         try:
-            outputs, info = STAGE_FNS[stage](spec, manifest)
+            outputs, info = STAGE_FNS[stage](ctx)
         except Exception as exc:  # noqa: BLE001 - the job boundary: record the failure, never stop other jobs
             line = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.error("%s: stage %s failed: %s\n%s", spec.name, stage, line, traceback.format_exc())

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 from splatforge._fs import atomic_path
-from splatforge.data.frames import VIDEO_SUFFIXES, extract_video_frames, import_photos
+from splatforge.data.frames import VIDEO_SUFFIXES, extract_video_frames, import_photos, video_frame_count
 from splatforge.data.images import IMAGE_SUFFIXES, downscale_into, list_images
 from splatforge.data.scene import make_split
 from splatforge.data.sfm import run_sfm
@@ -79,16 +79,6 @@ def _classify(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return videos, photos
 
 
-def _video_frame_count(path: Path) -> int:
-    import av
-
-    try:
-        with av.open(str(path)) as c:
-            return int(c.streams.video[0].frames or 0) if c.streams.video else 0
-    except (av.error.FFmpegError, OSError):
-        return 0
-
-
 def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None) -> dict:
     """Build the scene; returns the summary also written to ``SCENE/prepare.json``.
     ``on_phase(name)`` is called as each phase starts ("frames", "sfm", "layout").
@@ -117,14 +107,17 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
         phase("frames")
         t = time.perf_counter()
         frame_stats = []
+        sources: dict[str, str] = {}  # image name -> the video or "photos": one camera per source and size
         if videos:
-            lengths = [max(1, _video_frame_count(v)) for v in videos]
+            lengths = [max(1, video_frame_count(v)) for v in videos]
             for video, length in zip(videos, lengths):
                 share = max(MIN_IMAGES, round(cfg.target_frames * length / sum(lengths)))
                 stats = extract_video_frames(video, frames_dir, share, cfg.max_size)
                 log.info("%s: kept %d of %d frames (%d near-duplicates dropped)", video.name, stats.kept, stats.decoded, stats.duplicates)
                 frame_stats.append(asdict(stats))
+                sources.update({name: str(video) for name in list_images(frames_dir) if name not in sources})
         n_photos, skipped = import_photos(photos, frames_dir, cfg.max_size) if photos else (0, [])
+        sources.update({name: "photos" for name in list_images(frames_dir) if name not in sources})
         timings["frames_s"] = time.perf_counter() - t
         n_images = len(list_images(frames_dir))
         summary.update(videos=frame_stats, photos={"imported": n_photos, "skipped": skipped}, num_images=n_images)
@@ -137,7 +130,7 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
             matcher = "sequential" if n_images > EXHAUSTIVE_MAX_IMAGES else "exhaustive"
         phase(f"sfm ({matcher} matching, {n_images} images)")
         sfm = run_sfm(frames_dir, partial / "work", partial / "scene", matcher=matcher, camera_model=cfg.camera_model,
-                      single_camera=len(videos) + (1 if photos else 0) <= 1, max_image_size=cfg.max_size,
+                      sources=sources, max_image_size=cfg.max_size,
                       max_features=cfg.max_features, seed=cfg.seed)  # fmt: skip
         timings.update(sfm.timings)
         summary.update(num_registered=sfm.num_registered, registered_fraction=sfm.registered_fraction,

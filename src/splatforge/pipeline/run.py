@@ -1,81 +1,136 @@
 """``run``: captures to a trained, evaluated and exported splat in one call.
 
-``OUT/scene`` (``prepare``), ``OUT/run`` (``train`` with MCMC densification, then ``eval``),
-``OUT/export/scene.{ply,splat,spz}`` and ``OUT/export/preview_{top,angle}.jpg``, and
+``OUT/scene`` (``prepare``), ``OUT/run`` (training with the preset for the device, then
+``eval``), ``OUT/export/scene.{ply,splat,spz}`` and ``OUT/export/preview_{top,angle}.jpg``, and
 ``OUT/run.json`` with every phase's summary and wall time. Preview failures are warnings only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from splatforge._fs import atomic_path
 from splatforge.pipeline.prepare import PrepareConfig, prepare
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_pipeline"]
+__all__ = ["RunConfig", "run_pipeline", "run_train_config"]
 
 
-def run_pipeline(prepare_cfg: PrepareConfig, output: Path, *, steps: int = 30_000, data_factor: int = 1,
-                 cap_max: int = 1_000_000, backend: str = "auto", device: str = "cpu", seed: int = 0,
-                 preview_size: int = 1024, progress: Optional[Callable] = None,
-                 on_phase: Optional[Callable[[str], None]] = None) -> dict:  # fmt: skip
-    """Run prepare -> train -> eval -> export (ply, splat, spz) -> previews into ``output``.
+@dataclass
+class RunConfig:
+    """Options of ``splatforge run``: the capture, the preset and what overrides it."""
 
-    ``prepare_cfg.output`` is replaced by ``output / "scene"``. Returns the summary also written
-    to ``output / "run.json"``.
+    inputs: list[Path]
+    """Videos, image files or folders of photos."""
+    output: Path
+    """Output folder (scene/, run/, export/, run.json)."""
+    preset: Literal["auto", "fast", "default", "quality"] = "auto"
+    """Training preset: steps, training resolution and cap for the device (auto: default on a
+    GPU, fast on a CPU); the options below override it."""
+    steps: Optional[int] = None
+    """Training steps (default: the preset's)."""
+    max_image_size: Optional[int] = None
+    """Longer side of the training images in pixels, 0 for the frames' full size (default: the
+    preset's)."""
+    cap_max: Optional[int] = None
+    """Most Gaussians (default: the preset's)."""
+    target_frames: int = 150
+    """Frames kept from the videos."""
+    max_size: int = 1600
+    """Longer image side of the frames after import (what SfM and the exports see), pixels."""
+    matcher: Literal["auto", "sequential", "exhaustive"] = "auto"
+    camera_model: str = "SIMPLE_RADIAL"
+    max_features: int = 4096
+    backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto"
+    device: str = "auto"
+    """torch device: auto (cuda when present, else cpu), cpu, cuda[:i]."""
+    seed: int = 0
+    """Random seed (SfM and training)."""
+    preview_size: int = 1024
+
+
+def prepare_config(cfg: RunConfig) -> PrepareConfig:
+    """The ``prepare`` phase's options (scene in ``OUT/scene``)."""
+    return PrepareConfig(inputs=list(cfg.inputs), output=Path(cfg.output) / "scene", target_frames=cfg.target_frames,
+                         max_size=cfg.max_size, matcher=cfg.matcher, camera_model=cfg.camera_model,
+                         max_features=cfg.max_features, seed=cfg.seed)  # fmt: skip
+
+
+def run_train_config(cfg: RunConfig):
+    """The training config: the preset for the device, then the explicit options."""
+    from splatforge.train import TrainConfig, apply_preset, resolve_preset
+    from splatforge.train.config import resolve_device
+
+    device = resolve_device(cfg.device)
+    train = apply_preset(TrainConfig(data=Path(cfg.output) / "scene", output=Path(cfg.output) / "run",
+                                     backend=cfg.backend, device=device, seed=cfg.seed),
+                         resolve_preset(cfg.preset, device))  # fmt: skip
+    overrides = {"steps": cfg.steps, "max_image_size": cfg.max_image_size, "max_gaussians": cfg.cap_max}
+    return dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_pipeline(cfg: RunConfig, *, progress: Optional[Callable] = None, on_phase: Optional[Callable[[str], None]] = None,
+                 on_plan: Optional[Callable[[str], None]] = None) -> dict:  # fmt: skip
+    """Run prepare -> train -> eval -> export (ply, splat, spz) -> previews into ``cfg.output``.
+    ``on_phase(name)`` is called as each phase starts; ``on_plan(text)``, when given, before
+    training with what it will do and about how long it takes (a short timed warm-up).
+
+    Returns the summary also written to ``OUT/run.json``.
 
     Raises:
         DataFormatError / ConfigError: from prepare or training (bad inputs, failed SfM, options).
     """
     from splatforge.io.cameras import read_cameras_json
     from splatforge.products import evaluate
-    from splatforge.products.export import export, load_splats
+    from splatforge.products.export import export
     from splatforge.products.previews import write_previews
-    from splatforge.train import TrainConfig, Trainer
-    from splatforge.train.config import MCMCConfig
+    from splatforge.train import Trainer
+    from splatforge.train.presets import describe_plan, estimate_seconds
 
-    output = Path(output)
+    output = Path(cfg.output)
+    train_cfg = run_train_config(cfg).resolve()  # bad options fail before the slow phases
     output.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    t = time.perf_counter()
-    prepare_cfg.output = output / "scene"
     phase = on_phase or (lambda name: None)
-    prep = prepare(prepare_cfg, on_phase=lambda name: phase(f"prepare: {name}"))
+    t = time.perf_counter()
+    prep = prepare(prepare_config(cfg), on_phase=lambda name: phase(f"prepare: {name}"))
     times["prepare_s"] = time.perf_counter() - t
 
     phase("train")
     t = time.perf_counter()
-    cfg = TrainConfig(data=output / "scene", output=output / "run", data_factor=data_factor, steps=steps,
-                      backend=backend, device=device, seed=seed, strategy="mcmc",
-                      mcmc=MCMCConfig(cap_max=cap_max, refine_stop=int(steps * 0.85)))  # fmt: skip
-    trainer = Trainer(cfg)
+    trainer = Trainer(train_cfg)
+    if on_plan is not None:
+        on_plan(describe_plan(trainer, estimate_seconds(trainer)))
     result = trainer.train(progress)
     times["train_s"] = time.perf_counter() - t
     phase("eval")
     t = time.perf_counter()
-    metrics = evaluate(trainer)
+    run = trainer.as_run()
+    metrics = evaluate(run)
     times["eval_s"] = time.perf_counter() - t
 
     phase("export")
     t = time.perf_counter()
-    exports = {fmt: export(output / "run", output / "export" / f"scene.{fmt}", fmt) for fmt in ("ply", "splat", "spz")}
+    exports = {fmt: export(run, output / "export" / f"scene.{fmt}", fmt) for fmt in ("ply", "splat", "spz")}
     times["export_s"] = time.perf_counter() - t
     t = time.perf_counter()
     c2w, Ks, _, sizes = read_cameras_json(output / "run" / "cameras.json")
-    previews = write_previews(load_splats(output / "run"), output / "export", camtoworlds=c2w, Ks=Ks,
-                              image_size=(int(sizes[0, 0]), int(sizes[0, 1])), size=preview_size)  # fmt: skip
+    previews = write_previews(run.splats, output / "export", camtoworlds=c2w, Ks=Ks,
+                              image_size=(int(sizes[0, 0]), int(sizes[0, 1])), size=cfg.preview_size)  # fmt: skip
     times["previews_s"] = time.perf_counter() - t
     times["total_s"] = sum(times.values())
     summary = {
         "prepare": {k: prep[k] for k in ("num_images", "num_registered", "registered_fraction", "mean_reprojection_error_px") if k in prep},
-        "train": {"steps": result.step, "num_gaussians": result.num_gaussians},
-        "test": {k: metrics["test"][k] for k in ("psnr", "ssim", "lpips", "num_views")},
+        "train": {"steps": result.step, "num_gaussians": result.num_gaussians, "data_factor": train_cfg.data_factor,
+                  "image_size": [int(trainer.scene.widths[0]), int(trainer.scene.heights[0])]},
+        "test": {k: metrics["test"][k] for k in ("psnr", "ssim", "lpips", "lpips_vgg", "lpips_alex", "num_views")},
         "exports": {k: v["output"] for k, v in exports.items()}, "previews": previews, "timings": times,
     }  # fmt: skip
     with atomic_path(output / "run.json") as tmp:

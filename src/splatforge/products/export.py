@@ -10,18 +10,17 @@ Sources: a run folder (its latest ``point_cloud/iteration_N/point_cloud.ply``) o
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
-from scipy.special import expit
 
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.transform import Similarity, euler_transform, named_transform, transform_splats
 from splatforge.io.ply import read_ply, write_ply
 from splatforge.io.splat import read_splat, write_splat
 from splatforge.io.spz import read_spz, write_spz
+from splatforge.model import Splats
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +35,26 @@ def latest_ply(run: Path) -> Path:
     Raises:
         DataFormatError: no exported point cloud in ``run``.
     """
-    found = []
-    for p in (Path(run) / "point_cloud").glob("iteration_*/point_cloud.ply"):
-        m = re.fullmatch(r"iteration_(\d+)", p.parent.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    if not found:
+    from splatforge.train.run import latest_ply as _latest
+
+    found = _latest(run)
+    if found is None:
         raise DataFormatError(f"{run}: no point_cloud/iteration_N/point_cloud.ply; is this a trained run folder?")
-    return max(found)[1]
+    return found
 
 
-def load_splats(source: Path) -> dict[str, np.ndarray]:
-    """Splats from a run folder or a ``.ply`` / ``.splat`` / ``.spz`` file (in the COLMAP/OpenCV
-    frame: SPZ's RUB is converted back).
+def load_splats(source) -> Splats:
+    """Numpy :class:`~splatforge.model.Splats` from a :class:`~splatforge.train.Run`, a
+    ``Splats``, a run folder (its latest PLY) or a ``.ply`` / ``.splat`` / ``.spz`` file (in the
+    COLMAP/OpenCV frame: SPZ's RUB is converted back).
 
     Raises:
         DataFormatError: a missing or unrecognised source.
     """
+    if isinstance(source, Splats):
+        return source.numpy()
+    if isinstance(getattr(source, "splats", None), Splats):  # a Run
+        return source.splats.numpy()
     source = Path(source)
     if source.is_dir():
         return read_ply(latest_ply(source))
@@ -68,7 +70,7 @@ def load_splats(source: Path) -> dict[str, np.ndarray]:
     raise DataFormatError(f"{source}: unknown splat file type {suffix!r} (expected .ply, .splat or .spz)")
 
 
-def save_splats(path: Path, splats: dict[str, np.ndarray], fmt: Optional[str] = None, *, spz_version: int = 3,
+def save_splats(path: Path, splats: Splats | Mapping, fmt: Optional[str] = None, *, spz_version: int = 3,
                 antialiased: bool = False) -> Path:  # fmt: skip
     """Write ``splats`` as ``fmt`` (default: from the suffix of ``path``), atomically.
 
@@ -88,17 +90,13 @@ def save_splats(path: Path, splats: dict[str, np.ndarray], fmt: Optional[str] = 
     return path
 
 
-def _select(splats: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v)[keep] for k, v in splats.items()}
-
-
-def prune(splats: dict[str, np.ndarray], min_opacity: float) -> dict[str, np.ndarray]:
+def prune(splats: Splats | Mapping, min_opacity: float) -> Splats:
     """Drop Gaussians whose **activated** opacity ``sigmoid(logit)`` is below ``min_opacity``."""
-    alpha = expit(np.asarray(splats["opacities"], dtype=np.float64))
-    return _select(splats, alpha >= min_opacity)
+    splats = Splats.from_mapping(splats).numpy()
+    return splats.select(splats.alphas() >= min_opacity)
 
 
-def crop(splats: dict[str, np.ndarray], bbox: Sequence[float]) -> dict[str, np.ndarray]:
+def crop(splats: Splats | Mapping, bbox: Sequence[float]) -> Splats:
     """Keep Gaussians whose mean lies in the axis-aligned box ``(xmin, ymin, zmin, xmax, ymax,
     zmax)`` (world units, the frame after any transform).
 
@@ -108,8 +106,9 @@ def crop(splats: dict[str, np.ndarray], bbox: Sequence[float]) -> dict[str, np.n
     b = np.asarray(bbox, dtype=np.float64)
     if b.shape != (6,) or np.any(b[:3] > b[3:]):
         raise ConfigError(f"crop box must be xmin,ymin,zmin,xmax,ymax,zmax with min <= max, got {list(bbox)}")
-    m = np.asarray(splats["means"])
-    return _select(splats, np.all((m >= b[:3]) & (m <= b[3:]), axis=1))
+    splats = Splats.from_mapping(splats).numpy()
+    m = np.asarray(splats.means)
+    return splats.select(np.all((m >= b[:3]) & (m <= b[3:]), axis=1))
 
 
 def build_transform(transform: Optional[str] = None, rotate: Optional[str] = None, matrix: Optional[Path] = None,
@@ -140,10 +139,10 @@ def build_transform(transform: Optional[str] = None, rotate: Optional[str] = Non
     return sim
 
 
-def export(source: Path, output: Path, fmt: Optional[Literal["ply", "splat", "spz"]] = None, *,
+def export(source, output: Path, fmt: Optional[Literal["ply", "splat", "spz"]] = None, *,
            transform: Optional[Similarity] = None, prune_opacity: float = 1 / 255,
            crop_box: Optional[Sequence[float]] = None, spz_version: int = 3) -> dict:  # fmt: skip
-    """Load ``source``, prune Gaussians below ``prune_opacity`` (activated), apply ``transform``,
+    """Load ``source`` (as :func:`load_splats`), prune Gaussians below ``prune_opacity`` (activated), apply ``transform``,
     crop to ``crop_box`` (in the transformed frame) and write ``output``. Returns a summary
     (counts, format, bytes).
 
@@ -151,11 +150,12 @@ def export(source: Path, output: Path, fmt: Optional[Literal["ply", "splat", "sp
         DataFormatError / ConfigError: bad source, options, or nothing left to write.
     """
     splats = load_splats(source)
+    source = getattr(source, "path", source)  # a Run is named by its folder
     n_in = len(splats["means"])
     if prune_opacity > 0:
         splats = prune(splats, prune_opacity)
     if transform is not None:
-        splats = transform_splats(splats, transform)
+        splats = Splats.from_mapping(transform_splats(splats, transform))
     if crop_box is not None:
         splats = crop(splats, crop_box)
     if len(splats["means"]) == 0:

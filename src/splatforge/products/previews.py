@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from scipy.special import expit
 import torch
 
 from splatforge._fs import atomic_path
 from splatforge.errors import SplatforgeError
 from splatforge.geometry.cameras import look_at
+from splatforge.model import Splats
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,16 @@ class SceneFrame:
         return float(np.linalg.norm(self.half_extent))
 
 
-def scene_frame(means: np.ndarray, opacities: np.ndarray, up: np.ndarray, lo: float = 2.0, hi: float = 98.0) -> SceneFrame:
-    """Robust bounds of ``means [N, 3]`` (logit ``opacities [N]``) in a frame whose third axis is
-    ``up``; the horizontal axes are the principal directions of the footprint.
+def scene_frame(splats: Splats | dict, up: np.ndarray, lo: float = 2.0, hi: float = 98.0) -> SceneFrame:
+    """Robust bounds of the means of ``splats`` (:class:`~splatforge.model.Splats`) in a frame
+    whose third axis is ``up``; the horizontal axes are the principal directions of the footprint.
 
     Raises:
         ValueError: no finite mean.
     """
-    means = np.asarray(means, dtype=np.float64)
-    alpha = expit(np.asarray(opacities, dtype=np.float64))
+    splats = Splats.from_mapping(splats).numpy()
+    means = np.asarray(splats.means, dtype=np.float64)
+    alpha = splats.alphas()
     finite = np.isfinite(means).all(axis=1) & np.isfinite(alpha)
     if not finite.any():
         raise ValueError("no Gaussian has a finite position")
@@ -129,23 +130,19 @@ def preview_cameras(frame: SceneFrame, size: int) -> dict[str, tuple[np.ndarray,
     return {"top": (top, K), "angle": (angle, K)}
 
 
-def render_view(splats: dict[str, np.ndarray], viewmat: np.ndarray, K: np.ndarray, width: int, height: int,
+def render_view(splats: Splats | dict, viewmat: np.ndarray, K: np.ndarray, width: int, height: int,
                 background: float = 0.0, device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
-    """Render ``splats`` (activation-space dict, :data:`splatforge.io.ply.SPLAT_KEYS`) from one
-    camera; returns ``[H, W, 3]`` float32 RGB in [0, 1]."""
-    from splatforge.raster import rasterize
-
+    """Render ``splats`` (:class:`~splatforge.model.Splats`, numpy or torch) from one camera
+    (``viewmat [4, 4]`` world-to-camera, OpenCV axes; ``K [3, 3]`` pixels) on ``device``; returns
+    ``[H, W, 3]`` float32 RGB in [0, 1]."""
     t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
-    coeffs = torch.cat([t(splats["sh0"]), t(splats["shN"])], dim=1)
-    degree = int(round(np.sqrt(coeffs.shape[1]))) - 1
     with torch.no_grad():
-        img, _, _ = rasterize(t(splats["means"]), t(splats["quats"]), torch.exp(t(splats["scales"])),
-                              torch.sigmoid(t(splats["opacities"])), coeffs, t(viewmat)[None], t(K)[None],
-                              width, height, sh_degree=degree, backgrounds=torch.full((1, 3), background, device=device))  # fmt: skip
+        img, _, _ = Splats.from_mapping(splats).torch(device).rasterize(
+            t(viewmat)[None], t(K)[None], width, height, backgrounds=torch.full((1, 3), background, device=device))
     return img[0].clamp(0, 1).cpu().numpy()
 
 
-def contributing(splats: dict[str, np.ndarray], camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int,
+def contributing(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int,
                  min_weight: float = 1.0, scale: float = 0.5, batch: int = 8) -> np.ndarray:  # fmt: skip
     """``[N]`` bool: Gaussians whose blending weight ``sum_p alpha_i T_i`` in some batch of
     ``batch`` training views (``camtoworlds [V,4,4]`` OpenCV, ``Ks [V,3,3]`` pixels at
@@ -154,8 +151,8 @@ def contributing(splats: dict[str, np.ndarray], camtoworlds: np.ndarray, Ks: np.
     from splatforge.raster import rasterize
 
     t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
-    means, quats = t(splats["means"]), t(splats["quats"])
-    scales, opac = torch.exp(t(splats["scales"])), torch.sigmoid(t(splats["opacities"]))
+    a = Splats.from_mapping(splats).detach().torch("cpu").activated(0)
+    means, quats, scales, opac = a.means, a.quats, a.scales, a.opacities
     n = means.shape[0]
     K = t(Ks).clone()
     K[:, :2] *= scale
@@ -199,7 +196,7 @@ def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int =
                 container.mux(packet)
 
 
-def write_previews(splats: dict[str, np.ndarray], out_dir: Path, *, camtoworlds: Optional[np.ndarray] = None,
+def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optional[np.ndarray] = None,
                    Ks: Optional[np.ndarray] = None, image_size: Optional[tuple[int, int]] = None,
                    size: int = 1024, orbit: bool = False) -> dict[str, Optional[str]]:  # fmt: skip
     """Write ``preview_top.jpg`` and ``preview_angle.jpg`` (and ``preview_orbit.mp4``) into
@@ -208,16 +205,17 @@ def write_previews(splats: dict[str, np.ndarray], out_dir: Path, *, camtoworlds:
     to render is logged as a warning and reported as ``None``; this function never raises for a
     rendering failure, so pipelines keep going."""
     out_dir = Path(out_dir)
+    splats = Splats.from_mapping(splats).numpy()
     result: dict[str, Optional[str]] = {"preview_top": None, "preview_angle": None}
     if camtoworlds is not None and Ks is not None and image_size is not None:
         try:
             keep = contributing(splats, camtoworlds, Ks, *image_size)
             if keep.sum() >= 10:
-                splats = {k: np.asarray(v)[keep] for k, v in splats.items()}
+                splats = splats.select(keep)
         except (RuntimeError, ValueError, MemoryError, SplatforgeError) as exc:
             log.warning("previews: floater filtering skipped: %s", exc)
     try:
-        frame = scene_frame(splats["means"], splats["opacities"], estimate_up(camtoworlds))
+        frame = scene_frame(splats, estimate_up(camtoworlds))
         cams = preview_cameras(frame, size)
     except (ValueError, np.linalg.LinAlgError, IndexError) as exc:
         log.warning("previews skipped: cannot frame the scene: %s", exc)

@@ -3,12 +3,12 @@
 Layout (Inria's): ``RUN/{train,test}/ours_<step>/{renders,gt}/NNNNN.png`` where ``NNNNN`` is
 the position of the view in that split (views sorted by image name), plus
 ``depth/NNNNN.npy`` (float32 expected camera-z depth, world units; 0 where nothing was drawn)
-on request. ``RUN/metrics.json`` holds PSNR, SSIM and LPIPS per split, mean and per view.
+on request. ``RUN/metrics.json`` holds PSNR, SSIM, LPIPS (VGG and AlexNet) per split, mean and
+per view; see :mod:`splatforge.products.metrics`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -19,35 +19,11 @@ import torch
 
 from splatforge._fs import atomic_path
 from splatforge.data.images import write_png
-from splatforge.train.losses import psnr as psnr_fn
-from splatforge.train.losses import ssim as ssim_fn
+from splatforge.products.metrics import LPIPS_KEYS, lpips_metrics, psnr, ssim
 
 log = logging.getLogger(__name__)
 
-__all__ = ["render_split", "evaluate", "lpips_metric", "write_depth"]
-
-
-def lpips_metric() -> Optional[Callable[[torch.Tensor, torch.Tensor], float]]:
-    """LPIPS (VGG, Zhang et al. 2018) through torchmetrics when it can run offline, else None.
-
-    It needs torchvision and the network weights already in the torch hub cache; there is no
-    download here (machines without network). A one-line warning says why it is missing.
-    """
-    if importlib.util.find_spec("torchvision") is None:
-        log.warning("LPIPS unavailable: torchvision is not installed (metrics report lpips: null)")
-        return None
-    try:
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-        metric = LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=True)
-    except (ImportError, OSError, RuntimeError, ModuleNotFoundError) as exc:
-        log.warning("LPIPS unavailable (weights not present locally?): %s (metrics report lpips: null)", exc)
-        return None
-
-    def run(render: torch.Tensor, gt: torch.Tensor) -> float:
-        return float(metric(render.permute(0, 3, 1, 2).clamp(0, 1).cpu(), gt.permute(0, 3, 1, 2).cpu()))
-
-    return run
+__all__ = ["render_split", "evaluate", "write_depth", "render_depth_split"]
 
 
 def write_depth(path: Path, depth: torch.Tensor, alpha: torch.Tensor, png_preview: bool = False) -> list[Path]:
@@ -69,40 +45,64 @@ def write_depth(path: Path, depth: torch.Tensor, alpha: torch.Tensor, png_previe
     return [Path(path), png]
 
 
+def split_folder(run, split: str) -> Path:
+    """``RUN/{split}/ours_<step>``."""
+    return run.path / split / f"ours_{run.step}"
+
+
 @torch.no_grad()
-def render_split(trainer, split: str, *, depth: bool = False, write: bool = True,
-                 lpips: Optional[Callable] = None) -> dict:  # fmt: skip
-    """Render every view of ``split`` ("train" or "test") with ``trainer``'s current Gaussians,
-    write renders/gt (and depth) PNGs under ``trainer.output``, and return its metrics."""
-    ids = trainer.scene.split[split]
-    folder = trainer.output / split / f"ours_{trainer.step}"
+def render_split(run, split: str, *, depth: bool = False, write: bool = True,
+                 lpips: Optional[dict[str, Callable]] = None) -> dict:  # fmt: skip
+    """Render every view of ``split`` ("train" or "test") of ``run`` (a
+    :class:`~splatforge.train.Run`), write renders/gt (and depth) PNGs under ``run.path``, and
+    return the metrics: ``{"psnr", "ssim", "lpips_vgg", "lpips_alex", "lpips", "num_views",
+    "per_view"}`` (``lpips`` = ``lpips_vgg``; ``None`` where LPIPS cannot run)."""
+    lpips = lpips or {}
+    folder = split_folder(run, split)
     per_view = []
-    for pos, index in enumerate(ids):
-        mode = "RGB+ED" if depth else "RGB"
-        render, alpha, _ = trainer.render(index, render_mode=mode)
+    for pos, index in enumerate(run.scene.split[split]):
+        render, alpha, _ = run.render(index, render_mode="RGB+ED" if depth else "RGB")
         rgb = render[..., :3]
-        gt = trainer.image(index)[None]
+        gt = run.image(index)[None]
         if write:
             write_png(rgb[0], folder / "renders" / f"{pos:05d}.png")
             write_png(gt[0], folder / "gt" / f"{pos:05d}.png")
             if depth:
                 write_depth(folder / "depth" / f"{pos:05d}.npy", render[0, ..., 3], alpha[0, ..., 0])
-        per_view.append({
-            "index": index, "image_name": trainer.scene.image_names[index],
-            "psnr": psnr_fn(rgb, gt), "ssim": float(ssim_fn(rgb.clamp(0, 1), gt)),
-            "lpips": lpips(rgb, gt) if lpips is not None else None,
-        })  # fmt: skip
-    mean = lambda key: (float(np.mean([v[key] for v in per_view])) if per_view and per_view[0][key] is not None else None)  # noqa: E731
-    return {"psnr": mean("psnr"), "ssim": mean("ssim"), "lpips": mean("lpips"), "num_views": len(per_view), "per_view": per_view}
+        view = {"index": index, "image_name": run.scene.image_names[index], "psnr": psnr(rgb, gt), "ssim": ssim(rgb, gt)}
+        view.update({k: (lpips[k](rgb, gt) if k in lpips else None) for k in LPIPS_KEYS})
+        view["lpips"] = view["lpips_vgg"]
+        per_view.append(view)
+
+    def mean(key: str):
+        values = [v[key] for v in per_view]
+        return float(np.mean(values)) if values and None not in values else None
+
+    keys = ("psnr", "ssim", *LPIPS_KEYS, "lpips")
+    return {**{k: mean(k) for k in keys}, "num_views": len(per_view), "per_view": per_view}
 
 
-def evaluate(trainer, splits=("test", "train"), *, depth: bool = False, write_images: bool = True) -> dict:
-    """Metrics of ``splits`` written to ``RUN/metrics.json`` (atomically) and returned:
-    ``{"test": {psnr, ssim, lpips, num_views, per_view}, "train": {...}, "step",
-    "num_gaussians", "train_seconds"}``."""
-    lpips = lpips_metric()
-    result = {split: render_split(trainer, split, depth=depth, write=write_images, lpips=lpips) for split in splits}
-    result.update(step=trainer.step, num_gaussians=len(trainer.params["means"]), train_seconds=trainer.train_seconds)
-    with atomic_path(trainer.output / "metrics.json") as tmp:
+def evaluate(run, splits=("test", "train"), *, depth: bool = False, write_images: bool = True) -> dict:
+    """Metrics of ``splits`` of ``run`` written to ``RUN/metrics.json`` (atomically) and
+    returned: ``{"test": {...}, "train": {...}, "step", "num_gaussians", "train_seconds",
+    "lpips_note"}`` (``lpips_note``: why LPIPS is ``null``, or ``null``)."""
+    lpips, note = lpips_metrics(run.device)
+    if note:
+        log.warning("%s (metrics report null)", note)
+    result = {split: render_split(run, split, depth=depth, write=write_images, lpips=lpips) for split in splits}
+    result.update(step=run.step, num_gaussians=run.num_gaussians, train_seconds=run.train_seconds, lpips_note=note)
+    with atomic_path(run.path / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
     return result
+
+
+@torch.no_grad()
+def render_depth_split(run, split: str, png_preview: bool = True) -> list[Path]:
+    """Write ``{split}/ours_N/depth/NNNNN.npy`` (and ``.png`` previews) for every view of
+    ``split``; returns the written paths."""
+    folder = split_folder(run, split) / "depth"
+    outputs: list[Path] = []
+    for pos, index in enumerate(run.scene.split[split]):
+        render, alpha, _ = run.render(index, render_mode="ED")
+        outputs += write_depth(folder / f"{pos:05d}.npy", render[0, ..., 0], alpha[0, ..., 0], png_preview=png_preview)
+    return outputs

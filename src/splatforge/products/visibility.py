@@ -27,7 +27,7 @@ import torch
 
 from splatforge._fs import atomic_path
 
-__all__ = ["gaussian_scores", "second_pick", "score_maps", "write_visibility"]
+__all__ = ["gaussian_scores", "second_pick", "score_maps", "write_visibility", "visibility_products"]
 
 TOP_K = 5
 
@@ -37,8 +37,8 @@ def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, 
     """Per training view and Gaussian, the mean transmittance in front of it over the pixels it
     touches: ``[V, N]`` float64 (0 where it touches none).
 
-    ``gaussians`` holds **activated** tensors: ``means [N,3]``, ``quats [N,4]``, ``scales [N,3]``
-    (world units), ``opacities [N]`` (in [0, 1]). ``viewmats [V,4,4]`` world-to-camera (OpenCV),
+    ``gaussians`` holds **activated** tensors (a mapping or :class:`~splatforge.model.Activated`):
+    ``means [N,3]``, ``quats [N,4]``, ``scales [N,3]`` (world units), ``opacities [N]`` (in [0, 1]). ``viewmats [V,4,4]`` world-to-camera (OpenCV),
     ``Ks [V,3,3]`` pixels.
     """
     from splatforge.raster import transmittance_stats
@@ -92,3 +92,32 @@ def write_visibility(folder: Path, maps: torch.Tensor, threshold: float = 0.5, n
             np.save(tmp, m.astype(np.float32))
         written += [mask_dir / f"{name}.png", score_dir / f"{name}.npy"]
     return written
+
+
+def visibility_products(run, threshold: float = 0.5) -> tuple[list[Path], dict]:
+    """Masks and score maps of every view of ``run`` (a :class:`~splatforge.train.Run`) under
+    ``{train,test}/ours_N/`` (see the module docstring); returns the written paths and
+    ``{"fraction_gaussians_seen_twice"}``.
+
+    Raises:
+        ConfigError: the scene's views are not all of one image size.
+    """
+    from splatforge.errors import ConfigError
+
+    scene = run.scene
+    sizes = {run.image_size(i) for i in range(len(scene))}
+    if len(sizes) != 1:
+        raise ConfigError(f"visibility needs one image size per scene, found {sorted(sizes)}")
+    ((w, h),) = sizes
+    g = run.splats.activated(0)
+    viewmats, Ks = run.cameras()
+    backend = run.cfg.backend
+    train_ids = scene.split["train"]
+    vis = second_pick(gaussian_scores(g, viewmats[train_ids], Ks[train_ids], w, h, backend=backend))
+    outputs: list[Path] = []
+    for split in ("train", "test"):
+        ids = scene.split[split]
+        if ids:
+            maps = score_maps(g, vis, viewmats[ids], Ks[ids], w, h, backend=backend)
+            outputs += write_visibility(run.path / split / f"ours_{run.step}", maps, threshold)
+    return outputs, {"fraction_gaussians_seen_twice": round(float((vis >= threshold).double().mean()), 4)}

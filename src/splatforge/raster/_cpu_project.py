@@ -18,10 +18,17 @@ import numba as nb
 import numpy as np
 
 from splatforge.geometry.sh import SH_C0, SH_C1, SH_C2, SH_C3
-from splatforge.raster.constants import ALPHA_THRESHOLD, RADIUS_EXTEND
+from splatforge.raster.constants import ALPHA_THRESHOLD, FASTMATH, RADIUS_EXTEND
 
-_JIT = dict(cache=True, nogil=True, fastmath=False)
+_JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
 _CHUNK = 256  # Gaussians per parallel work item
+
+
+@nb.njit(inline="always", **_JIT)
+def _depth_ok(z, near, far):
+    """Camera depth inside ``[near, far]``; NaN is not (the reference's ``(z >= near) & (z <=
+    far)``). Written so that a NaN fails the test itself, not some later one by accident."""
+    return near <= z <= far
 
 
 @nb.njit(inline="always", **_JIT)
@@ -88,7 +95,7 @@ def project_fwd(
         fx, fy, cx, cy, lxp, lxn, lyp, lyn = _fov_limits(Ks, c, width, height)
         for n in range((job % n_chunks) * _CHUNK, min(N, (job % n_chunks + 1) * _CHUNK)):
             x, y, z = _factor(means, quats, scales, viewmats, c, n, M)
-            if z < near or z > far:
+            if not _depth_ok(z, near, far):
                 continue
             rz = 1.0 / z
             tx = z * min(lxp, max(-lxn, x * rz))

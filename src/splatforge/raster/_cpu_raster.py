@@ -19,9 +19,9 @@ import math
 import numba as nb
 import numpy as np
 
-from splatforge.raster.constants import ALPHA_MAX, ALPHA_THRESHOLD, TILE_SIZE, TRANSMITTANCE_MIN
+from splatforge.raster.constants import ALPHA_MAX, ALPHA_THRESHOLD, FASTMATH, TILE_SIZE, TRANSMITTANCE_MIN
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
+_JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
 # A contribution is certainly below ALPHA_THRESHOLD when sigma > log(o * 255) + margin; the
 # margin keeps this shortcut from ever disagreeing with the exact test on rounding.
 _SKIP_MARGIN = 1e-3
@@ -43,35 +43,45 @@ def bin_gaussians(means2d, radii, depths, tiles_x, tiles_y):
 
     Returns ``offsets [C * T + 1]`` int64 (tile ``c * T + ty * tiles_x + tx`` owns
     ``ids[offsets[t]:offsets[t + 1]]``) and ``ids [n_isects]`` int32 Gaussian indices.
+
+    Each list is sorted by depth, ties by index (what gsplat's stable radix sort of (tile, depth)
+    keys gives): the tile rectangles are found in parallel over Gaussians, the lists filled in
+    index order, then each list is stably sorted by depth in parallel over tiles.
     """
     C, N = depths.shape
     T = tiles_x * tiles_y
-    counts = np.zeros(C * T + 1, np.int64)
-    orders = np.empty((C, N), np.int64)
-    for c in nb.prange(C):
-        # One stable sort per camera, then a stable bucketing by tile: every tile's list comes
-        # out sorted by depth, ties by index.
-        orders[c] = np.argsort(depths[c], kind="mergesort")
-        for n in orders[c]:
-            if radii[c, n, 0] <= 0 or radii[c, n, 1] <= 0:
-                continue
+    rects = np.zeros((C, N, 4), np.int32)
+    for job in nb.prange(C * N):
+        c, n = job // N, job % N
+        if radii[c, n, 0] > 0 and radii[c, n, 1] > 0:
             x0, y0, x1, y1 = _tile_rect(means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 0], radii[c, n, 1], tiles_x, tiles_y)
-            for ty in range(y0, y1):
-                for tx in range(x0, x1):
+            rects[c, n, 0], rects[c, n, 1], rects[c, n, 2], rects[c, n, 3] = x0, y0, x1, y1
+    counts = np.zeros(C * T + 1, np.int64)
+    for c in range(C):
+        for n in range(N):
+            for ty in range(rects[c, n, 1], rects[c, n, 3]):
+                for tx in range(rects[c, n, 0], rects[c, n, 2]):
                     counts[c * T + ty * tiles_x + tx + 1] += 1
     offsets = np.cumsum(counts)
     ids = np.empty(offsets[-1], np.int32)
-    for c in nb.prange(C):
-        cursor = offsets[c * T : (c + 1) * T].copy()
-        for n in orders[c]:
-            if radii[c, n, 0] <= 0 or radii[c, n, 1] <= 0:
-                continue
-            x0, y0, x1, y1 = _tile_rect(means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 0], radii[c, n, 1], tiles_x, tiles_y)
-            for ty in range(y0, y1):
-                for tx in range(x0, x1):
-                    t = ty * tiles_x + tx
+    cursor = offsets[:-1].copy()
+    for c in range(C):
+        for n in range(N):
+            for ty in range(rects[c, n, 1], rects[c, n, 3]):
+                for tx in range(rects[c, n, 0], rects[c, n, 2]):
+                    t = c * T + ty * tiles_x + tx
                     ids[cursor[t]] = n
                     cursor[t] += 1
+    for job in nb.prange(C * T):
+        c, start, stop = job // T, offsets[job], offsets[job + 1]
+        if stop - start > 1:
+            lst = ids[start:stop].copy()
+            keys = np.empty(stop - start, depths.dtype)
+            for i in range(stop - start):
+                keys[i] = depths[c, lst[i]]
+            order = np.argsort(keys, kind="mergesort")
+            for i in range(stop - start):
+                ids[start + i] = lst[order[i]]
     return offsets, ids
 
 

@@ -100,6 +100,22 @@ def _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, heigh
     return device, N, C
 
 
+def _check_options(rasterize_mode: str, near_plane: float, far_plane: float, eps2d: float) -> None:
+    """The options every entry point shares."""
+    if rasterize_mode not in RASTERIZE_MODES:
+        raise ConfigError(f"rasterize_mode must be one of {RASTERIZE_MODES}, got {rasterize_mode!r}")
+    if not near_plane < far_plane:
+        raise ConfigError(f"near_plane ({near_plane}) must be smaller than far_plane ({far_plane})")
+    if not eps2d >= 0:
+        raise ConfigError(f"eps2d must be >= 0 (pixels^2), got {eps2d}")
+
+
+def _check_dtypes(backend: str, *tensors: Tensor) -> None:
+    """The cpu backend's kernels are compiled for float32."""
+    if backend == "cpu" and any(t.dtype != torch.float32 for t in tensors):
+        raise ConfigError("the cpu backend needs float32 tensors; call .float() on the inputs")
+
+
 def rasterize(
     means: Tensor,
     quats: Tensor,
@@ -168,10 +184,7 @@ def rasterize(
     device, N, C = _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
     if render_mode not in RENDER_MODES:
         raise ConfigError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
-    if rasterize_mode not in RASTERIZE_MODES:
-        raise ConfigError(f"rasterize_mode must be one of {RASTERIZE_MODES}, got {rasterize_mode!r}")
-    if not near_plane < far_plane:
-        raise ConfigError(f"near_plane ({near_plane}) must be smaller than far_plane ({far_plane})")
+    _check_options(rasterize_mode, near_plane, far_plane, eps2d)
     if sh_degree is None:
         if colors.dim() == 2:
             _check("colors", colors, (N, None), device)
@@ -189,6 +202,7 @@ def rasterize(
         _check("backgrounds", backgrounds, (C, D_in if "RGB" in render_mode else None), device)
 
     name = resolve_backend(backend, device)
+    _check_dtypes(name, means, quats, scales, opacities, colors, viewmats, Ks)
     if name == "gsplat":
         from splatforge.raster import gsplat_backend
 
@@ -198,8 +212,6 @@ def rasterize(
             render_mode=render_mode, rasterize_mode=rasterize_mode, absgrad=absgrad,
         )  # fmt: skip
     if name == "cpu":
-        if any(t.dtype != torch.float32 for t in (means, quats, scales, opacities, colors, viewmats, Ks)):
-            raise ConfigError("the cpu backend needs float32 tensors; call .float() on the inputs")
         from splatforge.raster import cpu as impl
     else:
         from splatforge.raster import reference as impl  # type: ignore[no-redef]
@@ -284,7 +296,9 @@ def transmittance_stats(
         ConfigError, BackendUnavailableError: as :func:`rasterize`.
     """
     device, N, C = _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
+    _check_options(rasterize_mode, near_plane, far_plane, eps2d)
     name = resolve_backend(backend, device)
+    _check_dtypes(name, means, quats, scales, opacities, viewmats, Ks)
     if name == "cpu":
         from splatforge.raster import cpu as impl
     else:

@@ -16,3 +16,8 @@ TRANSMITTANCE_MIN = 1e-4
 #: Radius in standard deviations of the 2D Gaussian, before the opacity-aware bound
 #: ``sqrt(2 ln(opacity / ALPHA_THRESHOLD))`` shrinks it.
 RADIUS_EXTEND = 3.33
+
+#: numba's fast-math flags for every CPU kernel (projection and compositing alike): LLVM's fast
+#: flags except ``nnan`` and ``ninf``, so comparisons with NaN and infinity keep their IEEE
+#: meaning (a NaN depth fails ``near <= z <= far`` and is culled, as the reference culls it).
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})

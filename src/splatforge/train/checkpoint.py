@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -38,15 +39,18 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU.
+def load_checkpoint(path: Path, mmap: bool = True) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU with ``weights_only=True`` (tensors, numbers, strings and
+    containers only: a run folder from elsewhere cannot execute code through pickle), memory-mapped
+    by default (a reader of the parameters alone does not read the optimizer state).
 
     Raises:
-        DataFormatError: unreadable file or a version this code does not know.
+        DataFormatError: unreadable file, content other than plain data, or a version this code
+            does not know.
     """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise DataFormatError(f"{path}: not a readable checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise DataFormatError(f"{path}: checkpoint version {ckpt.get('version') if isinstance(ckpt, dict) else '?'} is not {CHECKPOINT_VERSION}")

@@ -3,7 +3,8 @@ device-agnostic relocation and noise, so it runs on CPU tensors too.
 
 gsplat 1.5.3 computes the relocation (paper eq. 9) and the covariances for the position noise
 with CUDA kernels; here both are plain torch, and the strategy's bookkeeping (multinomial
-sampling, optimizer-state surgery) is gsplat's own helpers.
+sampling, optimizer-state surgery) is gsplat's own helpers. Importing this module imports gsplat
+(its Python parts only; nothing is compiled).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gsplat.strategy import MCMCStrategy as _GsplatMCMC
+
 from splatforge.geometry.quats import quat_scale_to_covar
 
-__all__ = ["relocation", "MCMCStrategyAnyDevice"]
+__all__ = ["relocation", "MCMCStrategy"]
 
 
 def relocation(opacities: Tensor, scales: Tensor, ratios: Tensor, binoms: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,29 +109,50 @@ def sample_add(params, optimizers, n: int, binoms: Tensor, min_opacity: float) -
 
 
 @torch.no_grad()
-def inject_noise(params, scaler: float) -> None:
+def inject_noise(params, scaler: float, compiled: bool = True) -> None:
     """Perturb the means by noise shaped by each covariance, strongest for transparent
-    Gaussians (gsplat's ``inject_noise_to_position``, eq. 7 of the paper)."""
+    Gaussians (gsplat's ``inject_noise_to_position``, eq. 7 of the paper). The normal draws come
+    from torch's generator on every device; for float32 CPU tensors (and ``compiled``) they are
+    then combined by a compiled kernel (:func:`splatforge.train._cpu_kernels.add_covariance_noise`),
+    otherwise in torch."""
+    means = params["means"]
+    z = torch.randn_like(means)
+    if compiled and means.device.type == "cpu" and means.dtype == torch.float32 and means.is_contiguous():
+        from splatforge.train._cpu_kernels import add_covariance_noise
+
+        arrays = [params[k].detach().contiguous().numpy() for k in ("quats", "scales", "opacities")]
+        add_covariance_noise(means.data.numpy(), *arrays, z.numpy(), float(scaler))
+        return
     opacities = torch.sigmoid(params["opacities"].flatten())
     covars = quat_scale_to_covar(params["quats"], torch.exp(params["scales"]))
     gate = 1.0 / (1.0 + torch.exp(-100.0 * ((1.0 - opacities) - 0.995)))
-    noise = torch.randn_like(params["means"]) * gate[:, None] * scaler
-    params["means"].add_(torch.einsum("bij,bj->bi", covars, noise))
-
-
-def _mcmc_base():
-    from gsplat.strategy import MCMCStrategy
-
-    return MCMCStrategy
+    means.add_(torch.einsum("bij,bj->bi", covars, z * gate[:, None] * scaler))
 
 
 @dataclass
-class MCMCStrategyAnyDevice(_mcmc_base()):  # type: ignore[misc]
-    """``gsplat.strategy.MCMCStrategy`` whose relocation, growth and noise run in torch on any
-    device; same hyper-parameters (``cap_max``, ``noise_lr``, ``refine_*``, ``min_opacity``)."""
+class MCMCStrategy(_GsplatMCMC):
+    """``gsplat.strategy.MCMCStrategy`` (same fields: ``cap_max``, ``noise_lr``, ``refine_*``,
+    ``min_opacity``) whose relocation, growth and noise run in torch on any device, plus the
+    opacity and scale regularisers of gsplat's MCMC trainer (``opacity_reg``, ``scale_reg``)."""
+
+    opacity_reg: float = 0.01
+    scale_reg: float = 0.01
+    absgrad: bool = False  # the rasterizer need not accumulate absolute gradients for MCMC
+
+    def initialize_state(self, scene_scale: float = 1.0) -> dict[str, Any]:
+        """gsplat's state (``binoms``); ``scene_scale`` is not used by MCMC."""
+        return super().initialize_state()
+
+    def regularization(self, params) -> Tensor:
+        """``opacity_reg * mean(sigmoid(opacities)) + scale_reg * mean(exp(scales))``, added to the
+        loss (Kheradmand et al. 2024, sec. 4.3; gsplat's ``simple_trainer``)."""
+        return self.opacity_reg * torch.sigmoid(params["opacities"]).mean() + self.scale_reg * torch.exp(params["scales"]).mean()
 
     def step_post_backward(self, params, optimizers, state: dict[str, Any], step: int, info: dict[str, Any], lr: float) -> None:
-        binoms = state["binoms"] = state["binoms"].to(params["means"].device)
+        """Relocate dead Gaussians and grow by 5 % (to ``cap_max``) every ``refine_every`` steps
+        inside the refine window, then perturb the means by noise scaled by ``lr * noise_lr``
+        (``lr``: the means' learning rate of this step)."""
+        binoms = state["binoms"]
         if self.refine_start_iter < step < self.refine_stop_iter and step % self.refine_every == 0:
             dead = torch.sigmoid(params["opacities"].flatten()) <= self.min_opacity
             if dead.any():

@@ -1,0 +1,74 @@
+"""Densification strategies: gsplat's, subclassed where splatforge adds behaviour, behind one
+interface the trainer calls without knowing which it has.
+
+=========================== ===================================================================
+``initialize_state``        the running state (tensors moved to the parameters' device by the
+                            trainer, and again after a checkpoint is loaded)
+``step_pre_backward``       before ``loss.backward()`` (gsplat's: keep the 2D means' gradient)
+``regularization(params)``  a loss term the strategy needs, or None
+``step_post_backward(...)`` after the optimiser step: grow, prune, relocate, reset, add noise;
+                            ``lr`` is the means' learning rate of the step
+``absgrad``                 whether the rasterizer must accumulate absolute 2D gradients
+=========================== ===================================================================
+
+- :class:`DefaultStrategy`: gsplat's ``DefaultStrategy`` (3DGS's adaptive density control) plus
+  the opacity reset gsplat 1.5.3 means to do but never does (its test ``step % reset_every == 0
+  & step > 0`` is a chained comparison with ``0 > 0``).
+- :class:`~splatforge.train.mcmc.MCMCStrategy`: gsplat's ``MCMCStrategy`` with a CPU path and
+  its trainer's opacity/scale regularisers.
+
+:func:`build_strategy` makes either from the resolved :class:`~splatforge.train.config.TrainConfig`.
+Importing this module imports gsplat's Python parts (nothing is compiled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from gsplat.strategy import DefaultStrategy as _GsplatDefault
+from gsplat.strategy.ops import reset_opa
+from torch import Tensor
+
+from splatforge.train.config import TrainConfig
+from splatforge.train.mcmc import MCMCStrategy
+
+__all__ = ["DefaultStrategy", "MCMCStrategy", "build_strategy", "state_to"]
+
+
+@dataclass
+class DefaultStrategy(_GsplatDefault):
+    """``gsplat.strategy.DefaultStrategy`` (same fields and meaning) whose opacity reset happens:
+    every ``reset_every`` steps before ``refine_stop_iter``, opacities are set to ``2 *
+    prune_opa`` and their Adam moments cleared (3DGS, Kerbl et al. 2023, sec. 5.2)."""
+
+    def regularization(self, params) -> Optional[Tensor]:
+        return None
+
+    def step_post_backward(self, params, optimizers, state: dict[str, Any], step: int, info: dict[str, Any],
+                           lr: float = 0.0) -> None:  # fmt: skip
+        super().step_post_backward(params, optimizers, state, step, info, packed=False)
+        if 0 < step < self.refine_stop_iter and step % self.reset_every == 0:
+            reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
+
+
+def build_strategy(cfg: TrainConfig) -> DefaultStrategy | MCMCStrategy:
+    """The strategy of ``cfg`` (resolved: no ``None`` schedule left), with its fields."""
+    sub = dataclasses.asdict(cfg.strategy_config())
+    if cfg.strategy == "mcmc":
+        sub["cap_max"] = cfg.cap
+        return MCMCStrategy(**sub)
+    return DefaultStrategy(**sub)
+
+
+def state_to(state: Any, device: torch.device) -> Any:
+    """``state`` (nested dicts/lists of tensors and numbers) with every tensor on ``device``."""
+    if isinstance(state, Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: state_to(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(state_to(v, device) for v in state)
+    return state

@@ -83,10 +83,11 @@ def prepared_orbit(tmp: Path, console: Console) -> Path:
 
 
 def section_strategies(args, tmp: Path, console: Console) -> dict:
-    scenes = {"skull_images_8": (DATASETS / "skull", {"data_factor": 8}), "fox": (DATASETS / "fox", {})}
-    scenes["skull_orbit_prepared"] = (prepared_orbit(tmp, console), {})
+    scenes = {"skull_images_8": lambda: (DATASETS / "skull", {"data_factor": 8}), "fox": lambda: (DATASETS / "fox", {}),
+              "skull_orbit_prepared": lambda: (prepared_orbit(tmp, console), {})}  # fmt: skip
     rows = {}
-    for name, (data, extra) in scenes.items():
+    for name in args.scenes:
+        data, extra = scenes[name]()
         for steps in args.steps:
             for strategy in ("mcmc", "default"):
                 key = f"{name}/{steps}/{strategy}"
@@ -217,6 +218,8 @@ def main() -> int:
     ap.add_argument("--sections", nargs="+", default=["strategies", "breakdown", "opensplat"],
                     choices=["strategies", "breakdown", "opensplat"])
     ap.add_argument("--steps", nargs="+", type=int, default=[3000, 7000])
+    ap.add_argument("--scenes", nargs="+", default=["skull_images_8", "fox", "skull_orbit_prepared"],
+                    choices=["skull_images_8", "fox", "skull_orbit_prepared"], help="the strategies section's scenes")
     ap.add_argument("--breakdown-steps", type=int, default=60)
     ap.add_argument("--opensplat", type=Path, default=None, help="OpenSplat binary built with the test-split patch")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")

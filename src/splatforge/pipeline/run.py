@@ -47,7 +47,8 @@ class RunConfig:
     """Longer image side of the frames after import (what SfM and the exports see), pixels."""
     matcher: Literal["auto", "sequential", "exhaustive"] = "auto"
     camera_model: str = "SIMPLE_RADIAL"
-    max_features: int = 4096
+    max_features: Optional[int] = None
+    """SIFT features per image for SfM (default: the preset's, 2,048 for ``fast``, else 4,096)."""
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto"
     device: str = "auto"
     """torch device: auto (cuda when present, else cpu), cpu, cuda[:i]."""
@@ -57,10 +58,17 @@ class RunConfig:
 
 
 def prepare_config(cfg: RunConfig) -> PrepareConfig:
-    """The ``prepare`` phase's options (scene in ``OUT/scene``)."""
+    """The ``prepare`` phase's options (scene in ``OUT/scene``), SfM's features from the preset
+    for the device unless given."""
+    from splatforge.train import resolve_preset
+    from splatforge.train.config import resolve_device
+
+    features = cfg.max_features
+    if features is None:
+        features = resolve_preset(cfg.preset, resolve_device(cfg.device)).max_features
     return PrepareConfig(inputs=list(cfg.inputs), output=Path(cfg.output) / "scene", target_frames=cfg.target_frames,
                          max_size=cfg.max_size, matcher=cfg.matcher, camera_model=cfg.camera_model,
-                         max_features=cfg.max_features, seed=cfg.seed)  # fmt: skip
+                         max_features=features, seed=cfg.seed)  # fmt: skip
 
 
 def run_train_config(cfg: RunConfig):

@@ -4,7 +4,8 @@ training resolution and Gaussian cap, chosen together for the device.
 ========== ======= ======================= ========= ===============================================
 preset     steps   longer image side       cap       for
 ========== ======= ======================= ========= ===============================================
-fast       3,000   at most 800 px          300,000   a CPU: minutes per scene (``auto`` on a CPU)
+fast       3,000   at most 512 px          300,000   a CPU: minutes per scene (``auto`` on a CPU);
+                                                     ``run``'s SfM with 2,048 features, not 4,096
 default    30,000  at most 1,600 px        1,000,000 a GPU: gsplat's/Inria's standard run (``auto``
                                                      with a CUDA device)
 quality    30,000  full size               3,000,000 a GPU with memory to spare
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Preset", "PRESETS", "PRESET_NAMES", "resolve_preset", "apply_preset", "estimate_seconds", "count_schedule"]
 
+GROWTH = 0.5
+"""How far towards their neighbour spacing :func:`estimate_seconds` grows shrunk initial
+Gaussians, in log scale (0: as initialised, 1: the spacing). Measured on 2 cores at 3,000 steps:
+0 predicted 0.34x (the fox video) and 0.70x (skull ``images_8``) of the real time, 1 about 2.2x
+and 2.7x, 0.5 gives 1.1x and 1.5x."""
 PRESET_NAMES = ("auto", "fast", "default", "quality")
 PresetName = Literal["auto", "fast", "default", "quality"]
 
@@ -42,18 +48,24 @@ PresetName = Literal["auto", "fast", "default", "quality"]
 @dataclass(frozen=True)
 class Preset:
     """What a preset sets: ``steps``, ``max_image_size`` (longer side in pixels, 0 = full
-    size), ``max_gaussians`` (the cap) and the ``strategy``."""
+    size), ``max_gaussians`` (the cap), the ``strategy`` and, for ``run``'s SfM,
+    ``max_features`` (SIFT features per image: exhaustive matching costs the square of it)."""
 
     name: str
     steps: int
     max_image_size: int
     max_gaussians: int
     strategy: str = "mcmc"
+    max_features: int = 4096
     description: str = ""
 
 
 PRESETS: dict[str, Preset] = {
-    "fast": Preset("fast", 3_000, 800, 300_000, description="a CPU: minutes per scene"),
+    # 2,048 SIFT features: SfM on the 67 frames of a 1080x1920 video takes 8.5 min on 2 cores
+    # instead of over 20 with 4,096, all frames registered (and 65 of the 66 skull video frames).
+    # 512 px: the rasterizer's cost follows the pixels; that video's frames at 299x532 (the most
+    # under 640 px) trained in 13 min on 2 cores, 0.42 s/step at the end
+    "fast": Preset("fast", 3_000, 512, 300_000, max_features=2_048, description="a CPU: minutes per scene"),
     "default": Preset("default", 30_000, 1_600, 1_000_000, description="a GPU: the standard 30k-step run"),
     "quality": Preset("quality", 30_000, 0, 3_000_000, description="a GPU with memory to spare: full size"),
 }
@@ -99,53 +111,74 @@ def count_schedule(trainer: "Trainer") -> list[tuple[int, int]]:
 def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
     """Predict the remaining training time of ``trainer`` from a short timed warm-up.
 
-    Forward and backward passes (no optimiser step: nothing changes) are timed on training views
-    with all the Gaussians and with half of them, after one untimed pass (which also compiles the
-    CPU kernels on a machine's first run); the time per step is taken as linear in the count and
-    summed over :func:`count_schedule`, plus the measured cost of an optimiser and strategy step
-    per Gaussian. Returns ``{"seconds", "s_per_step_now", "s_per_step_end", "final_count",
-    "warmup_seconds"}``.
+    A step costs the rasterizer's forward and backward, which grows with the count and with the
+    Gaussians' sizes, plus the loss (SSIM) and about 10 % for Adam, the strategy and Python (the
+    breakdown in ``bench/train.py``). The rasterizer is timed on training views (detached copies:
+    nothing changes) at the SH degree most of the run uses, with the current Gaussians and with
+    each of them doubled the way MCMC grows (a copy in place, the opacity shared as
+    ``1 - sqrt(1 - o)``), after one untimed pass (which also compiles the CPU kernels on a
+    machine's first run). A run that starts from shrunk points (``init_scale`` < 1: MCMC's 0.1×
+    the neighbour spacing) is timed with them grown halfway (:data:`GROWTH`) towards the spacing,
+    as training grows them: timed as initialised, the fox video's run was predicted at 2.8 min
+    and took 13. The time per step is
+    taken as linear in the count and summed over :func:`count_schedule`. Returns
+    ``{"seconds", "s_per_step_now", "s_per_step_end", "final_count", "warmup_seconds"}``.
     """
+    import math
+
     import torch
 
+    from splatforge.model import Splats
+    from splatforge.train.losses import ssim
+
     t_start = time.perf_counter()
+    cfg = trainer.cfg
     n = len(trainer.params["means"])
     ids = trainer.train_ids
-    gen = torch.Generator().manual_seed(trainer.cfg.seed + 7)
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    base = trainer.splats.detach()
+    if trainer.step == 0 and cfg.init_scale is not None and cfg.init_scale < 1.0:
+        base = dataclasses.replace(base, scales=base.scales - GROWTH * math.log(cfg.init_scale))
 
-    def timed(keep) -> float:
-        from splatforge.model import Splats
-
-        splats = trainer.splats.detach()
-        leaves = Splats(*(getattr(splats, k)[keep] if keep is not None else getattr(splats, k) for k in splats.keys()))
-        leaves = Splats(*(t.clone().requires_grad_(True) for t in (getattr(leaves, k) for k in leaves.keys())))
+    def timed(splats: Splats, with_loss: bool = False) -> float:
+        leaves = Splats(*(getattr(splats, k).clone().requires_grad_(True) for k in splats.keys()))
         times = []
         for r in range(repeats + 1):
             index = ids[int(torch.randint(len(ids), (1,), generator=gen))]
             t = time.perf_counter()
             render, _, _ = leaves.rasterize(trainer.viewmats[index : index + 1], trainer.Ks[index : index + 1],
                                             int(trainer.scene.widths[index]), int(trainer.scene.heights[index]),
-                                            sh_degree=trainer.sh_degree_at(trainer.step), backend=trainer.cfg.backend)  # fmt: skip
-            render.sum().backward()
+                                            sh_degree=cfg.sh_degree, backend=cfg.backend)  # fmt: skip
+            if with_loss:  # the loss alone: SSIM against a copy, backward to the render
+                t = time.perf_counter()
+                image = render.detach().requires_grad_(True)
+                (1.0 - ssim(image, image.detach().flip(2))).backward()
+            else:
+                render.sum().backward()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
             if r:
                 times.append(time.perf_counter() - t)
         return sorted(times)[len(times) // 2]
 
-    full = timed(None)
-    half = timed(torch.arange(0, n, 2, device=trainer.device)) if n >= 2 else full
-    per_gaussian = max(0.0, (full - half) / max(1, n - (n + 1) // 2))
+    with trainer.compute_threads():
+        full = timed(base)
+        shared = torch.logit(1.0 - torch.sqrt(1.0 - torch.sigmoid(base.opacities)), eps=1e-6)
+        doubled = Splats(*(torch.cat([getattr(base, k)] * 2) for k in ("means", "quats", "scales")),
+                         torch.cat([shared, shared]), torch.cat([base.sh0] * 2), torch.cat([base.shN] * 2))  # fmt: skip
+        double = timed(doubled)
+        loss = timed(base, with_loss=True)
+    per_gaussian = max(0.0, (double - full) / max(1, n))
     fixed = max(1e-4, full - per_gaussian * n)
-    # loss, SSIM, Adam and strategy: about half the rendering on CPU runs (bench/train.py)
-    overhead = 1.5
-    sched = count_schedule(trainer) + [(trainer.cfg.steps, None)]
-    seconds = 0.0
-    for (start, count), (end, _) in zip(sched[:-1], sched[1:]):
-        seconds += (end - start) * (fixed + per_gaussian * count) * overhead
+
+    def per_step(count: int) -> float:
+        return (fixed + per_gaussian * count) * 1.1 + loss
+
+    sched = count_schedule(trainer) + [(cfg.steps, None)]
+    seconds = sum((end - start) * per_step(count) for (start, count), (end, _) in zip(sched[:-1], sched[1:]))
     final = sched[-2][1]
-    return {"seconds": seconds, "s_per_step_now": full * overhead, "s_per_step_end": (fixed + per_gaussian * final) * overhead,
-            "final_count": final, "warmup_seconds": time.perf_counter() - t_start}  # fmt: skip
+    return {"seconds": seconds, "s_per_step_now": per_step(n), "s_per_step_end": per_step(final), "final_count": final,
+            "warmup_seconds": time.perf_counter() - t_start}  # fmt: skip
 
 
 def describe_plan(trainer: "Trainer", estimate: dict | None = None) -> str:

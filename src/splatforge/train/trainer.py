@@ -180,7 +180,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs (CPU tensors); :meth:`load_state_dict` takes it back."""
         return {
+            "step": self.step,
             "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
             "schedulers": [s.state_dict() for s in self.schedulers],

@@ -75,6 +75,9 @@ def test_resume_equals_uninterrupted_run(demo_scene, tmp_path):
         assert torch.equal(straight.params[key], resumed.params[key]), key
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints"))
     assert ckpt["version"] == 1 and ckpt["step"] == 30
+    again = Trainer(small_cfg(demo_scene, tmp_path / "c"))  # an in-memory round trip, no file
+    again.load_state_dict(straight.state_dict())
+    assert again.step == 30 and all(torch.equal(again.params[k], straight.params[k]) for k in straight.params)
 
 
 def test_opacity_reset_happens(demo_scene, tmp_path):

@@ -57,15 +57,19 @@ class RunConfig:
     preview_size: int = 1024
 
 
-def prepare_config(cfg: RunConfig) -> PrepareConfig:
-    """The ``prepare`` phase's options (scene in ``OUT/scene``), SfM's features from the preset
-    for the device unless given."""
+def _preset(cfg: RunConfig):
+    """The device ``cfg.device`` resolves to and the preset for it."""
     from splatforge.train import resolve_preset
     from splatforge.train.config import resolve_device
 
-    features = cfg.max_features
-    if features is None:
-        features = resolve_preset(cfg.preset, resolve_device(cfg.device)).max_features
+    device = resolve_device(cfg.device)
+    return device, resolve_preset(cfg.preset, device)
+
+
+def prepare_config(cfg: RunConfig) -> PrepareConfig:
+    """The ``prepare`` phase's options (scene in ``OUT/scene``), SfM's features from the preset
+    for the device unless given."""
+    features = cfg.max_features if cfg.max_features is not None else _preset(cfg)[1].max_features
     return PrepareConfig(inputs=list(cfg.inputs), output=Path(cfg.output) / "scene", target_frames=cfg.target_frames,
                          max_size=cfg.max_size, matcher=cfg.matcher, camera_model=cfg.camera_model,
                          max_features=features, seed=cfg.seed)  # fmt: skip
@@ -73,13 +77,11 @@ def prepare_config(cfg: RunConfig) -> PrepareConfig:
 
 def run_train_config(cfg: RunConfig):
     """The training config: the preset for the device, then the explicit options."""
-    from splatforge.train import TrainConfig, apply_preset, resolve_preset
-    from splatforge.train.config import resolve_device
+    from splatforge.train import TrainConfig, apply_preset
 
-    device = resolve_device(cfg.device)
+    device, preset = _preset(cfg)
     train = apply_preset(TrainConfig(data=Path(cfg.output) / "scene", output=Path(cfg.output) / "run",
-                                     backend=cfg.backend, device=device, seed=cfg.seed),
-                         resolve_preset(cfg.preset, device))  # fmt: skip
+                                     backend=cfg.backend, device=device, seed=cfg.seed), preset)  # fmt: skip
     overrides = {"steps": cfg.steps, "max_image_size": cfg.max_image_size, "max_gaussians": cfg.cap_max}
     return dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -120,8 +120,8 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
     machine's first run). A run that starts from shrunk points (``init_scale`` < 1: MCMC's 0.1×
     the neighbour spacing) is timed with them grown halfway (:data:`GROWTH`) towards the spacing,
     as training grows them: timed as initialised, the fox video's run was predicted at 2.8 min
-    and took 13. The time per step is
-    taken as linear in the count and summed over :func:`count_schedule`. Returns
+    and took 13. The time per step is taken as linear in the count and summed over
+    :func:`count_schedule`. Returns
     ``{"seconds", "s_per_step_now", "s_per_step_end", "final_count", "warmup_seconds"}``.
     """
     import math
@@ -140,7 +140,7 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
     if trainer.step == 0 and cfg.init_scale is not None and cfg.init_scale < 1.0:
         base = dataclasses.replace(base, scales=base.scales - GROWTH * math.log(cfg.init_scale))
 
-    def timed(splats: Splats, with_loss: bool = False) -> float:
+    def timed(splats: Splats) -> float:
         leaves = Splats(*(getattr(splats, k).clone().requires_grad_(True) for k in splats.keys()))
         times = []
         for r in range(repeats + 1):
@@ -149,12 +149,21 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
             render, _, _ = leaves.rasterize(trainer.viewmats[index : index + 1], trainer.Ks[index : index + 1],
                                             int(trainer.scene.widths[index]), int(trainer.scene.heights[index]),
                                             sh_degree=cfg.sh_degree, backend=cfg.backend)  # fmt: skip
-            if with_loss:  # the loss alone: SSIM against a copy, backward to the render
-                t = time.perf_counter()
-                image = render.detach().requires_grad_(True)
-                (1.0 - ssim(image, image.detach().flip(2))).backward()
-            else:
-                render.sum().backward()
+            render.sum().backward()
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            if r:
+                times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    def timed_loss() -> float:  # SSIM forward and backward at a training view's size (content does not matter)
+        i = ids[0]
+        image = torch.rand((1, int(trainer.scene.heights[i]), int(trainer.scene.widths[i]), 3), generator=gen)
+        image = image.to(trainer.device).requires_grad_(True)
+        times = []
+        for r in range(repeats + 1):
+            t = time.perf_counter()
+            (1.0 - ssim(image, image.detach().flip(2))).backward()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
             if r:
@@ -167,7 +176,7 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
         doubled = Splats(*(torch.cat([getattr(base, k)] * 2) for k in ("means", "quats", "scales")),
                          torch.cat([shared, shared]), torch.cat([base.sh0] * 2), torch.cat([base.shN] * 2))  # fmt: skip
         double = timed(doubled)
-        loss = timed(base, with_loss=True)
+        loss = timed_loss()
     per_gaussian = max(0.0, (double - full) / max(1, n))
     fixed = max(1e-4, full - per_gaussian * n)
 

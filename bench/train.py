@@ -19,13 +19,16 @@ Three sections, all in one run (``--sections`` picks some), written to
    s/step, final count, test PSNR/SSIM and the ratio.
 
 Run: ``python bench/train.py`` (about two and a half hours on 2 cores with every section), or
-``--sections breakdown opensplat`` (about 15 minutes). The load average before and after is
-recorded; re-measure before believing a difference under ~20 %.
+``--sections breakdown opensplat`` (about 15 minutes). The file is rewritten after every strategy row
+and section (``"complete": false`` until the end), and ``--resume`` keeps what an earlier, stopped
+run of the same ``--out`` measured. The load average before and after is recorded; re-measure
+before believing a difference under ~20 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -82,18 +85,26 @@ def prepared_orbit(tmp: Path, console: Console) -> Path:
     return out
 
 
-def section_strategies(args, tmp: Path, console: Console) -> dict:
+def section_strategies(args, tmp: Path, console: Console, save) -> dict:
+    """One row per scene/steps/strategy; ``save(rows)`` runs after each row, so a stopped run keeps
+    what it measured, and rows already in ``--out`` (with ``--resume``) are not measured again."""
     scenes = {"skull_images_8": lambda: (DATASETS / "skull", {"data_factor": 8}), "fox": lambda: (DATASETS / "fox", {}),
               "skull_orbit_prepared": lambda: (prepared_orbit(tmp, console), {})}  # fmt: skip
-    rows = {}
+    rows = dict(args.previous.get("strategies", {}))
     for name in args.scenes:
+        keys = [f"{name}/{steps}/{strategy}" for steps in args.steps for strategy in args.strategies]
+        if all(k in rows for k in keys):
+            continue
         data, extra = scenes[name]()
-        for steps in args.steps:
-            for strategy in ("mcmc", "default"):
-                key = f"{name}/{steps}/{strategy}"
-                cfg = cpu_config(data, tmp / key.replace("/", "_"), steps=steps, strategy=strategy, **extra)
-                rows[key] = train_and_test(cfg, console, key)
-                console.log(f"{key}: {rows[key]['test_psnr']:.2f} dB, {rows[key]['wall_s']:.0f} s")
+        for key in keys:
+            if key in rows:
+                console.log(f"{key}: kept from {args.out}")
+                continue
+            _, steps, strategy = key.split("/")
+            cfg = cpu_config(data, tmp / key.replace("/", "_"), steps=int(steps), strategy=strategy, **extra)
+            rows[key] = train_and_test(cfg, console, key) | {"loadavg_after": os.getloadavg()}
+            console.log(f"{key}: {rows[key]['test_psnr']:.2f} dB, {rows[key]['wall_s']:.0f} s")
+            save(rows)
     return rows
 
 
@@ -112,7 +123,7 @@ def _unfused(trainer: Trainer) -> None:
     trainer.optimizers = {k: torch.optim.Adam([trainer.params[k]], lr=lrs[k], eps=1e-15, foreach=False) for k in lrs}
 
 
-def section_breakdown(args, tmp: Path, console: Console) -> dict:
+def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
     import splatforge.train.trainer as trainer_module
 
     out = {}
@@ -195,7 +206,7 @@ def run_opensplat(binary: Path, scene: Path, out: Path, steps: int) -> dict:
             "test_ssim_own_11x11": float(test.group(3))}  # fmt: skip
 
 
-def section_opensplat(args, tmp: Path, console: Console) -> dict:
+def section_opensplat(args, tmp: Path, console: Console, save) -> dict:
     out = {}
     cfg = TrainConfig(data=DATASETS / "skull", output=tmp / "ours_vs_opensplat", data_factor=8, steps=3000, device="cpu",
                       checkpoint_every=0, strategy="mcmc", mcmc=MCMCConfig(cap_max=30_000))  # fmt: skip
@@ -222,22 +233,31 @@ def main() -> int:
                     choices=["skull_images_8", "fox", "skull_orbit_prepared"], help="the strategies section's scenes")
     ap.add_argument("--breakdown-steps", type=int, default=60)
     ap.add_argument("--opensplat", type=Path, default=None, help="OpenSplat binary built with the test-split patch")
+    ap.add_argument("--strategies", nargs="+", default=["mcmc", "default"], choices=["mcmc", "default"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
+    ap.add_argument("--resume", action="store_true", help="keep the sections and strategy rows already in --out")
     args = ap.parse_args()
     if not (DATASETS / "skull").is_dir():
         print(f"error: {DATASETS} not found (set SPLATFORGE_DATASETS)", file=sys.stderr)
         return 2
+    args.previous = json.loads(args.out.read_text())["results"] if args.resume and args.out.is_file() else {}
     console = Console(width=160, stderr=True)
     load_before = os.getloadavg()
-    results: dict = {}
+    results: dict = dict(args.previous)
+    run_args = {k: str(v) for k, v in vars(args).items() if k != "previous"}
+
+    def save(partial: dict, section: str) -> None:
+        write_result(args.out, "train", load_before, args=run_args, results=results | {section: partial}, complete=False)
+
     tmp = Path(tempfile.mkdtemp(prefix="splatforge-bench-"))
     try:
         for section in args.sections:
-            results[section] = globals()[f"section_{section}"](args, tmp, console)
+            results[section] = globals()[f"section_{section}"](args, tmp, console, lambda rows, s=section: save(rows, s))
+            save(results[section], section)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_tables(results)
-    write_result(args.out, "train", load_before, args={k: str(v) for k, v in vars(args).items()}, results=results)
+    write_result(args.out, "train", load_before, args=run_args, results=results, complete=True)
     console.print(f"wrote {args.out}")
     return 0
 

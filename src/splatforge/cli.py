@@ -15,17 +15,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
 import tyro
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from splatforge.errors import SplatforgeError
+from splatforge.errors import ConfigError, SplatforgeError
 from splatforge.pipeline.generate import GenerateConfig
 from splatforge.pipeline.prepare import PrepareConfig
 from splatforge.pipeline.run import RunConfig
+from splatforge.pipeline.splatter import SplatterConfig
 from splatforge.train.config import TrainConfig
 
 STDERR = Console(stderr=True)
@@ -200,14 +201,14 @@ class DemoCommand:
 
 @dataclass
 class ExportCommand:
-    """Export a run (its latest point cloud) or a .ply/.splat/.spz file to ply, splat or spz."""
+    """Export a run (its latest point cloud) or a .ply/.splat/.spz file to ply, splat, spz or sog."""
 
     source: tyro.conf.Positional[Path]
     """Run folder or splat file."""
     output: Path
     """File to write; its suffix picks the format unless --format is given."""
-    format: Optional[Literal["ply", "splat", "spz"]] = None
-    """ply (Inria), splat (antimatter15), spz (Niantic)."""
+    format: Optional[Literal["ply", "splat", "spz", "sog"]] = None
+    """ply (Inria), splat (antimatter15, byte-identical to ply2splat's), spz (Niantic), sog (PlayCanvas)."""
     transform: Optional[Literal["identity", "opengl", "splatter"]] = None
     """Named rotation from the COLMAP/OpenCV frame: opengl (y up, three.js/Spark), splatter (Rz(-90 deg))."""
     rotate: Optional[str] = None
@@ -342,6 +343,154 @@ class RunCommand(RunConfig):
 
 
 @dataclass
+class SplatterCommand(SplatterConfig):
+    """A drop-in for splatter-server's compute-node pipeline (run.py): a job root's videos and
+    COLMAP model -> ROOT/Frames, ROOT/refined/splatter/{splat.ply, splat_rot.ply, splat_rot.splat,
+    splat_rot.sog, preview_top.jpg, preview_angle.jpg, preview.mp4, result.json}. Progress as JSON
+    lines on stdout ({"pct", "stage", "status", ...}); logs on stderr; exit 0 on success, 1 with
+    one last "error: ..." line otherwise. run.py's own flags (--job_root_path, --domain_id,
+    --job_id, --log_level) are taken as they are; `splatforge splatter ROOT` works too."""
+
+    root: tyro.conf.Positional[Optional[Path]] = None
+    """The job root (instead of --job_root_path)."""
+    job_root_path: Annotated[Optional[Path], tyro.conf.arg(aliases=("--job_root_path",))] = None  # type: ignore[assignment]
+    """The job root: datasets/<dataset>/Frames.mp4 and refined/global/refined_sfm_combined/*.bin."""
+    domain_id: Annotated[str, tyro.conf.arg(aliases=("--domain_id",))] = "00000000-0000-0000-0000-000000000000"
+    job_id: Annotated[str, tyro.conf.arg(aliases=("--job_id",))] = "00000000-0000-0000-0000-000000000000"
+    log_level: Annotated[str, tyro.conf.arg(aliases=("--log_level",))] = "info"
+    max_gaussians: Annotated[Optional[int], tyro.conf.arg(aliases=("--max_gaussians",))] = None
+    """Most Gaussians (default: the preset's)."""
+    data_factor: Annotated[Optional[int], tyro.conf.arg(aliases=("--data_factor",))] = None
+    """Train on the frames downscaled by this factor (default: the preset's image size decides);
+    the frames written and the splat's frame are unchanged."""
+    test_every: Annotated[int, tyro.conf.arg(aliases=("--test_every",))] = 8
+    """Hold out every n-th frame (by name) for the test metrics; 0 trains on every frame."""
+
+    def main(self) -> None:
+        from splatforge.pipeline.splatter import splatter
+
+        root = self.job_root_path or self.root
+        if root is None:
+            raise ConfigError("splatter needs the job root: --job_root_path ROOT (or ROOT)")
+        level = getattr(logging, self.log_level.upper(), None)
+        if not isinstance(level, int):
+            raise ConfigError(f"--log_level must be debug, info, warning or error, got {self.log_level!r}")
+        plain = logging.StreamHandler(sys.stderr)  # one line per record, as run.py logs (the host keeps lines)
+        plain.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+        logging.getLogger().handlers = [plain]
+        logging.getLogger().setLevel(level)
+        _quiet_colmap()
+        cfg = SplatterConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SplatterConfig)} | {"job_root_path": root})
+        last = {"stage": "frames"}
+
+        def emit(line: dict) -> None:
+            last["stage"] = line.get("stage", last["stage"])
+            print(json.dumps(line), flush=True)
+
+        try:
+            splatter(cfg, on_progress=emit)
+        except SplatforgeError as exc:
+            print(json.dumps({"stage": last["stage"], "status": "failed", "error": str(exc)}), flush=True)
+            raise
+
+
+@dataclass
+class ServeCommand:
+    """A job server: FastAPI on uvicorn, jobs in DATA_DIR/jobs.db (SQLite), one workspace per job
+    in DATA_DIR/jobs/<id>/ (the splatter job-root layout), workers from generate's local executor.
+    Refuses a non-loopback address without a token. API: see the README."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("splatforge-data")
+    """Jobs database and workspaces."""
+    token: Optional[str] = None
+    """Bearer token the clients must send (default: --token-file, else $SPLATFORGE_TOKEN)."""
+    token_file: Optional[Path] = None
+    """File whose first line is the token."""
+    max_upload_mb: float = 2048
+    """Largest upload accepted (413 above)."""
+    workers: Optional[int] = None
+    """CPU worker processes when there is no GPU (default 1; with GPUs: slots by NVML)."""
+
+    def main(self) -> None:
+        import ipaddress
+        import os
+
+        import uvicorn
+
+        from splatforge.server.app import ServerConfig, create_app
+
+        token = self.token
+        if token is None and self.token_file is not None:
+            try:
+                token = self.token_file.read_text().strip().splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"{self.token_file}: cannot read a token: {exc}") from exc
+        token = token or os.environ.get("SPLATFORGE_TOKEN") or None
+        try:
+            loopback = self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not token:
+            raise ConfigError(f"refusing to listen on {self.host} without a token: give --token, --token-file or $SPLATFORGE_TOKEN")
+        app = create_app(ServerConfig(self.data_dir, token, self.max_upload_mb, self.workers))
+        STDERR.print(f"splatforge serve: http://{self.host}:{self.port}  (data: {self.data_dir}, token: {'yes' if token else 'none'})")
+        uvicorn.run(app, host=self.host, port=self.port, log_level="info", access_log=False)
+
+
+@dataclass
+class SubmitCommand:
+    """Submit a job to a splatforge server: a .zip of a job root (or the folder itself), or
+    videos/photos. Prints the job as JSON; --wait shows a progress bar and downloads the
+    artifacts into --output."""
+
+    inputs: tyro.conf.Positional[list[Path]]
+    """A job-root .zip or folder, or videos/photos."""
+    server: str = "http://127.0.0.1:8000"
+    token: Optional[str] = None
+    """Bearer token (default: $SPLATFORGE_TOKEN)."""
+    options: Optional[str] = None
+    """Splatter options as JSON, e.g. '{"steps": 3000, "data_factor": 2}'."""
+    idempotency_key: Optional[str] = None
+    wait: bool = False
+    """Wait for the job to end (progress bar), then download its artifacts."""
+    output: Optional[Path] = None
+    """Folder for the artifacts with --wait (default: ./<job id>)."""
+
+    def main(self) -> None:
+        import os
+
+        from splatforge.server.client import Client
+
+        try:
+            options = json.loads(self.options) if self.options else None
+        except ValueError as exc:
+            raise ConfigError(f"--options is not JSON: {exc}") from exc
+        with Client(self.server, self.token or os.environ.get("SPLATFORGE_TOKEN")) as client:
+            job = client.submit(self.inputs, options, self.idempotency_key)
+            STDERR.print(f"job {job['id']}: {job['status']}")
+            if self.wait:
+                columns = [TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                           TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]  # fmt: skip
+                with Progress(*columns, console=STDERR) as bar:
+                    task = bar.add_task("job", total=100, stage="queued", detail="")
+
+                    def update(j: dict) -> None:
+                        p = j.get("progress") or {}
+                        detail = f"step {p['step']}/{p['steps']}" if "step" in p else j["status"]
+                        bar.update(task, completed=p.get("pct", 0), stage=p.get("stage", j["status"]), detail=detail)
+
+                    job = client.wait(job["id"], on_update=update)
+                if job["status"] != "succeeded":
+                    raise SplatforgeError(f"job {job['id']} {job['status']}: {job.get('error')}")
+                folder = self.output or Path(job["id"])
+                paths = client.download_all(job, folder)
+                STDERR.print(f"{len(paths)} artifacts -> {folder}")
+        print(json.dumps(job, indent=2))
+
+
+@dataclass
 class GenerateCommand(GenerateConfig):
     """Bulk dataset generation: every scene x split ratio through the stages, resumable."""
 
@@ -383,7 +532,9 @@ class BackendsCommand:
 
 COMMANDS = {"prepare": PrepareCommand, "train": TrainCommand, "render": RenderCommand, "eval": EvalCommand,
             "export": ExportCommand, "preview": PreviewCommand, "run": RunCommand, "view": ViewCommand,
-            "generate": GenerateCommand, "demo": DemoCommand, "backends": BackendsCommand}  # fmt: skip
+            "generate": GenerateCommand, "splatter": SplatterCommand, "serve": ServeCommand, "submit": SubmitCommand,
+            "demo": DemoCommand,
+            "backends": BackendsCommand}  # fmt: skip
 
 
 def parse(argv: list[str]):

@@ -36,7 +36,8 @@ from splatforge.pipeline.job import JobSpec, run_job, stage_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerateConfig", "discover_scenes", "plan_jobs", "generate", "Slot", "gpu_slots", "LocalExecutor", "RayExecutor"]
+__all__ = ["GenerateConfig", "discover_scenes", "plan_jobs", "generate", "Slot", "gpu_slots", "cpu_slots", "local_slots", "slot_env",
+           "LocalExecutor", "RayExecutor"]
 
 
 @dataclass
@@ -222,6 +223,22 @@ def cpu_slots(workers: int) -> list[Slot]:
     return [Slot("cpu", threads=threads) for _ in range(max(1, workers))]
 
 
+def local_slots(workers: Optional[int] = None, excluded: Optional[list[int]] = None, jobs_per_gpu: str = "auto") -> list[Slot]:
+    """The local executor's slots: GPU slots by NVML when there are GPUs, else ``workers`` CPU
+    slots (default 1)."""
+    return gpu_slots(excluded or [], jobs_per_gpu) or cpu_slots(workers or 1)
+
+
+def slot_env(slot: Slot, base: Optional[dict] = None) -> dict[str, str]:
+    """The environment of a job process on ``slot``: its share of the cores (torch/numba/OpenMP
+    thread counts) and, on a GPU slot, only that GPU (``CUDA_VISIBLE_DEVICES``)."""
+    env = dict(os.environ if base is None else base, SPLATFORGE_THREADS=str(slot.threads), NUMBA_NUM_THREADS=str(slot.threads),
+               OMP_NUM_THREADS=str(slot.threads))  # fmt: skip
+    if slot.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+    return env
+
+
 # ----------------------------------------------------------------------------------- executors
 
 
@@ -249,10 +266,7 @@ class LocalExecutor:
                 spec_path = self.logs / f".{spec.name}.spec.json"
                 with atomic_path(spec_path) as tmp:
                     tmp.write_text(json.dumps(asdict(spec)))
-                env = dict(os.environ, SPLATFORGE_THREADS=str(slot.threads), NUMBA_NUM_THREADS=str(slot.threads),
-                           OMP_NUM_THREADS=str(slot.threads))  # fmt: skip
-                if slot.gpu is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+                env = slot_env(slot)
                 log_file = open(self.logs / f"{spec.name}.log", "a")  # noqa: SIM115 - closed when the job ends
                 result_path = self.logs / f".{spec.name}.result.json"
                 result_path.unlink(missing_ok=True)

@@ -3,7 +3,7 @@ pruning and cropping on the way.
 
 Sources: a run folder (its latest ``point_cloud/iteration_N/point_cloud.ply``) or a ``.ply``,
 ``.splat`` or ``.spz`` file. Formats: ``ply`` (Inria layout), ``splat`` (antimatter15), ``spz``
-(Niantic; v3 by default). See :mod:`splatforge.io` for each layout and
+(Niantic; v3 by default), ``sog`` (PlayCanvas SOG v2, write only). See :mod:`splatforge.io` for each layout and
 :mod:`splatforge.geometry.transform` for the transforms.
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.transform import Similarity, euler_transform, named_transform, transform_splats
 from splatforge.io.ply import read_ply, write_ply
+from splatforge.io.sog import write_sog
 from splatforge.io.splat import read_splat, write_splat
 from splatforge.io.spz import read_spz, write_spz
 from splatforge.model import Splats
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "latest_ply", "load_splats", "save_splats", "prune", "crop", "build_transform", "export"]
 
-FORMATS = ("ply", "splat", "spz")
+FORMATS = ("ply", "splat", "spz", "sog")
 
 
 def latest_ply(run: Path) -> Path:
@@ -85,6 +86,8 @@ def save_splats(path: Path, splats: Splats | Mapping, fmt: Optional[str] = None,
         write_splat(path, splats)
     elif fmt == "spz":
         write_spz(path, splats, spz_version, antialiased=antialiased)
+    elif fmt == "sog":
+        write_sog(path, splats)
     else:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return path
@@ -139,7 +142,7 @@ def build_transform(transform: Optional[str] = None, rotate: Optional[str] = Non
     return sim
 
 
-def export(source, output: Path, fmt: Optional[Literal["ply", "splat", "spz"]] = None, *,
+def export(source, output: Path, fmt: Optional[Literal["ply", "splat", "spz", "sog"]] = None, *,
            transform: Optional[Similarity] = None, prune_opacity: float = 1 / 255,
            crop_box: Optional[Sequence[float]] = None, spz_version: int = 3) -> dict:  # fmt: skip
     """Load ``source`` (as :func:`load_splats`), prune Gaussians below ``prune_opacity`` (activated), apply ``transform``,

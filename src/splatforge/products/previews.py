@@ -14,10 +14,15 @@ axes); without cameras it is ``-y`` of the world, COLMAP's usual convention. Cam
 perspective with a 40 degree field of view; renders use :func:`splatforge.raster.rasterize`
 on the device of the tensors (the CPU backend on CPU).
 
-When the training cameras' intrinsics are known, Gaussians that contribute less than
-``min_weight`` (blending weight ``sum alpha T`` over the pixels of the training views, at half
-resolution) are left out of the previews: floaters that the training views never needed (typical
-of random initialisation and short runs) would otherwise fill views from outside the capture.
+When the training cameras' intrinsics are known, the previews show only what the capture
+supports (:func:`preview_selection`): Gaussians that at least two training views see well
+(blending weight ``sum alpha T`` of at least one pixel's worth in each, at half resolution):
+floaters that one view explains, or none (typical of random initialisation and short runs), would
+otherwise fill views from outside the capture. (The visibility score of
+:mod:`splatforge.products.visibility`, the 2nd-best view's transmittance *in front of* a
+Gaussian, is not used: it drops the second layer of every surface, and the previews turn glassy.) For captures made from inside a space (the cameras stand within the
+footprint of the scene, as in a room scanned with a phone), what lies above the cameras' height
+band is cut away too, so that the top-down view shows the floor plan and not the ceiling.
 """
 
 from __future__ import annotations
@@ -37,9 +42,16 @@ from splatforge.model import Splats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SceneFrame", "scene_frame", "estimate_up", "preview_cameras", "render_view", "contributing", "write_previews"]
+__all__ = ["SceneFrame", "scene_frame", "estimate_up", "capture_side", "preview_cameras", "render_view", "contributing",
+           "captured_from_inside", "preview_selection", "write_previews"]
 
 FOV_DEG = 40.0
+MIN_VIEW_WEIGHT = 0.05
+"""A Gaussian is seen by a training view when its blending weight there, at half resolution,
+is at least this (a twentieth of a pixel's worth)."""
+BOX_MARGIN = 1.25
+"""Previews keep the Gaussians inside the scene's robust box (:func:`scene_frame` of those seen
+twice) enlarged by this factor."""
 
 
 def estimate_up(camtoworlds: Optional[np.ndarray]) -> np.ndarray:
@@ -114,18 +126,34 @@ def _sphere_distance(frame: SceneFrame) -> float:
     return 1.05 * frame.radius / np.sin(np.radians(FOV_DEG) / 2)
 
 
-def preview_cameras(frame: SceneFrame, size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def capture_side(camtoworlds: Optional[np.ndarray], frame: SceneFrame) -> Optional[np.ndarray]:
+    """Unit horizontal direction ``[3]`` from the scene's centre towards the side the cameras
+    stand on, or None when they surround it (an orbit: the mean offset is under a third of the
+    mean distance)."""
+    if camtoworlds is None or len(camtoworlds) == 0:
+        return None
+    offsets = (np.asarray(camtoworlds)[:, :3, 3] - frame.center) @ frame.axes[:2].T
+    mean = offsets.mean(axis=0)
+    if np.linalg.norm(mean) < np.linalg.norm(offsets, axis=1).mean() / 3:
+        return None
+    return (mean / np.linalg.norm(mean)) @ frame.axes[:2]
+
+
+def preview_cameras(frame: SceneFrame, size: int, side: Optional[np.ndarray] = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"top": (viewmat, K), "angle": (viewmat, K)}`` for a ``size x size`` image, framing the
-    robust bounds (see the module docstring)."""
+    robust bounds (see the module docstring). ``side`` (unit, horizontal; :func:`capture_side`)
+    puts the angled view on the side the capture was made from (a wall-mounted object is not
+    seen from behind the wall); default: the corner between the two horizontal axes."""
     K = _intrinsics(size)
     tan_half = np.tan(np.radians(FOV_DEG) / 2)
     major, minor, up = frame.axes
     hx, hy, hz = frame.half_extent
     # top: the footprint's half diagonal fits the half field of view, 10 % margin, above the top.
     top_dist = hz + 1.1 * max(hx, hy) / tan_half
-    top = _look_at(frame.center + up * top_dist, frame.center, image_up=major)
-    # angle: the bounding sphere fits the field of view.
-    direction = np.cos(np.radians(45)) * (major + minor) / np.sqrt(2) + np.sin(np.radians(45)) * up
+    top = _look_at(frame.center + up * top_dist, frame.center, image_up=major if side is None else side)
+    # angle: 45 degrees above the horizon; the bounding sphere fits the field of view.
+    horiz = (major + minor) / np.sqrt(2) if side is None else side
+    direction = np.cos(np.radians(45)) * horiz + np.sin(np.radians(45)) * up
     angle = _look_at(frame.center + direction * _sphere_distance(frame), frame.center, image_up=up)
     return {"top": (top, K), "angle": (angle, K)}
 
@@ -143,11 +171,12 @@ def render_view(splats: Splats | dict, viewmat: np.ndarray, K: np.ndarray, width
 
 
 def contributing(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int,
-                 min_weight: float = 1.0, scale: float = 0.5, batch: int = 8) -> np.ndarray:  # fmt: skip
-    """``[N]`` bool: Gaussians whose blending weight ``sum_p alpha_i T_i`` in some batch of
-    ``batch`` training views (``camtoworlds [V,4,4]`` OpenCV, ``Ks [V,3,3]`` pixels at
-    ``width x height``), rendered at ``scale``, reaches ``min_weight``. The weight is the gradient
-    of the summed render with respect to a per-Gaussian scalar colour (exact, any backend)."""
+                 min_weight: float = 1.0, scale: float = 0.5, min_views: int = 1, batch: int = 8) -> np.ndarray:  # fmt: skip
+    """``[N]`` bool: Gaussians whose blending weight ``sum_p alpha_i T_i`` reaches ``min_weight``
+    in at least ``min_views`` of the training views (``camtoworlds [V,4,4]`` OpenCV, ``Ks
+    [V,3,3]`` pixels at ``width x height``), rendered at ``scale``. The weight is the gradient of
+    the summed render with respect to a per-Gaussian scalar colour (exact, any backend); with
+    ``min_views == 1`` views are rendered ``batch`` at a time (the weight then sums over a batch)."""
     from splatforge.raster import rasterize
 
     t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
@@ -158,13 +187,52 @@ def contributing(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray,
     K[:, :2] *= scale
     viewmats = t(np.linalg.inv(camtoworlds))
     w, h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
-    weight = torch.zeros(n)
-    for i in range(0, len(viewmats), batch):
+    step = batch if min_views == 1 else 1
+    views = torch.zeros(n, dtype=torch.int32)
+    for i in range(0, len(viewmats), step):
         feature = torch.zeros(n, 1, requires_grad=True)
-        img, _, _ = rasterize(means, quats, scales, opac, feature, viewmats[i : i + batch], K[i : i + batch], w, h)
+        img, _, _ = rasterize(means, quats, scales, opac, feature, viewmats[i : i + step], K[i : i + step], w, h)
         img.sum().backward()
-        weight = torch.maximum(weight, feature.grad[:, 0])
-    return (weight >= min_weight).numpy()
+        views += (feature.grad[:, 0] >= min_weight).int()
+    return (views >= min_views).numpy()
+
+
+def captured_from_inside(camtoworlds: np.ndarray, frame: SceneFrame) -> bool:
+    """Whether the cameras stand inside the scene's footprint (a room scanned from within)
+    rather than around it (an object orbited): the median horizontal distance of the camera
+    centres from the scene's centre is under 0.6 of the footprint's larger half-extent (an orbit
+    stands well outside what it looks at). ``frame`` as :func:`scene_frame` gives it."""
+    centres = np.asarray(camtoworlds)[:, :3, 3] - frame.center
+    horiz = centres @ frame.axes[:2].T
+    dist = float(np.median(np.linalg.norm(horiz, axis=1)))
+    return dist < 0.6 * float(max(frame.half_extent[0], frame.half_extent[1]))
+
+
+def preview_selection(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int) -> tuple[np.ndarray, dict]:
+    """``([N] bool, notes)``: the Gaussians the previews show (module docstring): those that
+    contribute to at least two training views, and, for a capture made from inside, not above the
+    top of the cameras' height band (their 95th percentile along the up axis plus 5 % of the
+    band's height). ``notes`` counts what each rule kept."""
+    splats = Splats.from_mapping(splats).numpy()
+    keep = contributing(splats, camtoworlds, Ks, width, height, min_weight=MIN_VIEW_WEIGHT, min_views=min(2, len(camtoworlds)))
+    notes = {"num_gaussians": len(splats), "seen_twice": int(keep.sum())}
+    up = estimate_up(camtoworlds)
+    frame = scene_frame(splats.select(keep) if keep.sum() >= 10 else splats, up)
+    local = (np.asarray(splats.means, np.float64) - frame.center) @ frame.axes.T
+    inside_box = np.all(np.abs(local) <= BOX_MARGIN * frame.half_extent, axis=1)
+    if (keep & inside_box).sum() >= 10:
+        keep &= inside_box
+    notes["in_box"] = int(keep.sum())
+    notes["inside"] = captured_from_inside(camtoworlds, frame)
+    if notes["inside"]:
+        heights = np.asarray(camtoworlds)[:, :3, 3] @ frame.axes[2]
+        lo, hi = np.percentile(heights, [5, 95])
+        top = hi + 0.05 * max(hi - lo, 1e-6 * frame.radius)
+        below = (np.asarray(splats.means, np.float64) @ frame.axes[2]) <= top
+        if (keep & below).sum() >= 10:
+            keep &= below
+    notes["shown"] = int(keep.sum())
+    return keep, notes
 
 
 def _write_jpg(image: np.ndarray, path: Path) -> None:
@@ -198,25 +266,26 @@ def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int =
 
 def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optional[np.ndarray] = None,
                    Ks: Optional[np.ndarray] = None, image_size: Optional[tuple[int, int]] = None,
-                   size: int = 1024, orbit: bool = False) -> dict[str, Optional[str]]:  # fmt: skip
-    """Write ``preview_top.jpg`` and ``preview_angle.jpg`` (and ``preview_orbit.mp4``) into
-    ``out_dir``. With ``camtoworlds``, ``Ks`` and ``image_size`` (width, height) of the training
-    views, non-contributing Gaussians are left out (:func:`contributing`). A preview that fails
-    to render is logged as a warning and reported as ``None``; this function never raises for a
-    rendering failure, so pipelines keep going."""
+                   size: int = 1024, orbit: bool = False, orbit_name: str = "preview_orbit.mp4") -> dict[str, Optional[str]]:  # fmt: skip
+    """Write ``preview_top.jpg`` and ``preview_angle.jpg`` (and the orbit video ``orbit_name``)
+    into ``out_dir``. With ``camtoworlds``, ``Ks`` and ``image_size`` (width, height) of the
+    training views, only the Gaussians of :func:`preview_selection` are shown. A preview that
+    fails to render is logged as a warning and reported as ``None``; this function never raises
+    for a rendering failure, so pipelines keep going."""
     out_dir = Path(out_dir)
     splats = Splats.from_mapping(splats).numpy()
     result: dict[str, Optional[str]] = {"preview_top": None, "preview_angle": None}
     if camtoworlds is not None and Ks is not None and image_size is not None:
         try:
-            keep = contributing(splats, camtoworlds, Ks, *image_size)
+            keep, notes = preview_selection(splats, camtoworlds, Ks, *image_size)
+            log.info("previews: %s", notes)
             if keep.sum() >= 10:
                 splats = splats.select(keep)
         except (RuntimeError, ValueError, MemoryError, SplatforgeError) as exc:
             log.warning("previews: floater filtering skipped: %s", exc)
     try:
         frame = scene_frame(splats, estimate_up(camtoworlds))
-        cams = preview_cameras(frame, size)
+        cams = preview_cameras(frame, size, capture_side(camtoworlds, frame))
     except (ValueError, np.linalg.LinAlgError, IndexError) as exc:
         log.warning("previews skipped: cannot frame the scene: %s", exc)
         return result
@@ -228,7 +297,7 @@ def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optiona
         except (RuntimeError, ValueError, MemoryError, OSError, SplatforgeError) as exc:
             log.warning("%s: preview failed: %s", path, exc)
     if orbit:
-        path = out_dir / "preview_orbit.mp4"
+        path = out_dir / orbit_name
         result["preview_orbit"] = None
         try:
             _write_orbit(splats, frame, min(size, 512), path)

@@ -277,6 +277,29 @@ def test_cancel_twenty_concurrent_submissions_none_lost(server, job_zip):
         assert e.value.status == 409
 
 
+@needs_job
+@pytest.mark.slow
+def test_captures_are_posed_by_prepare_and_trained(server, tmp_path, capsys):
+    """``splatforge submit PHOTOS... --wait``: the job runs prepare (SfM) on the photos, then
+    the same training, exports and result as a job root; the client downloads every artifact."""
+    from splatforge.cli import main
+
+    photos = sorted((datasets_dir() / "skull" / "images_8").iterdir())  # 66 photos at 266x177
+    out = tmp_path / "artifacts"
+    rc = main(["submit", *map(str, photos), "--server", server.url, "--token", TOKEN, "--wait", "--output", str(out),
+               "--options", json.dumps({"steps": 60, "preview_size": 64, "test_every": 0})])  # fmt: skip
+    job = json.loads(capsys.readouterr().out)
+    assert rc == 0 and job["status"] == "succeeded" and job["kind"] == "captures"
+    for a in job["artifacts"]:
+        assert (out / a["filename"]).stat().st_size == a["bytes"] > 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["frames"]["prepare"]["num_images"] == 66 and result["frames"]["count"] >= 40
+    assert result["train"]["steps"] == 60 and result["train"]["test_views"] == 0
+    assert {"refined_splat", "splat.ply"} <= {a["name"] for a in job["artifacts"]}
+    uploads = sorted(p.name for p in (server.data_dir / "jobs" / job["id"] / "uploads").iterdir())
+    assert uploads == [p.name for p in photos]
+
+
 def test_refuses_a_public_address_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SPLATFORGE_TOKEN"}
     proc = subprocess.run([sys.executable, "-m", "splatforge.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port()),

@@ -478,7 +478,7 @@ class SubmitCommand:
 
                     def update(j: dict) -> None:
                         p = j.get("progress") or {}
-                        detail = f"step {p['step']}/{p['steps']}" if "step" in p else j["status"]
+                        detail = f"step {p['step']}/{p.get('steps', p['step'])}" if "step" in p else j["status"]
                         bar.update(task, completed=p.get("pct", 0), stage=p.get("stage", j["status"]), detail=detail)
 
                     job = client.wait(job["id"], on_update=update)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,10 +22,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from splatforge._fs import atomic_path
 from splatforge.errors import DataFormatError
 
+if TYPE_CHECKING:
+    import av
+
 log = logging.getLogger(__name__)
 
 __all__ = ["sharpness", "select_windows", "WindowBest", "video_frame_count", "is_near_duplicate", "extract_video_frames",
-           "import_photos", "VIDEO_SUFFIXES"]  # fmt: skip
+           "import_photos", "decode_video", "upright", "VIDEO_SUFFIXES"]  # fmt: skip
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".MP4", ".MOV")
 _THUMB = 64
@@ -92,38 +95,21 @@ def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int =
     Raises:
         DataFormatError: the file cannot be opened or has no decodable video frame.
     """
-    import av
-
     path = Path(path)
     total = video_frame_count(path)
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as exc:
-        raise DataFormatError(f"{path}: not a readable video: {exc}") from exc
-    with container:
-        if not container.streams.video:
-            raise DataFormatError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        stride = max(1, total // max(1, target * oversample))
-        best = WindowBest(target, max(total, 1))
-        candidates = decoded = 0
-        try:
-            for decoded, frame in enumerate(container.decode(stream), start=1):
-                index = decoded - 1
-                if progress is not None:
-                    progress(decoded)
-                if index % stride:
-                    continue
-                rgb = frame.to_ndarray(format="rgb24")
-                small = np.asarray(_resize(Image.fromarray(rgb), 480).convert("L"))
-                candidates += 1
-                best.offer(index, sharpness(small), (rgb, int(getattr(frame, "rotation", 0) or 0)))
-        except av.error.FFmpegError as exc:
-            if not candidates:
-                raise DataFormatError(f"{path}: no decodable video frame ({exc})") from exc
-            log.warning("%s: decoding stopped after %d frames: %s", path, decoded, exc)
-    if not candidates:
-        raise DataFormatError(f"{path}: no decodable video frame (0 of {total} frames decoded)")
+    stride = max(1, total // max(1, target * oversample))
+    best = WindowBest(target, max(total, 1))
+    decoded = candidates = 0
+    for index, frame in decode_video(path):
+        decoded = index + 1
+        if progress is not None:
+            progress(decoded)
+        if index % stride:
+            continue
+        rgb = frame.to_ndarray(format="rgb24")
+        small = np.asarray(_resize(Image.fromarray(rgb), 480).convert("L"))
+        candidates += 1
+        best.offer(index, sharpness(small), (rgb, int(getattr(frame, "rotation", 0) or 0)))
     kept, duplicates, last_thumb = 0, 0, None
     for index, (rgb, rotation) in best.chosen():
         thumb = _thumb(rgb)
@@ -131,13 +117,48 @@ def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int =
             duplicates += 1
             continue
         last_thumb = thumb
-        img = Image.fromarray(rgb)
-        if rotation % 360:
-            img = img.rotate(rotation, expand=True)  # display matrix: counter-clockwise degrees
+        img = Image.fromarray(upright(rgb, rotation))
         with atomic_path(out_dir / f"{path.stem}_{index:06d}.jpg") as tmp:
             _resize(img, max_size).save(tmp, quality=95)
         kept += 1
     return FrameStats(str(path), decoded, candidates, kept, duplicates)
+
+
+def decode_video(path: Path) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(index, frame)`` for every frame of the first video stream of ``path``, in decode
+    order (index 0-based: the frame numbering of splatter-server's job roots and our frame
+    names). A decoding error after the first frame ends the video with a warning.
+
+    Raises:
+        DataFormatError: the file cannot be opened, has no video stream or no decodable frame.
+    """
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise DataFormatError(f"{path}: not a readable video: {exc}") from exc
+    decoded = 0
+    with container:
+        if not container.streams.video:
+            raise DataFormatError(f"{path}: no video stream")
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                yield decoded, frame
+                decoded += 1
+        except av.error.FFmpegError as exc:
+            if not decoded:
+                raise DataFormatError(f"{path}: no decodable video frame ({exc})") from exc
+            log.warning("%s: decoding stopped after %d frames: %s", path, decoded, exc)
+    if not decoded:
+        raise DataFormatError(f"{path}: no decodable video frame (0 frames decoded)")
+
+
+def upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    """``[H, W, 3]`` turned upright by a display-matrix ``rotation`` (counter-clockwise
+    degrees, multiples of 90, as PyAV's ``frame.rotation`` and ffmpeg's autorotate apply it)."""
+    k = int(round(rotation / 90.0)) % 4 if rotation else 0
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
 
 
 def video_frame_count(path: Path) -> int:

@@ -79,6 +79,12 @@ def _classify(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return videos, photos
 
 
+def _inputs_label(inputs: Sequence[Path]) -> str:
+    """The inputs named for an error: all of them when few, else the first and a count."""
+    names = [str(p) for p in inputs]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} and {len(names) - 1} other inputs"
+
+
 def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None) -> dict:
     """Build the scene; returns the summary also written to ``SCENE/prepare.json``.
     ``on_phase(name)`` is called as each phase starts ("frames", "sfm", "layout").
@@ -123,7 +129,7 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
         summary.update(videos=frame_stats, photos={"imported": n_photos, "skipped": skipped}, num_images=n_images)
         if n_images < MIN_IMAGES:
             raise DataFormatError(
-                f"{', '.join(map(str, cfg.inputs))}: only {n_images} usable image(s); SfM needs at least {MIN_IMAGES}"
+                f"{_inputs_label(cfg.inputs)}: only {n_images} usable image(s); SfM needs at least {MIN_IMAGES}"
             )
         matcher = cfg.matcher
         if matcher == "auto":
@@ -138,7 +144,7 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
                        matcher=matcher, unregistered=sfm.unregistered)  # fmt: skip
         if sfm.registered_fraction < MIN_REGISTERED_FRACTION:
             raise DataFormatError(
-                f"{', '.join(map(str, cfg.inputs))}: SfM registered only {sfm.num_registered} of {sfm.num_images} images "
+                f"{_inputs_label(cfg.inputs)}: SfM registered only {sfm.num_registered} of {sfm.num_images} images "
                 f"({100 * sfm.registered_fraction:.0f} %, need {100 * MIN_REGISTERED_FRACTION:.0f} %): too little overlap or texture"
             )
         scene = partial / "scene"

@@ -47,8 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-import numpy as np
-
 from splatforge._fs import atomic_path
 from splatforge.errors import ConfigError, DataFormatError
 
@@ -179,12 +177,6 @@ def model_frames(rec, videos: dict[str, Path]) -> dict[str, dict[int, tuple[str,
     return wanted
 
 
-def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
-    """Apply a display-matrix rotation (counter-clockwise degrees) to ``[H, W, 3]``."""
-    k = (int(round(rotation / 90.0)) % 4) if rotation else 0
-    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
-
-
 def write_frames(video: Path, wanted: dict[int, tuple[str, int, int]], out_dir: Path,
                  progress: Optional[Callable[[int, int], None]] = None) -> dict:  # fmt: skip
     """Decode ``video`` once and write the frames ``wanted`` names (``{index: (name, w, h)}``)
@@ -196,10 +188,9 @@ def write_frames(video: Path, wanted: dict[int, tuple[str, int, int]], out_dir: 
         DataFormatError: unreadable video, no decodable frame, an index past the last decoded
             frame (the frame count is given), or a camera size that matches neither orientation.
     """
-    import av
     from PIL import Image
 
-    from splatforge.data.frames import video_frame_count
+    from splatforge.data.frames import decode_video, upright, video_frame_count
 
     todo = {i: v for i, v in wanted.items() if not (out_dir / v[0]).is_file()}
     summary = {"video": str(video), "decoded": None, "written": 0, "kept": len(wanted) - len(todo), "rotation": 0, "oriented": None}
@@ -209,45 +200,30 @@ def write_frames(video: Path, wanted: dict[int, tuple[str, int, int]], out_dir: 
     if total and max(todo) >= total:
         raise DataFormatError(f"{video}: the model names frame {max(todo)} ({todo[max(todo)][0]}), but the video has "
                               f"{total} frames (0-{total - 1})")  # fmt: skip
-    try:
-        container = av.open(str(video))
-    except (av.error.FFmpegError, OSError) as exc:
-        raise DataFormatError(f"{video}: not a readable video: {exc}") from exc
     staging = Path(tempfile.mkdtemp(prefix=".frames.", dir=out_dir.parent))
     decoded = 0
     try:
-        with container:
-            if not container.streams.video:
-                raise DataFormatError(f"{video}: no video stream")
-            stream = container.streams.video[0]
-            try:
-                for decoded, frame in enumerate(container.decode(stream), start=1):
-                    index = decoded - 1
-                    if progress is not None:
-                        progress(decoded, total)
-                    if index not in todo:
-                        continue
-                    name, w, h = todo[index]
-                    rgb = frame.to_ndarray(format="rgb24")
-                    rotation = int(getattr(frame, "rotation", 0) or 0)
-                    upright = _upright(rgb, rotation)
-                    if upright.shape[:2] == (h, w):
-                        out, summary["oriented"] = upright, "display matrix applied" if rotation % 360 else "as stored"
-                    elif rgb.shape[:2] == (h, w):
-                        out, summary["oriented"] = rgb, "as stored (the model's camera has the stored size)"
-                    else:
-                        raise DataFormatError(f"{video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]} "
-                                              f"({upright.shape[1]}x{upright.shape[0]} upright), but the model's camera "
-                                              f"for {name} is {w}x{h}")  # fmt: skip
-                    summary["rotation"] = rotation
-                    Image.fromarray(out).save(staging / name, quality=95)
-                    summary["written"] += 1
-            except av.error.FFmpegError as exc:
-                if not decoded:
-                    raise DataFormatError(f"{video}: no decodable video frame ({exc})") from exc
-                log.warning("%s: decoding stopped after %d frames: %s", video, decoded, exc)
-        if not decoded:
-            raise DataFormatError(f"{video}: no decodable video frame")
+        for index, frame in decode_video(video):
+            decoded = index + 1
+            if progress is not None:
+                progress(decoded, total)
+            if index not in todo:
+                continue
+            name, w, h = todo[index]
+            rgb = frame.to_ndarray(format="rgb24")
+            rotation = int(getattr(frame, "rotation", 0) or 0)
+            turned = upright(rgb, rotation)
+            if turned.shape[:2] == (h, w):
+                out, summary["oriented"] = turned, "display matrix applied" if rotation % 360 else "as stored"
+            elif rgb.shape[:2] == (h, w):
+                out, summary["oriented"] = rgb, "as stored (the model's camera has the stored size)"
+            else:
+                raise DataFormatError(f"{video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]} "
+                                      f"({turned.shape[1]}x{turned.shape[0]} upright), but the model's camera "
+                                      f"for {name} is {w}x{h}")  # fmt: skip
+            summary["rotation"] = rotation
+            Image.fromarray(out).save(staging / name, quality=95)
+            summary["written"] += 1
         missing = sorted(set(todo) - {i for i in todo if (staging / todo[i][0]).is_file()})
         if missing:
             raise DataFormatError(f"{video}: the model names frame {missing[-1]} ({todo[missing[-1]][0]}), but only "

@@ -19,7 +19,8 @@ PAGE = """<!doctype html>
  .status { font-weight: 600; } .succeeded .status { color: #16a34a; } .failed .status { color: #dc2626; }
  .cancelled .status { color: #6b7280; } .running .status { color: #2563eb; }
  img.thumb { width: 72px; height: 72px; object-fit: cover; border-radius: 4px; background: #ddd; }
- a { color: #2563eb; margin-right: 8px; cursor: pointer; } .muted { color: #888; } .err { color: #dc2626; font-size: 12px; }
+ a { color: #2563eb; margin-right: 10px; cursor: pointer; display: inline-block; }
+ td.links { max-width: 420px; } .muted { color: #888; } .err { color: #dc2626; font-size: 12px; }
 </style></head>
 <body>
 <h1>splatforge jobs</h1>
@@ -46,7 +47,7 @@ function row(job) {
   const barWrap = el("div", {className: "bar"}); barWrap.appendChild(bar);
   const prog = el("td"); prog.appendChild(barWrap);
   prog.appendChild(el("span", {className: "muted"}, " " + Math.round(pct) + "% " + (p.stage || "") + (p.step ? " step " + p.step + "/" + p.steps : "")));
-  const links = el("td");
+  const links = el("td", {className: "links"});
   for (const a of job.artifacts) { const l = el("a", {title: a.bytes + " bytes"}, a.name); l.onclick = () => download(a); links.appendChild(l); }
   const status = el("td"); status.appendChild(el("span", {className: "status"}, job.status));
   if (job.error) status.appendChild(el("div", {className: "err"}, job.error));

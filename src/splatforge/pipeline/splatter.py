@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from splatforge._fs import atomic_path
-from splatforge.errors import ConfigError, DataFormatError
+from splatforge.errors import ConfigError, DataFormatError, SplatforgeError
 
 log = logging.getLogger(__name__)
 
@@ -376,9 +376,15 @@ def splatter(cfg: SplatterConfig, on_progress: Optional[Callable[[dict], None]] 
                "splat_rot.ply": export(run, out / "splat_rot.ply", "ply", transform=named_transform("splatter"))}  # fmt: skip
     # from the rotated PLY's own float32 values: the bytes ply2splat makes of that file
     exports["splat_rot.splat"] = export(out / "splat_rot.ply", out / "splat_rot.splat", "splat", prune_opacity=0.0)
-    exports["splat_rot.sog"] = export(out / "splat_rot.ply", out / "splat_rot.sog", "sog", prune_opacity=0.0)
+    warnings = []
+    try:  # best effort, as the node's compress_sog.py: the job stands on splat_rot.splat
+        exports["splat_rot.sog"] = export(out / "splat_rot.ply", out / "splat_rot.sog", "sog", prune_opacity=0.0)
+    except (SplatforgeError, ValueError, OSError, MemoryError, RuntimeError) as exc:
+        log.warning("splat_rot.sog not written: %s", exc)
+        warnings.append(f"splat_rot.sog: {exc}")
     times["export_s"] = time.perf_counter() - t
-    emit({"pct": _PCT["export"][1], "stage": "export", "status": "completed", "num_gaussians": exports["splat.ply"]["num_gaussians"]})
+    emit({"pct": _PCT["export"][1], "stage": "export", "status": "warning" if warnings else "completed",
+          "num_gaussians": exports["splat.ply"]["num_gaussians"], **({"warnings": warnings} if warnings else {})})  # fmt: skip
 
     # 4. previews (best effort) ---------------------------------------------------------------
     t = time.perf_counter()
@@ -402,7 +408,7 @@ def splatter(cfg: SplatterConfig, on_progress: Optional[Callable[[dict], None]] 
     split = "test" if "test" in metrics else "train"
     summary = {
         "job_id": cfg.job_id, "domain_id": cfg.domain_id, "status": "succeeded", "artifacts": artifacts,
-        "outputs": {name: str(OUT_DIR / name) for name in ("splat.ply", "splat_rot.ply", "splat_rot.splat", "splat_rot.sog")},
+        "outputs": {name: str(OUT_DIR / name) for name in exports},
         "frames": frames,
         "train": {"steps": result.step, "num_gaussians": result.num_gaussians, "strategy": train_cfg.strategy,
                   "data_factor": train_cfg.data_factor, "device": str(train_cfg.device),
@@ -412,6 +418,7 @@ def splatter(cfg: SplatterConfig, on_progress: Optional[Callable[[dict], None]] 
                     "lpips_note": metrics.get("lpips_note")},
         "exports": {k: {"num_gaussians": v["num_gaussians"], "bytes": v["bytes"]} for k, v in exports.items()},
         "previews": {k: (None if v is None else Path(v).name) for k, v in previews.items()},
+        "warnings": warnings + [f"{k}: failed (see the log)" for k, v in previews.items() if v is None],
         "timings": {k: round(v, 2) for k, v in times.items()},
     }  # fmt: skip
     with atomic_path(out / "result.json") as tmp:

@@ -40,13 +40,15 @@ OPTIONS = {"steps": int, "max_gaussians": int, "strategy": ("default", "mcmc"), 
 Each is the ``splatforge splatter`` flag of that name (``--max-gaussians`` for ``max_gaussians``)."""
 
 _PR_SET_PDEATHSIG = 1
+try:  # resolved here, in the parent: the child between fork and exec only makes the call
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: no parent-death signal (start-up still kills survivors)
+    _PRCTL = None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def worker_command(job: dict, workspace: Path) -> list[str]:

@@ -31,6 +31,12 @@ Steps, each reported as a JSON progress line (see :data:`STAGES`):
    (:func:`splatforge.products.previews.preview_selection`).
 5. ``complete``: ``ROOT/refined/splatter/result.json`` with the artifacts under the node's names
    and data types, the metrics and the timings.
+
+With ``captures`` (videos and/or photos), step 1 is ``prepare`` (frames, SfM) into the scene
+folder instead, and the job's own ``datasets/`` and model are not read.
+
+Differences from the node, stated: its ``rotate_ply.py`` (as published in a fork) maps (x, y, z)
+to (-z, -x, y) and leaves SH unrotated; ours is the issue's ``(y, -x, z)`` with SH rotated.
 """
 
 from __future__ import annotations

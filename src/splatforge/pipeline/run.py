@@ -20,7 +20,7 @@ from splatforge.pipeline.prepare import PrepareConfig, prepare
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunConfig", "run_pipeline", "run_train_config"]
+__all__ = ["RunConfig", "device_and_preset", "run_pipeline", "run_train_config"]
 
 
 @dataclass
@@ -57,8 +57,14 @@ class RunConfig:
     preview_size: int = 1024
 
 
-def _preset(cfg: RunConfig):
-    """The device ``cfg.device`` resolves to and the preset for it."""
+def device_and_preset(cfg):
+    """``(device, Preset)``: the device ``cfg.device`` resolves to and the preset ``cfg.preset``
+    names for it (``cfg``: any options with those two fields, e.g. :class:`RunConfig` or
+    :class:`~splatforge.pipeline.splatter.SplatterConfig`).
+
+    Raises:
+        ConfigError: an unknown preset or device.
+    """
     from splatforge.train import resolve_preset
     from splatforge.train.config import resolve_device
 
@@ -69,7 +75,7 @@ def _preset(cfg: RunConfig):
 def prepare_config(cfg: RunConfig) -> PrepareConfig:
     """The ``prepare`` phase's options (scene in ``OUT/scene``), SfM's features from the preset
     for the device unless given."""
-    features = cfg.max_features if cfg.max_features is not None else _preset(cfg)[1].max_features
+    features = cfg.max_features if cfg.max_features is not None else device_and_preset(cfg)[1].max_features
     return PrepareConfig(inputs=list(cfg.inputs), output=Path(cfg.output) / "scene", target_frames=cfg.target_frames,
                          max_size=cfg.max_size, matcher=cfg.matcher, camera_model=cfg.camera_model,
                          max_features=features, seed=cfg.seed)  # fmt: skip
@@ -79,7 +85,7 @@ def run_train_config(cfg: RunConfig):
     """The training config: the preset for the device, then the explicit options."""
     from splatforge.train import TrainConfig, apply_preset
 
-    device, preset = _preset(cfg)
+    device, preset = device_and_preset(cfg)
     train = apply_preset(TrainConfig(data=Path(cfg.output) / "scene", output=Path(cfg.output) / "run",
                                      backend=cfg.backend, device=device, seed=cfg.seed), preset)  # fmt: skip
     overrides = {"steps": cfg.steps, "max_image_size": cfg.max_image_size, "max_gaussians": cfg.cap_max}

@@ -267,15 +267,15 @@ def scene_folder(root: Path) -> Path:
 
 def splatter_train_config(cfg: SplatterConfig):
     """The training config: the preset for the device, then the explicit options."""
-    from splatforge.train import TrainConfig, apply_preset, resolve_preset
-    from splatforge.train.config import resolve_device
+    from splatforge.pipeline.run import device_and_preset
+    from splatforge.train import TrainConfig, apply_preset
 
     root = Path(cfg.job_root_path)
-    device = resolve_device(cfg.device)
+    device, preset = device_and_preset(cfg)
     train = apply_preset(TrainConfig(data=root / OUT_DIR / "scene", output=root / OUT_DIR / "run", backend=cfg.backend,
                                      device=device, seed=cfg.seed, test_every=cfg.test_every,
                                      checkpoint_every=cfg.checkpoint_every, cache_dir=root / OUT_DIR / "cache"),
-                         resolve_preset(cfg.preset, device))  # fmt: skip
+                         preset)  # fmt: skip
     overrides = {"steps": cfg.steps, "max_gaussians": cfg.max_gaussians, "strategy": cfg.strategy}
     train = dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None})
     if cfg.data_factor is not None:
@@ -289,12 +289,11 @@ def _frames_from_captures(cfg: SplatterConfig, emit: Callable[[dict], None]) -> 
     """``prepare`` (frames, SfM) of ``cfg.captures`` into the scene folder, once: a finished
     scene (``prepare.json``) is reused by a resumed job."""
     from splatforge.pipeline.prepare import PrepareConfig, prepare
-    from splatforge.train import resolve_preset
-    from splatforge.train.config import resolve_device
+    from splatforge.pipeline.run import device_and_preset
 
     scene = Path(cfg.job_root_path) / OUT_DIR / "scene"
     if not (scene / "prepare.json").is_file():
-        features = resolve_preset(cfg.preset, resolve_device(cfg.device)).max_features
+        features = device_and_preset(cfg)[1].max_features
         prepare(PrepareConfig(inputs=[Path(p) for p in cfg.captures], output=scene, max_features=features,
                               test_every=max(cfg.test_every, 0), seed=cfg.seed),
                 on_phase=lambda name: emit({"pct": _PCT["frames"][0], "stage": "frames", "status": "running", "phase": name}))  # fmt: skip

@@ -124,6 +124,7 @@ class SplatterConfig:
 
 
 def model_dir(root: Path) -> Path:
+    """``ROOT/refined/global/refined_sfm_combined``: where the node puts the job's COLMAP model."""
     return Path(root) / MODEL_DIR
 
 
@@ -303,6 +304,8 @@ def _frames_from_captures(cfg: SplatterConfig, emit: Callable[[dict], None]) -> 
 
 
 def artifact_suffix(suffix: str) -> str:
+    """The node's ``{suffix}`` of artifact names: ``suffix`` with a leading ``_`` added when
+    missing, ``""`` for none."""
     return suffix if not suffix or suffix.startswith("_") else f"_{suffix}"
 
 

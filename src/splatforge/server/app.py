@@ -187,6 +187,7 @@ def artifacts(job: dict, workspace: Path) -> list[dict]:
 
 
 def job_json(job: dict, workspace: Path) -> dict:
+    """The API's view of a store row: its fields and the artifacts found in ``workspace``."""
     keys = ("id", "status", "kind", "progress", "created_ms", "started_ms", "ended_ms", "error", "options", "attempts")
     listed = [{k: v for k, v in a.items() if k != "file"} | {"filename": a["file"].name} for a in artifacts(job, workspace)]
     return {k: job[k] for k in keys} | {"artifacts": listed}

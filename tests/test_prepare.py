@@ -166,7 +166,7 @@ def test_run_skull_images_8_photos_end_to_end(tmp_path, capsys):
     from splatforge.io import read_ply, read_splat, read_spz
 
     out = tmp_path / "out"
-    assert main(["run", str(SKULL / "images_8"), "--output", str(out), "--steps", "60", "--preview-size", "96"]) == 0
+    assert main(["run", str(SKULL / "images_8"), "--output", str(out), "--steps", "60", "--preview-size", "96", "--mesh"]) == 0
     summary = json.loads(capsys.readouterr().out)
     prep = json.loads((out / "scene" / "prepare.json").read_text())
     # 47 of 66 with seed 0, the same every run (other RANSAC seeds: 47-59): pairs 04-05 and
@@ -189,6 +189,7 @@ def test_run_skull_images_8_photos_end_to_end(tmp_path, capsys):
     assert len(read_splat(out / "export" / "scene.splat")["means"]) == n == len(read_spz(out / "export" / "scene.spz")["means"])
     for name in ("preview_top", "preview_angle"):
         assert Path(summary["previews"][name]).is_file()
+    assert summary["exports"]["mesh"] == str(out / "export" / "mesh.ply") and (out / "export" / "mesh.ply").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work folder left behind
 
 

@@ -224,6 +224,57 @@ def test_cpu_matches_gsplat_on_cuda(sh_degree, rasterize_mode):
         assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("render_mode", ["ID", "RGB+ID"])
+def test_inverse_depth_cpu_matches_gsplat_on_cuda(render_mode):
+    """gsplat has no inverse-depth mode: its backend renders 1/z as a feature channel. Same
+    image and gradients as the cpu backend's ID mode."""
+    pytest.importorskip("gsplat")
+    scene = random_scene(seed=13, n=2000, n_cameras=2, width=160, height=120, sh_degree=3)
+    outs = {}
+    for backend, device in (("cpu", "cpu"), ("gsplat", "cuda")):
+        params = [p.detach().to(device).requires_grad_(True) for p in scene.params()]
+        render, alpha, _ = rasterize(*params, scene.viewmats.to(device), scene.Ks.to(device), scene.width,
+                                     scene.height, sh_degree=3, render_mode=render_mode, backend=backend)  # fmt: skip
+        (render.sum() + alpha.sum()).backward()
+        outs[backend] = (render.detach().cpu(), [p.grad.cpu() for p in params])
+    (r0, g0), (r1, g1) = outs["cpu"], outs["gsplat"]
+    assert r0.shape == r1.shape
+    torch.testing.assert_close(r0, r1, atol=1e-3, rtol=1e-3)
+    for got, want in zip(g0, g1):
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_inverse_depth_hand_case(backend):
+    """Two Gaussians on the optical axis at z = 2 and z = 4, opacities 0.5 and 0.8, so small and
+    so far apart in size that the centre pixel's weights are those of the opacities themselves
+    times the Gaussian falloff: ID = w1 / 2 + w2 / 4 with w1 = a1, w2 = (1 - a1) a2, and ED, D
+    agree with the same weights."""
+    from splatforge.raster import rasterize
+
+    means = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 4.0]])
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2)
+    scales = torch.tensor([[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]])
+    opac = torch.tensor([0.5, 0.8])
+    colors = torch.ones(2, 3)
+    viewmats = torch.eye(4)[None]
+    Ks = torch.tensor([[[50.0, 0.0, 16.0], [0.0, 50.0, 16.0], [0.0, 0.0, 1.0]]])
+    out = {}
+    for mode in ("ID", "D", "ED"):
+        r, a, _ = rasterize(means, quats, scales, opac, colors, viewmats, Ks, 32, 32, render_mode=mode, backend=backend)
+        out[mode] = r[0, 15:17, 15:17, 0].mean().item()
+    # the centre pixels sit 0.5 px off each centre: falloff exp(-0.5 * 0.5 px^2 / sigma_px^2)
+    sig1, sig2 = 0.5 * 50 / 2, 2.0 * 50 / 4
+    a1 = 0.5 * math.exp(-0.5 * 0.5 / (sig1**2 + 0.3))
+    a2 = 0.8 * math.exp(-0.5 * 0.5 / (sig2**2 + 0.3))
+    w1, w2 = a1, (1 - a1) * a2
+    assert out["ID"] == pytest.approx(w1 / 2 + w2 / 4, rel=1e-4)
+    assert out["D"] == pytest.approx(w1 * 2 + w2 * 4, rel=1e-4)
+    assert out["ED"] == pytest.approx((w1 * 2 + w2 * 4) / (w1 + w2), rel=1e-4)
+
+
 def test_depth_test_rejects_nan():
     from splatforge.raster._cpu_project import _depth_ok
 

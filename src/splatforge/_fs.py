@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "build_once", "read_input", "remove_stale_temps"]
+__all__ = ["atomic_path", "build_once", "staging_dir", "read_input", "remove_stale_temps"]
 
 
 @contextmanager
@@ -67,6 +67,30 @@ def build_once(out: str | os.PathLike, build) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextmanager
+def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a private temporary folder beside ``out``; on success it replaces ``out`` (a folder
+    written earlier is removed only once the new one is complete), on error it is removed and
+    ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> int:

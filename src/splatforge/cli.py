@@ -518,6 +518,122 @@ class GenerateCommand(GenerateConfig):
 
 
 @dataclass
+class DepthPriorCommand:
+    """Monocular depth priors for a scene: Depth Anything's relative inverse depth per image, fitted
+    to the SfM points, in Inria's layout (OUTPUT/<image stem>.png, 16-bit, and
+    OUTPUT/depth_params.json); train with --depth-prior OUTPUT."""
+
+    scene: tyro.conf.Positional[Path]
+    """Scene folder (COLMAP or transforms.json); never written to."""
+    output: Path = tyro.MISSING
+    """Folder for the maps and depth_params.json (replaced as a whole when it exists)."""
+    model: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    """Hugging Face id or local folder of a Depth Anything model (Small: Apache-2.0; Base/Large:
+    -Base-hf/-Large-hf, CC-BY-NC-4.0)."""
+    data_factor: Optional[int] = None
+    """Read images_<k> (default: images/, else the smallest images_<k> there is)."""
+    device: str = "auto"
+    """torch device for the model: auto, cpu or cuda[:i]."""
+
+    def main(self) -> None:
+        from splatforge.data import load_scene
+        from splatforge.data.depth import make_depth_priors
+        from splatforge.data.load import image_folders
+        from splatforge.train.config import resolve_device
+
+        factor = self.data_factor
+        if factor is None:
+            factor = min(image_folders(self.scene)[1] or {1: None})
+        scene = load_scene(self.scene, data_factor=factor, test_every=0, cache_dir=self.output.parent / f".{self.output.name}.cache")
+        with Progress(TextColumn("[bold]depth"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=STDERR) as bar:  # fmt: skip
+            task = bar.add_task("depth", total=len(scene))
+            fits = make_depth_priors(scene, self.output, self.model, device=resolve_device(self.device),
+                                     progress=lambda i, n: bar.update(task, completed=i))  # fmt: skip
+        scales = [f.scale for f in fits.values() if f.scale > 0]
+        print(json.dumps({"output": str(self.output), "images": len(fits), "fitted": len(scales),
+                          "median_scale": float(sorted(scales)[len(scales) // 2]) if scales else None}, indent=2))  # fmt: skip
+
+
+@dataclass
+class MeshCommand:
+    """A coloured triangle mesh of a trained run: its rendered depth of the training views fused
+    into a TSDF (Open3D), in the scene's own world frame and units. Writes the PLY and a JSON of
+    the settings used beside it."""
+
+    run: tyro.conf.Positional[Path]
+    """Run folder written by `splatforge train`."""
+    output: Optional[Path] = None
+    """Mesh file (default RUN/exports/mesh.ply)."""
+    voxel_size: Optional[float] = None
+    """Voxel edge in world units (default: depth_trunc / 1024)."""
+    sdf_trunc: Optional[float] = None
+    """SDF truncation in world units (default: 4 voxels)."""
+    depth_trunc: Optional[float] = None
+    """Farthest depth fused, world units (default: 2 x the camera radius)."""
+    depth: Literal["expected"] = "expected"
+    """Rendered depth to fuse: expected (sum w z / sum w); see splatforge.products.mesh."""
+    alpha_min: float = 0.5
+    """Pixels less opaque than this are not fused."""
+    keep_clusters: int = 50
+    """Keep the largest this many connected pieces (0: all)."""
+    split: Literal["train", "test", "all"] = "train"
+    filter_px: float = 0.0
+    """Fuse only depths that pass the multi-view check at this many pixels (0: off)."""
+    device: Optional[str] = None
+    """torch device (default: the run's, or cpu)."""
+
+    def main(self) -> None:
+        from splatforge.products.mesh import MeshConfig, extract_mesh, write_mesh
+        from splatforge.train import Run
+
+        run = Run.open(self.run, device=self.device)
+        cfg = MeshConfig(self.voxel_size, self.sdf_trunc, self.depth_trunc, self.depth, self.alpha_min,
+                         self.keep_clusters, self.split, self.filter_px)  # fmt: skip
+        with Progress(TextColumn("[bold]fuse"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=STDERR) as bar:  # fmt: skip
+            task = bar.add_task("fuse", total=None)
+            mesh, info = extract_mesh(run, cfg, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        out = self.output or run.path / "exports" / "mesh.ply"
+        write_mesh(mesh, out)
+        info["mesh"] = str(out)
+        from splatforge._fs import atomic_path
+
+        with atomic_path(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2))
+
+
+@dataclass
+class MeshEvalCommand:
+    """Precision, recall and F-score of a mesh against a reference mesh or point cloud at distance
+    TAU (Tanks and Temples' definition), written as JSON."""
+
+    mesh: tyro.conf.Positional[Path]
+    reference: tyro.conf.Positional[Path]
+    tau: Optional[float] = None
+    """Distance threshold in world units (default: 0.5 % of the diagonal of the reference's
+    1st-99th percentile box)."""
+    samples: int = 1_000_000
+    """Points sampled uniformly on each mesh."""
+    output: Optional[Path] = None
+    """JSON file (default: MESH with the suffix .eval.json)."""
+
+    def main(self) -> None:
+        from splatforge._fs import atomic_path
+        from splatforge.products.mesh import default_tau, mesh_metrics, read_geometry
+
+        pts, ref = read_geometry(self.mesh, self.samples), read_geometry(self.reference, self.samples)
+        tau = self.tau if self.tau is not None else default_tau(ref)
+        result = {"mesh": str(self.mesh), "reference": str(self.reference), **mesh_metrics(pts, ref, tau),
+                  "tau_rule": "given" if self.tau is not None else "0.005 x diagonal of the reference's 1-99 % box"}  # fmt: skip
+        out = self.output or self.mesh.with_suffix(".eval.json")
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+
+
+@dataclass
 class BackendsCommand:
     """List the rasterizer backends usable on this machine (never builds gsplat)."""
 
@@ -533,7 +649,8 @@ class BackendsCommand:
 COMMANDS = {"prepare": PrepareCommand, "train": TrainCommand, "render": RenderCommand, "eval": EvalCommand,
             "export": ExportCommand, "preview": PreviewCommand, "run": RunCommand, "view": ViewCommand,
             "generate": GenerateCommand, "splatter": SplatterCommand, "serve": ServeCommand, "submit": SubmitCommand,
-            "demo": DemoCommand,
+            "demo": DemoCommand, "depth-prior": DepthPriorCommand,
+            "mesh": MeshCommand, "mesh-eval": MeshEvalCommand,
             "backends": BackendsCommand}  # fmt: skip
 
 

@@ -80,7 +80,14 @@ def read_colmap(root: Path, data_factor: int = 1, cache_dir: Optional[Path] = No
         raise DataFormatError(
             f"{images_dir}: {len(missing)} of {len(entries)} images of the COLMAP model are missing, e.g. {missing[:3]}"
         )
-    names, paths, c2ws, Ks, widths, heights = [], [], [], [], [], []
+    if rec.num_points3D():
+        pts = list(rec.points3D.items())
+        row = {pid: i for i, (pid, _) in enumerate(pts)}
+        points = np.array([p.xyz for _, p in pts], dtype=np.float32)
+        rgb = np.array([p.color for _, p in pts], dtype=np.uint8)
+    else:
+        row, points, rgb = {}, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+    names, paths, c2ws, Ks, widths, heights, observations = [], [], [], [], [], [], []
     for im in entries:
         cam = rec.cameras[im.camera_id]
         path = images_dir / im.name
@@ -96,15 +103,13 @@ def read_colmap(root: Path, data_factor: int = 1, cache_dir: Optional[Path] = No
         Ks.append(K)
         widths.append(w)
         heights.append(h)
-    if rec.num_points3D():
-        pts = list(rec.points3D.values())
-        points = np.array([p.xyz for p in pts], dtype=np.float32)
-        rgb = np.array([p.color for p in pts], dtype=np.uint8)
-    else:
-        points, rgb = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8)
+        seen = [(row[p.point3D_id], p.xy) for p in im.points2D if p.has_point3D() and p.point3D_id in row]
+        xy = np.array([q[1] for q in seen], dtype=np.float64).reshape(-1, 2) * [w / cam.width, h / cam.height]
+        observations.append((np.array([q[0] for q in seen], dtype=np.int64), xy))
     return SceneData(
         root=root, source="colmap", image_names=names, image_paths=paths, camtoworlds=np.stack(c2ws),
         Ks=np.stack(Ks), widths=np.array(widths), heights=np.array(heights), points=points, points_rgb=rgb,
+        observations=observations,
     )  # fmt: skip
 
 

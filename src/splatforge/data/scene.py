@@ -32,6 +32,10 @@ class SceneData:
         points_rgb: ``[P, 3]`` uint8 colours of the points.
         split: ``{"train": [...], "test": [...]}`` indices into the sorted views.
         background: RGB in [0, 1] that transparent images were composited on, or None.
+        observations: per view, the SfM points it observes (COLMAP's tracks): ``(rows [M]``
+            int64 indices into ``points``, ``xy [M, 2]`` float64 keypoints in pixels at the loaded
+            resolution, COLMAP's convention: pixel centres at +0.5``)``; None when the format
+            has no tracks.
     """
 
     root: Path
@@ -46,6 +50,7 @@ class SceneData:
     points_rgb: np.ndarray
     split: dict[str, list[int]] = field(default_factory=lambda: {"train": [], "test": []})
     background: Optional[tuple[float, float, float]] = None
+    observations: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
 
     def __len__(self) -> int:
         return len(self.image_names)

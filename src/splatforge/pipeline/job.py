@@ -5,11 +5,16 @@ Stages (each usable alone; ``stage_order`` is the order they run in):
 =============== ==============================================================================
 postprocess     ``partition.json``, ``cam_extrinsics.npy``, ``cam_intrinsics.npy``, ``frames.json``
                 (see :mod:`splatforge.products.metadata`), without training
+depth_prior     ``depth_prior/<stem>.png`` + ``depth_params.json``: Depth Anything (``extra``'s
+                ``depth_model``, default V2 Small) fitted to the SfM points; training then
+                supervises its inverse depth with it
 train           ``point_cloud/iteration_N/point_cloud.ply``, ``cameras.json``, ``checkpoints/``,
                 ``cfg.yml`` (resumes from its own checkpoints when a run was killed)
 render          ``{train,test}/ours_N/{renders,gt}/NNNNN.png`` + ``metrics.json``
 visibility      ``{train,test}/ours_N/visibility_mask_global_2ndpick_th0.5/frame_XXXXX.png`` + scores
 depth           ``{train,test}/ours_N/depth/NNNNN.npy`` (float32 camera z) + ``NNNNN.png`` preview
+mesh            ``exports/mesh.ply`` + ``exports/mesh.json``: TSDF fusion of the training views
+                (:mod:`splatforge.products.mesh`, its defaults)
 partition_fix   checks ``partition.json`` against ``cam_extrinsics.npy``; rewrites it, or removes
                 the output when it cannot be recovered
 clean           removes the output folder
@@ -40,10 +45,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JobSpec", "JobContext", "STAGES", "run_job", "scene_fingerprint", "train_config"]
 
-STAGES = ("postprocess", "train", "render", "visibility", "depth", "partition_fix", "clean")
-#: which upstream stages each stage reads (its hash includes theirs)
-DEPENDS = {"postprocess": (), "train": ("postprocess",), "render": ("train",), "visibility": ("train",),
-           "depth": ("train",), "partition_fix": ("postprocess",), "clean": ()}  # fmt: skip
+STAGES = ("postprocess", "depth_prior", "train", "render", "visibility", "depth", "mesh", "partition_fix", "clean")
+#: which upstream stages each stage reads (its hash includes theirs; train includes depth_prior's
+#: only when the job has that stage, so the hashes of jobs without it are those of before)
+DEPENDS = {"postprocess": (), "depth_prior": ("postprocess",), "train": ("postprocess",), "render": ("train",),
+           "visibility": ("train",), "depth": ("train",), "mesh": ("train",), "partition_fix": ("postprocess",),
+           "clean": ()}  # fmt: skip
 
 
 @dataclass
@@ -109,11 +116,14 @@ def train_config(spec: JobSpec):
     planned (schedules scale with the steps), ``extra`` fields on top."""
     from splatforge.train import TrainConfig
 
+    extra = dict(spec.extra)
+    if "depth_prior" in spec.stages:
+        extra["depth_prior"] = str(spec.out / "depth_prior")
     return TrainConfig(data=Path(spec.scene_root), output=spec.out, data_factor=spec.data_factor, steps=spec.steps,
                        split_ratio=spec.ratio, backend=spec.backend, device=spec.device, seed=spec.seed,
                        sh_degree=spec.sh_degree, strategy=spec.strategy, max_gaussians=spec.cap_max,
                        checkpoint_every=max(100, spec.steps // 5),
-                       cache_dir=Path(spec.cache_dir) if spec.cache_dir else None, **spec.extra)  # fmt: skip
+                       cache_dir=Path(spec.cache_dir) if spec.cache_dir else None, **extra)  # fmt: skip
 
 
 class JobContext:
@@ -183,6 +193,26 @@ def _stage_depth(ctx: JobContext) -> tuple[list[Path], dict]:
     return [p for split in ("train", "test") for p in render_depth_split(run, split)], {}
 
 
+def _stage_depth_prior(ctx: JobContext) -> tuple[list[Path], dict]:
+    from splatforge.data.depth import DEFAULT_DEPTH_MODEL, make_depth_priors
+
+    spec = ctx.spec
+    model = spec.extra.get("depth_model", DEFAULT_DEPTH_MODEL)
+    fits = make_depth_priors(_load_scene(spec), spec.out / "depth_prior", model, device=spec.device)
+    return [spec.out / "depth_prior" / "depth_params.json"], {"depth_prior_fitted": sum(f.scale > 0 for f in fits.values())}
+
+
+def _stage_mesh(ctx: JobContext) -> tuple[list[Path], dict]:
+    from splatforge.products.mesh import extract_mesh, write_mesh
+
+    out = ctx.spec.out / "exports" / "mesh.ply"
+    mesh, info = extract_mesh(ctx.run())
+    write_mesh(mesh, out)
+    with atomic_path(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
+    return [out, out.with_suffix(".json")], {"mesh_triangles": info["triangles"]}
+
+
 def _stage_partition_fix(ctx: JobContext) -> tuple[list[Path], dict]:
     from splatforge.products.metadata import fix_partition
 
@@ -195,6 +225,7 @@ def _stage_partition_fix(ctx: JobContext) -> tuple[list[Path], dict]:
 STAGE_FNS: dict[str, Callable[[JobContext], tuple[list[Path], dict]]] = {
     "postprocess": _stage_postprocess, "train": _stage_train, "render": _stage_render,
     "visibility": _stage_visibility, "depth": _stage_depth, "partition_fix": _stage_partition_fix,
+    "depth_prior": _stage_depth_prior, "mesh": _stage_mesh,
 }  # fmt: skip
 
 
@@ -206,11 +237,14 @@ def stage_digests(spec: JobSpec) -> dict[str, str]:
         "train": {"steps": spec.steps, "strategy": spec.strategy, "cap_max": spec.cap_max, "seed": spec.seed,
                   "sh_degree": spec.sh_degree, "extra": spec.extra},
         "render": {}, "visibility": {"threshold": spec.threshold}, "depth": {}, "partition_fix": {}, "clean": {},
+        "depth_prior": {"model": spec.extra.get("depth_model")}, "mesh": {},
     }  # fmt: skip
     digests: dict[str, str] = {}
-    for stage in ("postprocess", "train", "render", "visibility", "depth", "partition_fix", "clean"):
-        digests[stage] = stage_hash(stage, own[stage], fp if stage == "postprocess" else None,
-                                    [digests[d] for d in DEPENDS[stage]])  # fmt: skip
+    for stage in STAGES:
+        deps = [digests[d] for d in DEPENDS[stage]]
+        if stage == "train" and "depth_prior" in spec.stages:
+            deps.append(digests["depth_prior"])
+        digests[stage] = stage_hash(stage, own[stage], fp if stage == "postprocess" else None, deps)
     return digests
 
 
@@ -223,9 +257,9 @@ def stage_order(stages: list[str]) -> list[str]:
 
         raise ConfigError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     wanted = set(stages)
-    if wanted & {"train", "render", "visibility", "depth", "partition_fix"}:
+    if wanted & {"depth_prior", "train", "render", "visibility", "depth", "mesh", "partition_fix"}:
         wanted.add("postprocess")
-    if wanted & {"render", "visibility", "depth"}:
+    if wanted & {"render", "visibility", "depth", "mesh"}:
         wanted.add("train")
     return [s for s in STAGES if s in wanted]
 

@@ -1,8 +1,8 @@
 """``run``: captures to a trained, evaluated and exported splat in one call.
 
 ``OUT/scene`` (``prepare``), ``OUT/run`` (training with the preset for the device, then
-``eval``), ``OUT/export/scene.{ply,splat,spz}`` and ``OUT/export/preview_{top,angle}.jpg``, and
-``OUT/run.json`` with every phase's summary and wall time. Preview failures are warnings only.
+``eval``), ``OUT/export/scene.{ply,splat,spz}``, ``OUT/export/preview_{top,angle}.jpg`` (and
+``OUT/export/mesh.ply`` with ``mesh``), and ``OUT/run.json`` with every phase's summary and wall time. Preview failures are warnings only.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class RunConfig:
     seed: int = 0
     """Random seed (SfM and training)."""
     preview_size: int = 1024
+    mesh: bool = False
+    """Also fuse a TSDF mesh of the training views into OUT/export/mesh.ply (splatforge mesh's defaults)."""
 
 
 def device_and_preset(cfg):
@@ -141,6 +143,16 @@ def run_pipeline(cfg: RunConfig, *, progress: Optional[Callable] = None, on_phas
     previews = write_previews(run.splats, output / "export", camtoworlds=c2w, Ks=Ks,
                               image_size=(int(sizes[0, 0]), int(sizes[0, 1])), size=cfg.preview_size)  # fmt: skip
     times["previews_s"] = time.perf_counter() - t
+    mesh_out = None
+    if cfg.mesh:
+        from splatforge.products.mesh import extract_mesh, write_mesh
+
+        phase("mesh")
+        t = time.perf_counter()
+        mesh, mesh_info = extract_mesh(run)
+        mesh_out = output / "export" / "mesh.ply"
+        write_mesh(mesh, mesh_out)
+        times["mesh_s"] = time.perf_counter() - t
     times["total_s"] = sum(times.values())
     summary = {
         "prepare": {k: prep[k] for k in ("num_images", "num_registered", "registered_fraction", "mean_reprojection_error_px") if k in prep},
@@ -149,6 +161,8 @@ def run_pipeline(cfg: RunConfig, *, progress: Optional[Callable] = None, on_phas
         "test": {k: metrics["test"][k] for k in ("psnr", "ssim", "lpips", "lpips_vgg", "lpips_alex", "num_views")},
         "exports": {k: v["output"] for k, v in exports.items()}, "previews": previews, "timings": times,
     }  # fmt: skip
+    if mesh_out is not None:
+        summary["exports"]["mesh"] = str(mesh_out)
     with atomic_path(output / "run.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary

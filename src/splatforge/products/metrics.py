@@ -11,42 +11,30 @@
   downloaded here: where a file is missing the metric is ``None`` and :func:`lpips_metrics`
   says why.
 
-torchvision must be the build that pairs with the installed torch (``torchvision==0.28.0`` with
-``torch==2.13.0``). PyPI's 0.28.0 wheel is the CUDA build: beside the CPU torch its compiled ops
-cannot load and its import stops on an unguarded fake-kernel registration for two detection ops
-(``torchvision::nms``, ``qnms``). :func:`import_torchvision` then declares those two operator
-schemas, without kernels, and imports it again: the model zoo LPIPS needs is pure Python and
-works; the detection ops stay unavailable, as they already were. As torchmetrics imports
-torchvision whenever it is installed, every torchmetrics import here goes through
-:func:`ensure_torchvision_importable` first.
+torchvision must be the build that pairs with the installed torch; see :mod:`splatforge._torchvision`
+for the CUDA wheel beside a CPU torch.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from splatforge._torchvision import ensure_torchvision_importable, import_torchvision
+
 log = logging.getLogger(__name__)
 
-__all__ = ["psnr", "ssim", "LPIPS_KEYS", "lpips_metrics", "import_torchvision", "ensure_torchvision_importable"]
+__all__ = ["LPIPS_KEYS", "ensure_torchvision_importable", "import_torchvision", "lpips_metrics", "psnr", "ssim"]
 
 #: metric key -> (torchmetrics net_type, torchvision weights enum, its member)
 _LPIPS = {"lpips_vgg": ("vgg", "VGG16_Weights"), "lpips_alex": ("alex", "AlexNet_Weights")}
 LPIPS_KEYS = tuple(_LPIPS)
 
-_TORCHVISION_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_shim_library = None
 
 
 def psnr(render: Tensor, gt: Tensor) -> float:
@@ -68,52 +56,13 @@ def ssim(render: Tensor, gt: Tensor) -> float:
                                                      data_range=1.0, kernel_size=11, sigma=1.5))  # fmt: skip
 
 
-def ensure_torchvision_importable() -> bool:
-    """Make ``import torchvision`` (and so ``import torchmetrics``, which imports it when it is
-    installed) work beside a torch its compiled ops do not fit: if its ``_C`` extension does not
-    load, declare the two operator schemas its import registers fake kernels for (see the module
-    docstring). Call before importing torchmetrics or torchvision; returns whether torchvision is
-    installed. Does nothing when it is already imported or its ops load."""
-    global _shim_library
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or spec.origin is None:
-        return False
-    if "torchvision" in sys.modules or _shim_library is not None:
-        return True
-    try:
-        torch.ops.load_library(str(next(Path(spec.origin).parent.glob("_C*.so"))))
-        return True
-    except (OSError, StopIteration):
-        pass
-    _shim_library = torch.library.Library("torchvision", "FRAGMENT")  # kept alive: the schemas live as long as it
-    for schema in _TORCHVISION_SCHEMAS.values():
-        _shim_library.define(schema)
-    log.info("torchvision's compiled ops do not load beside this torch (a CUDA wheel on a CPU torch): "
-             "its detection ops are unavailable, its models work")  # fmt: skip
-    return True
-
-
-def import_torchvision():
-    """``import torchvision`` after :func:`ensure_torchvision_importable`.
-
-    Raises:
-        ImportError: torchvision is missing or fails to import.
-    """
-    if not ensure_torchvision_importable():
-        raise ImportError("torchvision is not installed")
-    try:
-        return importlib.import_module("torchvision")
-    except RuntimeError as exc:
-        raise ImportError(f"torchvision does not import: {exc}") from exc
-
-
 def _weights_file(enum_name: str) -> Path:
     tv = import_torchvision()
     url = getattr(tv.models, enum_name).IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def lpips_metrics(device: torch.device | str = "cpu") -> tuple[dict[str, Callable[[Tensor, Tensor], float]], Optional[str]]:
+def lpips_metrics(device: torch.device | str = "cpu") -> tuple[dict[str, Callable[[Tensor, Tensor], float]], str | None]:
     """The LPIPS metrics that can run here (``{"lpips_vgg": fn, "lpips_alex": fn}``, each
     ``fn(render [B, H, W, 3], gt) -> float``, images in [0, 1]) and, when any cannot, one line
     saying why (else None). Never downloads anything.

@@ -11,10 +11,12 @@ from torch import Tensor
 from splatforge.errors import BackendUnavailableError, ConfigError
 from splatforge.geometry.sh import num_sh_bases
 
-__all__ = ["rasterize", "available_backends", "resolve_backend", "BACKENDS", "RENDER_MODES"]
+__all__ = ["rasterize", "available_backends", "resolve_backend", "inverse_depths", "BACKENDS", "RENDER_MODES", "DEPTH_MODES"]
 
 BACKENDS = ("auto", "cpu", "gsplat", "reference")
-RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
+RENDER_MODES = ("RGB", "D", "ED", "ID", "RGB+D", "RGB+ED", "RGB+ID")
+#: Render modes whose last channel is a depth (``D``/``ED``: camera z; ``ID``: inverse depth).
+DEPTH_MODES = {"D": "D", "ED": "ED", "ID": "ID", "RGB+D": "D", "RGB+ED": "ED", "RGB+ID": "ID"}
 RASTERIZE_MODES = ("classic", "antialiased")
 GSPLAT_VERSION = "1.5.3"
 
@@ -82,6 +84,14 @@ def _check(name: str, t: Any, shape: tuple, device: torch.device) -> None:
         raise ConfigError(f"{name} is on {t.device} but means is on {device}; put all inputs on one device")
 
 
+def inverse_depths(depths: Tensor, radii: Tensor) -> Tensor:
+    """``1 / depths`` ``[C, N]`` where a Gaussian is drawn (``radii > 0``, so ``z >= near``), 0
+    where it is culled; culled entries get no gradient (never ``0 * inf``)."""
+    drawn = (radii > 0).all(dim=-1) & (depths > 0)
+    safe = torch.where(drawn, depths, torch.ones_like(depths))
+    return torch.where(drawn, 1.0 / safe, torch.zeros_like(depths))
+
+
 def _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height) -> tuple[torch.device, int, int]:
     """Shapes, devices and image size shared by every entry point; returns ``(device, N, C)``."""
     device = means.device if isinstance(means, Tensor) else torch.device("cpu")
@@ -132,7 +142,7 @@ def rasterize(
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     backgrounds: Optional[Tensor] = None,
-    render_mode: Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"] = "RGB",
+    render_mode: Literal["RGB", "D", "ED", "ID", "RGB+D", "RGB+ED", "RGB+ID"] = "RGB",
     rasterize_mode: Literal["classic", "antialiased"] = "classic",
     absgrad: bool = False,
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
@@ -161,8 +171,11 @@ def rasterize(
         eps2d: screen-space dilation added to the 2D covariance diagonal, pixels^2.
         backgrounds: ``[C, D]`` colour behind the Gaussians, or None for black/zero.
         render_mode: ``RGB``; ``D`` accumulated depth ``sum_i w_i z_i``; ``ED`` expected depth
-            ``D / alpha``; ``RGB+D`` / ``RGB+ED`` append it as the last channel. Depth is
-            camera z, world units; its background is 0.
+            ``D / alpha``; ``ID`` accumulated inverse depth ``sum_i w_i / z_i`` (1 / world
+            units: what Inria's 2024 depth regularisation renders and compares with an aligned
+            monocular prior; not divided by alpha); ``RGB+D`` / ``RGB+ED`` / ``RGB+ID`` append it
+            as the last channel. Depth is camera z, world units; its background is 0. gsplat has no
+            ``ID`` mode: its backend renders ``1/z`` as a feature channel, the same sum.
         rasterize_mode: ``classic``, or ``antialiased`` (Mip-Splatting, Yu et al. 2024: opacities
             times ``sqrt(det(cov2d) / det(cov2d + eps2d I))``).
         absgrad: also provide ``info["means2d"].absgrad`` after backward (AbsGS): the sum over
@@ -231,11 +244,14 @@ def rasterize(
         feats = torch.clamp_min(impl.sh_colors(means, colors, viewmats, sh_degree, proj.radii) + 0.5, 0.0)
 
     bgs = backgrounds
-    if render_mode in ("D", "ED"):
-        feats = proj.depths[..., None]
+    depth_kind = DEPTH_MODES.get(render_mode)
+    if depth_kind is not None:
+        z = inverse_depths(proj.depths, proj.radii) if depth_kind == "ID" else proj.depths
+    if render_mode in ("D", "ED", "ID"):
+        feats = z[..., None]
         bgs = None
-    elif render_mode in ("RGB+D", "RGB+ED"):
-        feats = torch.cat([feats, proj.depths[..., None]], dim=-1)
+    elif depth_kind is not None:
+        feats = torch.cat([feats, z[..., None]], dim=-1)
         if bgs is not None:
             bgs = torch.cat([bgs, torch.zeros_like(bgs[:, :1])], dim=-1)
 

@@ -39,6 +39,10 @@ def rasterize(
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``gsplat.rasterization`` with ``packed=False`` so ``info`` matches the other backends.
 
+    gsplat has no inverse-depth mode: for ``ID``/``RGB+ID`` the colours are evaluated here (gsplat's
+    own ``spherical_harmonics`` and ``max(SH + 0.5, 0)``) and ``1 / z`` is appended as a feature
+    channel, which gsplat composites like any colour: the same ``sum_i w_i / z_i``.
+
     Raises:
         BackendUnavailableError: gsplat is not installed or fails to load its CUDA extension.
     """
@@ -46,6 +50,10 @@ def rasterize(
         import gsplat
     except ImportError as exc:  # pragma: no cover - needs a CUDA machine without gsplat
         raise BackendUnavailableError(f"the gsplat backend needs gsplat==1.5.3 (a splatforge dependency): {exc}") from exc
+    if render_mode in ("ID", "RGB+ID"):
+        colors, sh_degree, backgrounds = _inverse_depth_features(
+            gsplat, means, colors, viewmats, sh_degree, backgrounds, rgb=render_mode == "RGB+ID")
+        render_mode = "RGB"
     render, alpha, info = gsplat.rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, sh_degree=sh_degree, packed=False,
@@ -53,3 +61,27 @@ def rasterize(
     )  # fmt: skip
     info["backend"] = "gsplat"
     return render, alpha, info
+
+
+def _inverse_depth_features(gsplat: Any, means: Tensor, colors: Tensor, viewmats: Tensor, sh_degree: Optional[int],
+                            backgrounds: Optional[Tensor], rgb: bool) -> tuple[Tensor, None, Optional[Tensor]]:  # fmt: skip
+    """Per-camera features ``[C, N, D]`` for an inverse-depth render: the colours (``rgb``) and
+    ``1/z`` (0 behind the camera; gsplat culls those), with the backgrounds extended by 0."""
+    import torch
+
+    C = viewmats.shape[0]
+    z = torch.einsum("cj,nj->cn", viewmats[:, 2, :3], means) + viewmats[:, 2, 3:4]
+    front = z > 0
+    inv = torch.where(front, 1.0 / torch.where(front, z, torch.ones_like(z)), torch.zeros_like(z))[..., None]
+    if not rgb:
+        return inv, None, None
+    if sh_degree is not None:
+        campos = torch.linalg.inv(viewmats)[:, :3, 3]
+        dirs = means[None] - campos[:, None]
+        coeffs = colors[None].expand((C,) + colors.shape)
+        colors = torch.clamp_min(gsplat.spherical_harmonics(sh_degree, dirs, coeffs) + 0.5, 0.0)
+    elif colors.dim() == 2:
+        colors = colors[None].expand(C, -1, -1)
+    if backgrounds is not None:
+        backgrounds = torch.cat([backgrounds, torch.zeros_like(backgrounds[:, :1])], dim=-1)
+    return torch.cat([colors, inv], dim=-1), None, backgrounds

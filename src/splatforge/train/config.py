@@ -201,6 +201,20 @@ class TrainConfig:
     torch_threads: int = 0
     """Threads of torch's own ops while training on the CPU (0: one, leaving the cores to the
     compiled kernels; see ``Trainer.compute_threads``)."""
+    depth_prior: Optional[str] = None
+    """Supervise the rendered inverse depth: a folder of depth maps (Inria's layout, with or without
+    depth_params.json), depth-anything (run into <output>/depth_prior), or sfm (the sparse COLMAP
+    depths); None: off. See splatforge.train.depth."""
+    depth_weight_init: float = 1.0
+    """Weight of the depth term at the first step (Inria's depth_l1_weight_init)."""
+    depth_weight_final: float = 0.01
+    """Weight at the last step, reached log-linearly (Inria's depth_l1_weight_final)."""
+    depth_filter_px: float = 1.0
+    """Multi-view check of a dense prior: a pixel supervises only when its aligned depth, sent to
+    up to 8 neighbouring training views and back, lands within this many pixels in more than one
+    (CityGS-X's filter); 0: off."""
+    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    """Depth Anything model for --depth-prior depth-anything (a Hugging Face id or a local folder)."""
     strategy: Literal["default", "mcmc"] = "mcmc"
     """Densification: mcmc (relocation, regularised: few floaters, the count never above the
     cap) or default (3DGS adaptive density control)."""
@@ -234,6 +248,13 @@ class TrainConfig:
         if self.max_gaussians < 0:
             raise ConfigError(f"max_gaussians must be >= 0, got {self.max_gaussians}")
         self.device = resolve_device(self.device)
+        from splatforge.train.depth import check_depth_prior
+
+        check_depth_prior(self.depth_prior)
+        if self.depth_filter_px < 0:
+            raise ConfigError(f"depth_filter_px must be >= 0 (pixels; 0 is off), got {self.depth_filter_px}")
+        if self.depth_weight_init < 0 or self.depth_weight_final < 0:
+            raise ConfigError(f"depth weights must be >= 0, got {self.depth_weight_init} and {self.depth_weight_final}")
         if self.init_opacity is not None and not 0.0 < self.init_opacity < 1.0:
             raise ConfigError(f"init_opacity must be in (0, 1), got {self.init_opacity}")
         if self.init_scale is not None and not self.init_scale > 0.0:

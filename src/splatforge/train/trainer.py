@@ -4,7 +4,8 @@ Follows Kerbl et al. 2023 and gsplat's ``examples/simple_trainer.py``: one rando
 per step, loss ``(1 - l) L1 + l (1 - SSIM)`` plus the strategy's regulariser, one Adam per
 parameter (fused kernels where torch has them), the means' learning rate times the scene scale
 with exponential decay to 1 % at the last step, SH degree raised every ``sh_degree_interval``
-steps, the strategy after each optimiser step, then the hard cap. The trainer never asks which
+steps, the strategy after each optimiser step, then the hard cap; with ``depth_prior`` the
+rendered inverse depth is supervised too (:mod:`splatforge.train.depth`). The trainer never asks which
 strategy it runs (see :mod:`splatforge.train.strategies`).
 """
 
@@ -119,6 +120,14 @@ class Trainer:
         self.strategy = build_strategy(cfg)
         self.strategy.check_sanity(self.params, self.optimizers)
         self.strategy_state = state_to(self.strategy.initialize_state(scene_scale=self.scene_scale), self.device)
+        self.depth = None
+        if cfg.depth_prior is not None:
+            from splatforge.train.depth import DepthSupervision
+
+            self.depth = DepthSupervision(cfg.depth_prior, self.scene, self.output, steps=cfg.steps,
+                                          weight_init=cfg.depth_weight_init, weight_final=cfg.depth_weight_final,
+                                          model=cfg.depth_model, device=self.device,
+                                          filter_px=cfg.depth_filter_px)  # fmt: skip
 
     @classmethod
     def from_run(cls, run: Path) -> "Trainer":
@@ -240,7 +249,11 @@ class Trainer:
         index = self.train_ids[int(torch.randint(len(self.train_ids), (1,), generator=self.generator))]
         gt = self.image(index)[None]
         bg = torch.rand(1, 3, generator=self.generator).to(self.device) if cfg.random_background else None
-        render, _, info = self.render(index, self.sh_degree_at(step), backgrounds=bg)
+        render, _, info = self.render(index, self.sh_degree_at(step), backgrounds=bg,
+                                      render_mode="RGB" if self.depth is None else "RGB+ID")  # fmt: skip
+        inv_depth = None
+        if self.depth is not None:
+            render, inv_depth = render[..., :3], render[0, ..., 3]
         clock.lap("forward")
         self.strategy.step_pre_backward(self.params, self.optimizers, self.strategy_state, step, info)
         s = ssim(render, gt)
@@ -250,6 +263,10 @@ class Trainer:
         reg = self.strategy.regularization(self.params)
         if reg is not None:
             loss = loss + reg
+        if inv_depth is not None:
+            depth_loss = self.depth.loss(index, inv_depth, step)
+            if depth_loss is not None:
+                loss = loss + depth_loss
         clock.lap("loss")
         loss.backward()
         clock.lap("backward")

@@ -211,6 +211,18 @@ def test_depth_term_is_inrias_formula(tmp_path):
     assert loss_depth - loss_plain == pytest.approx(expected, rel=1e-3)
     assert (tmp_path / "run-True" / "depth_params.json").is_file()
     assert sorted(p.name for p in prior.iterdir()) == listing
+    # with the multi-view filter on, the mask is the filter's over the training views' aligned priors
+    from splatforge.data.depth import multiview_depth_mask
+    from splatforge.train.depth import DepthSupervision
+
+    sup = DepthSupervision(str(prior), scene, tmp_path / "run-True", steps=50, weight_init=1.0, weight_final=0.01,
+                           model="unused", device=torch.device("cpu"), filter_px=5.0)  # fmt: skip
+    train = set(scene.split["train"])
+    depth_of = {i: 1.0 / sup.aligned(i) for i in train if sup.reliable[i]}.get
+    want = multiview_depth_mask(depth_of, scene.camtoworlds, scene.Ks, index, 5.0)
+    _, mask = sup.target(index)
+    np.testing.assert_array_equal(mask.numpy() > 0, want)
+    assert 0 < want.mean() < 1
 
 
 @needs_skull

@@ -119,6 +119,11 @@ def test_mesh_and_mesh_eval_commands(tmp_path, capsys):
     mesh = o3d.io.read_triangle_mesh(str(mesh_path))
     assert len(mesh.triangles) > 1000 and mesh.has_vertex_colors()
     assert json.loads(mesh_path.with_suffix(".json").read_text())["voxel_size"] == 0.025
+    # the pictures: the sphere's shaded disc fills the middle of the top view, the corners are black
+    top = np.asarray(Image.open(run_dir / "exports" / "mesh_top.jpg").convert("L"), float)
+    h, w = top.shape
+    middle = top[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
+    assert middle.mean() > 60 and (middle > 20).mean() > 0.9 and top[: h // 10, : w // 10].mean() < 10
     truth = np.random.default_rng(2).normal(size=(20_000, 3))
     pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(CENTER + truth / np.linalg.norm(truth, axis=1, keepdims=True)))
     o3d.io.write_point_cloud(str(tmp_path / "truth.ply"), pcd)

@@ -580,6 +580,9 @@ class MeshCommand:
     split: Literal["train", "test", "all"] = "train"
     filter_px: float = 0.0
     """Fuse only depths that pass the multi-view check at this many pixels (0: off)."""
+    preview: bool = True
+    """Also picture the mesh (its vertices drawn by splatforge's rasterizer, shaded): mesh_top.jpg
+    and mesh_angle.jpg beside it."""
     device: Optional[str] = None
     """torch device (default: the run's, or cpu)."""
 
@@ -597,6 +600,15 @@ class MeshCommand:
         out = self.output or run.path / "exports" / "mesh.ply"
         write_mesh(mesh, out)
         info["mesh"] = str(out)
+        if self.preview:
+            from splatforge.products.mesh import mesh_splats
+            from splatforge.products.previews import write_previews
+
+            sc = run.scene
+            pics = write_previews(mesh_splats(mesh, sc.camtoworlds, info["voxel_size"]), out.parent,
+                                  camtoworlds=sc.camtoworlds, Ks=sc.Ks,
+                                  image_size=(int(sc.widths[0]), int(sc.heights[0])), size=768, prefix="mesh")  # fmt: skip
+            info.update(pics)
         from splatforge._fs import atomic_path
 
         with atomic_path(out.with_suffix(".json")) as tmp:

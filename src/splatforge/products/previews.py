@@ -266,15 +266,16 @@ def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int =
 
 def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optional[np.ndarray] = None,
                    Ks: Optional[np.ndarray] = None, image_size: Optional[tuple[int, int]] = None,
-                   size: int = 1024, orbit: bool = False, orbit_name: str = "preview_orbit.mp4") -> dict[str, Optional[str]]:  # fmt: skip
-    """Write ``preview_top.jpg`` and ``preview_angle.jpg`` (and the orbit video ``orbit_name``)
-    into ``out_dir``. With ``camtoworlds``, ``Ks`` and ``image_size`` (width, height) of the
+                   size: int = 1024, orbit: bool = False, orbit_name: str = "preview_orbit.mp4",
+                   prefix: str = "preview") -> dict[str, Optional[str]]:  # fmt: skip
+    """Write ``<prefix>_top.jpg`` and ``<prefix>_angle.jpg`` (``preview_`` by default; and the
+    orbit video ``orbit_name``) into ``out_dir``. With ``camtoworlds``, ``Ks`` and ``image_size`` (width, height) of the
     training views, only the Gaussians of :func:`preview_selection` are shown. A preview that
     fails to render is logged as a warning and reported as ``None``; this function never raises
     for a rendering failure, so pipelines keep going."""
     out_dir = Path(out_dir)
     splats = Splats.from_mapping(splats).numpy()
-    result: dict[str, Optional[str]] = {"preview_top": None, "preview_angle": None}
+    result: dict[str, Optional[str]] = {f"{prefix}_top": None, f"{prefix}_angle": None}
     if camtoworlds is not None and Ks is not None and image_size is not None:
         try:
             keep, notes = preview_selection(splats, camtoworlds, Ks, *image_size)
@@ -290,10 +291,10 @@ def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optiona
         log.warning("previews skipped: cannot frame the scene: %s", exc)
         return result
     for name, (viewmat, K) in cams.items():
-        path = out_dir / f"preview_{name}.jpg"
+        path = out_dir / f"{prefix}_{name}.jpg"
         try:
             _write_jpg(render_view(splats, viewmat, K, size, size), path)
-            result[f"preview_{name}"] = str(path)
+            result[f"{prefix}_{name}"] = str(path)
         except (RuntimeError, ValueError, MemoryError, OSError, SplatforgeError) as exc:
             log.warning("%s: preview failed: %s", path, exc)
     if orbit:

@@ -209,10 +209,11 @@ class TrainConfig:
     """Weight of the depth term at the first step (Inria's depth_l1_weight_init)."""
     depth_weight_final: float = 0.01
     """Weight at the last step, reached log-linearly (Inria's depth_l1_weight_final)."""
-    depth_filter_px: float = 1.0
-    """Multi-view check of a dense prior: a pixel supervises only when its aligned depth, sent to
-    up to 8 neighbouring training views and back, lands within this many pixels in more than one
-    (CityGS-X's filter); 0: off."""
+    depth_filter_px: float = 0.0
+    """Multi-view check of a dense prior (CityGS-X's filter, e.g. 1): a pixel supervises only when
+    its aligned depth, sent to up to 8 neighbouring training views (view directions within 30
+    degrees) and back, lands within this many pixels in more than one. 0 (default): off; it needs
+    two such neighbours per view, which sparse captures lack (skull: most views have one)."""
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
     """Depth Anything model for --depth-prior depth-anything (a Hugging Face id or a local folder)."""
     strategy: Literal["default", "mcmc"] = "mcmc"

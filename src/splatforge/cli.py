@@ -27,6 +27,7 @@ from splatforge.pipeline.generate import GenerateConfig
 from splatforge.pipeline.prepare import PrepareConfig
 from splatforge.pipeline.run import RunConfig
 from splatforge.pipeline.splatter import SplatterConfig
+from splatforge.products.mesh import MeshConfig
 from splatforge.train.config import TrainConfig
 
 STDERR = Console(stderr=True)
@@ -556,63 +557,31 @@ class DepthPriorCommand:
 
 
 @dataclass
-class MeshCommand:
+class MeshCommand(MeshConfig):
     """A coloured triangle mesh of a trained run: its rendered depth of the training views fused
-    into a TSDF (Open3D), in the scene's own world frame and units. Writes the PLY and a JSON of
-    the settings used beside it."""
+    into a TSDF (Open3D), in the scene's own world frame and units. Writes the PLY, a JSON of the
+    settings used and two pictures (<stem>_top.jpg, <stem>_angle.jpg) beside it."""
 
-    run: tyro.conf.Positional[Path]
+    run: tyro.conf.Positional[Path] = tyro.MISSING
     """Run folder written by `splatforge train`."""
     output: Optional[Path] = None
     """Mesh file (default RUN/exports/mesh.ply)."""
-    voxel_size: Optional[float] = None
-    """Voxel edge in world units (default: depth_trunc / 1024)."""
-    sdf_trunc: Optional[float] = None
-    """SDF truncation in world units (default: 4 voxels)."""
-    depth_trunc: Optional[float] = None
-    """Farthest depth fused, world units (default: 2 x the camera radius)."""
-    depth: Literal["expected"] = "expected"
-    """Rendered depth to fuse: expected (sum w z / sum w); see splatforge.products.mesh."""
-    alpha_min: float = 0.5
-    """Pixels less opaque than this are not fused."""
-    keep_clusters: int = 50
-    """Keep the largest this many connected pieces (0: all)."""
-    split: Literal["train", "test", "all"] = "train"
-    filter_px: float = 0.0
-    """Fuse only depths that pass the multi-view check at this many pixels (0: off)."""
-    preview: bool = True
-    """Also picture the mesh (its vertices drawn by splatforge's rasterizer, shaded): mesh_top.jpg
-    and mesh_angle.jpg beside it."""
+    pictures: bool = True
+    """Picture the mesh (its vertices drawn by splatforge's rasterizer, shaded)."""
     device: Optional[str] = None
     """torch device (default: the run's, or cpu)."""
 
     def main(self) -> None:
-        from splatforge.products.mesh import MeshConfig, extract_mesh, write_mesh
+        from splatforge.products.mesh import mesh_run
         from splatforge.train import Run
 
         run = Run.open(self.run, device=self.device)
-        cfg = MeshConfig(self.voxel_size, self.sdf_trunc, self.depth_trunc, self.depth, self.alpha_min,
-                         self.keep_clusters, self.split, self.filter_px)  # fmt: skip
+        cfg = MeshConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MeshConfig)})
         with Progress(TextColumn("[bold]fuse"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=STDERR) as bar:  # fmt: skip
             task = bar.add_task("fuse", total=None)
-            mesh, info = extract_mesh(run, cfg, progress=lambda i, n: bar.update(task, completed=i, total=n))
-        out = self.output or run.path / "exports" / "mesh.ply"
-        write_mesh(mesh, out)
-        info["mesh"] = str(out)
-        if self.preview:
-            from splatforge.products.mesh import mesh_splats
-            from splatforge.products.previews import write_previews
-
-            sc = run.scene
-            pics = write_previews(mesh_splats(mesh, sc.camtoworlds, info["voxel_size"]), out.parent,
-                                  camtoworlds=sc.camtoworlds, Ks=sc.Ks,
-                                  image_size=(int(sc.widths[0]), int(sc.heights[0])), size=768, prefix="mesh")  # fmt: skip
-            info.update(pics)
-        from splatforge._fs import atomic_path
-
-        with atomic_path(out.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(info, indent=2))
+            info = mesh_run(run, self.output or run.path / "exports" / "mesh.ply", cfg, pictures=self.pictures,
+                            progress=lambda i, n: bar.update(task, completed=i, total=n))  # fmt: skip
         print(json.dumps(info, indent=2))
 
 

@@ -203,13 +203,10 @@ def _stage_depth_prior(ctx: JobContext) -> tuple[list[Path], dict]:
 
 
 def _stage_mesh(ctx: JobContext) -> tuple[list[Path], dict]:
-    from splatforge.products.mesh import extract_mesh, write_mesh
+    from splatforge.products.mesh import mesh_run
 
     out = ctx.spec.out / "exports" / "mesh.ply"
-    mesh, info = extract_mesh(ctx.run())
-    write_mesh(mesh, out)
-    with atomic_path(out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(info, indent=2))
+    info = mesh_run(ctx.run(), out, pictures=False)
     return [out, out.with_suffix(".json")], {"mesh_triangles": info["triangles"]}
 
 

@@ -145,13 +145,12 @@ def run_pipeline(cfg: RunConfig, *, progress: Optional[Callable] = None, on_phas
     times["previews_s"] = time.perf_counter() - t
     mesh_out = None
     if cfg.mesh:
-        from splatforge.products.mesh import extract_mesh, write_mesh
+        from splatforge.products.mesh import mesh_run
 
         phase("mesh")
         t = time.perf_counter()
-        mesh, mesh_info = extract_mesh(run)
         mesh_out = output / "export" / "mesh.ply"
-        write_mesh(mesh, mesh_out)
+        mesh_run(run, mesh_out, pictures=False)
         times["mesh_s"] = time.perf_counter() - t
     times["total_s"] = sum(times.values())
     summary = {

@@ -25,6 +25,7 @@ reference, recall = share of the reference's points within ``tau`` of the mesh,
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from splatforge.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MeshConfig", "extract_mesh", "write_mesh", "mesh_metrics", "default_tau", "read_geometry", "mesh_splats", "import_open3d"]
+__all__ = ["MeshConfig", "extract_mesh", "mesh_run", "write_mesh", "mesh_metrics", "default_tau", "read_geometry", "mesh_splats", "import_open3d"]
 
 
 def import_open3d():
@@ -202,6 +203,31 @@ def mesh_splats(mesh, camtoworlds: np.ndarray, voxel_size: float, shaded: bool =
                   scales=np.full((n, 3), np.log(0.7 * voxel_size), np.float32), opacities=np.full(n, 5.0, np.float32),
                   sh0=((rgb - 0.5) / 0.28209479177387814)[:, None, :].astype(np.float32),
                   shN=np.zeros((n, 0, 3), np.float32))  # fmt: skip
+
+
+def mesh_run(run, out: Path, cfg: Optional[MeshConfig] = None, *, pictures: bool = True,
+             progress: Optional[Callable[[int, int], None]] = None) -> dict:  # fmt: skip
+    """:func:`extract_mesh` of ``run`` written to ``out`` (PLY), its settings and counts to
+    ``out`` with the suffix ``.json``, and with ``pictures`` ``mesh_top.jpg``/``mesh_angle.jpg``
+    beside it (see :func:`mesh_splats`); returns that info dict.
+
+    Raises:
+        as :func:`extract_mesh` and :func:`write_mesh`.
+    """
+    from splatforge.products.previews import write_previews
+
+    out = Path(out)
+    mesh, info = extract_mesh(run, cfg, progress=progress)
+    write_mesh(mesh, out)
+    info["mesh"] = str(out)
+    if pictures:
+        sc = run.scene
+        info.update(write_previews(mesh_splats(mesh, sc.camtoworlds, info["voxel_size"]), out.parent,
+                                   camtoworlds=sc.camtoworlds, Ks=sc.Ks, image_size=(int(sc.widths[0]), int(sc.heights[0])),
+                                   size=768, prefix=out.stem))  # fmt: skip
+    with atomic_path(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
+    return info
 
 
 def write_mesh(mesh, path: Path) -> None:

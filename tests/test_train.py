@@ -227,3 +227,32 @@ def test_plan_predicts_mcmc_growth_and_run_takes_sfm_features_from_the_preset(de
     assert features == {"auto": 2048, "fast": 2048, "default": 4096}
     given = RunConfig(inputs=[demo_scene], output=tmp_path / "x", max_features=1000, device="cpu")
     assert prepare_config(given).max_features == 1000
+
+
+def test_batch_gradient_is_the_mean_of_its_views(demo_scene, tmp_path):
+    """A batch of two views rendered together has the gradient of the mean of the two views'
+    losses (L1 and SSIM are means over pixels, the regulariser counted once), to float32
+    rounding; gsplat's learning-rate rules for the batch size; the densification statistics count
+    both views of a step."""
+    t = Trainer(small_cfg(demo_scene, tmp_path / "run", batch_size=2, random_background=False))
+    i, j = t.train_ids[0], t.train_ids[3]
+
+    def grads(views):
+        for p in t.params.values():
+            p.grad = None
+        loss, *_ = t.batch_loss(views, 0)
+        loss.backward()
+        return {k: p.grad.clone() for k, p in t.params.items()}
+
+    g_ij, g_i, g_j = grads([i, j]), grads([i]), grads([j])
+    for k in g_ij:
+        want = (g_i[k] + g_j[k]) / 2
+        assert (g_ij[k] - want).abs().max() <= 1e-4 * want.abs().max() + 1e-9, k
+    opt = t.optimizers["opacities"].param_groups[0]
+    assert opt["lr"] == pytest.approx(5e-2 * 2**0.5) and opt["eps"] == pytest.approx(1e-15 / 2**0.5)
+    assert opt["betas"] == pytest.approx((0.8, 0.998))
+    t4 = Trainer(small_cfg(demo_scene, tmp_path / "run4", batch_size=4))
+    assert t4.optimizers["sh0"].param_groups[0]["betas"] == pytest.approx((0.6, 0.996))
+    t.train_step()
+    assert int(t.strategy_state["count"].max()) == 2  # one count per view that saw the Gaussian
+

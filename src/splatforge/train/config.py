@@ -161,7 +161,11 @@ class TrainConfig:
     """Train on images at most this many pixels on the longer side: the data factor is raised
     until they fit (0: no limit). Presets set it for the device."""
     steps: int = 30_000
-    """Optimisation steps (one training view each)."""
+    """Optimisation steps (batch_size training views each)."""
+    batch_size: int = 1
+    """Training views rendered together per step (gsplat's batch_size; one image size per batch):
+    learning rates times sqrt(B), Adam's eps / sqrt(B), betas (1 - 0.1 B, 1 - 0.001 B);
+    densification statistics over every view of the step."""
     test_every: int = 8
     """Every k-th image (sorted by name) is a test view; 0 for none."""
     split_ratio: Optional[float] = None
@@ -236,6 +240,8 @@ class TrainConfig:
         """
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if not 1 <= self.batch_size <= 9:
+            raise ConfigError(f"batch_size must be 1..9 (Adam's beta1 = 1 - 0.1 B stays positive), got {self.batch_size}")
         if self.sh_degree not in (0, 1, 2, 3):
             raise ConfigError(f"sh_degree must be 0..3, got {self.sh_degree}")
         if self.data_factor < 1:

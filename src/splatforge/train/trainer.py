@@ -1,7 +1,7 @@
 """The training loop: 3DGS optimisation with a densification strategy, on any backend.
 
 Follows Kerbl et al. 2023 and gsplat's ``examples/simple_trainer.py``: one random training view
-per step, loss ``(1 - l) L1 + l (1 - SSIM)`` plus the strategy's regulariser, one Adam per
+per step (``batch_size`` views rendered together, learning rates scaled as gsplat does), loss ``(1 - l) L1 + l (1 - SSIM)`` plus the strategy's regulariser, one Adam per
 parameter (fused kernels where torch has them), the means' learning rate times the scene scale
 with exponential decay to 1 % at the last step, SH degree raised every ``sh_degree_interval``
 steps, the strategy after each optimiser step, then the hard cap; with ``depth_prior`` the
@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -161,8 +162,14 @@ class Trainer:
     def _build_optimizers(self) -> None:
         lrs = dataclasses.asdict(self.cfg.lr)
         lrs["means"] *= self.scene_scale
-        fused = {"fused": True} if _fused_adam_supported() else {}
-        self.optimizers = {k: torch.optim.Adam([self.params[k]], lr=lrs[k], eps=1e-15, **fused) for k in PARAM_KEYS}
+        opts: dict[str, Any] = {"fused": True} if _fused_adam_supported() else {}
+        bs = self.cfg.batch_size
+        # gsplat's simple_trainer for a batch of BS views: lr * sqrt(BS), eps / sqrt(BS),
+        # betas (1 - BS (1 - 0.9), 1 - BS (1 - 0.999)); torch's defaults at BS = 1
+        if bs > 1:
+            opts["betas"] = (1.0 - bs * (1.0 - 0.9), 1.0 - bs * (1.0 - 0.999))
+        self.optimizers = {k: torch.optim.Adam([self.params[k]], lr=lrs[k] * math.sqrt(bs), eps=1e-15 / math.sqrt(bs), **opts)
+                           for k in PARAM_KEYS}  # fmt: skip
         gamma = 0.01 ** (1.0 / self.cfg.steps)
         self.schedulers = [torch.optim.lr_scheduler.ExponentialLR(self.optimizers["means"], gamma=gamma)]
 
@@ -240,20 +247,34 @@ class Trainer:
             backgrounds=backgrounds, render_mode=render_mode, backend=self.cfg.backend, absgrad=self.strategy.absgrad,
         )  # fmt: skip
 
-    def train_step(self, times: Optional[StepTimes] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step. Returns the loss and the view's mean squared error, detached
-        tensors (read them with ``float()`` only when needed: on a GPU that waits for the step).
-        With ``times``, each part of the step is timed into it (this synchronises the device)."""
-        cfg, step = self.cfg, self.step
-        clock = _Clock(times, self.device)
-        index = self.train_ids[int(torch.randint(len(self.train_ids), (1,), generator=self.generator))]
-        gt = self.image(index)[None]
-        bg = torch.rand(1, 3, generator=self.generator).to(self.device) if cfg.random_background else None
-        render, _, info = self.render(index, self.sh_degree_at(step), backgrounds=bg,
-                                      render_mode="RGB" if self.depth is None else "RGB+ID")  # fmt: skip
+    def draw_views(self) -> list[int]:
+        """The training views of the next step: one uniformly at random, and with
+        ``batch_size`` B > 1, B - 1 more among the training views of its image size (one render
+        takes one size), drawn with replacement from the trainer's generator."""
+        first = self.train_ids[int(torch.randint(len(self.train_ids), (1,), generator=self.generator))]
+        if self.cfg.batch_size == 1:
+            return [first]
+        size = (self.scene.widths[first], self.scene.heights[first])
+        same = [i for i in self.train_ids if (self.scene.widths[i], self.scene.heights[i]) == size]
+        rest = torch.randint(len(same), (self.cfg.batch_size - 1,), generator=self.generator)
+        return [first] + [same[int(k)] for k in rest]
+
+    def batch_loss(self, views: list[int], step: int, backgrounds: Optional[torch.Tensor] = None,
+                   clock: Optional["_Clock"] = None):  # fmt: skip
+        """The training loss of ``views`` (one size) rendered together: the mean over their
+        pixels of ``(1 - l) L1 + l (1 - SSIM)``, the strategy's regulariser and the mean of the
+        views' depth terms. Returns ``(loss, render [B, H, W, 3], gt [B, H, W, 3], info)``."""
+        cfg = self.cfg
+        clock = clock or _Clock(None, self.device)
+        gt = torch.stack([self.image(i) for i in views])
+        render, _, info = self.splats.rasterize(
+            self.viewmats[views], self.Ks[views], int(self.scene.widths[views[0]]), int(self.scene.heights[views[0]]),
+            sh_degree=self.sh_degree_at(step), backgrounds=backgrounds, backend=cfg.backend,
+            render_mode="RGB" if self.depth is None else "RGB+ID", absgrad=self.strategy.absgrad,
+        )  # fmt: skip
         inv_depth = None
         if self.depth is not None:
-            render, inv_depth = render[..., :3], render[0, ..., 3]
+            render, inv_depth = render[..., :3], render[..., 3]
         clock.lap("forward")
         self.strategy.step_pre_backward(self.params, self.optimizers, self.strategy_state, step, info)
         s = ssim(render, gt)
@@ -264,9 +285,21 @@ class Trainer:
         if reg is not None:
             loss = loss + reg
         if inv_depth is not None:
-            depth_loss = self.depth.loss(index, inv_depth, step)
-            if depth_loss is not None:
-                loss = loss + depth_loss
+            terms = [self.depth.loss(i, inv_depth[k], step) for k, i in enumerate(views)]
+            terms = [t for t in terms if t is not None]
+            if terms:
+                loss = loss + torch.stack(terms).sum() / len(views)
+        return loss, render, gt, info
+
+    def train_step(self, times: Optional[StepTimes] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step. Returns the loss and the view's mean squared error, detached
+        tensors (read them with ``float()`` only when needed: on a GPU that waits for the step).
+        With ``times``, each part of the step is timed into it (this synchronises the device)."""
+        cfg, step = self.cfg, self.step
+        clock = _Clock(times, self.device)
+        views = self.draw_views()
+        bg = torch.rand(len(views), 3, generator=self.generator).to(self.device) if cfg.random_background else None
+        loss, render, gt, info = self.batch_loss(views, step, bg, clock)
         clock.lap("loss")
         loss.backward()
         clock.lap("backward")

@@ -23,6 +23,7 @@ def sphere_run(tmp_path, n=30_000, views=16, size=128):
     rings around it; saved as a run folder (cfg.yml + PLY) over a transforms.json scene (black
     images: only the poses matter) for the command line."""
     from splatforge.data.scene import SceneData
+    from splatforge.geometry.sh import rgb_to_sh
     from splatforge.io import write_ply
     from splatforge.model.splats import Splats
     from splatforge.train.config import TrainConfig, save_config
@@ -31,7 +32,7 @@ def sphere_run(tmp_path, n=30_000, views=16, size=128):
     d = g.normal(size=(n, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     means = CENTER + RADIUS * d
-    sh0 = np.zeros((n, 1, 3), np.float32) + (0.6 - 0.5) / 0.28209479177387814
+    sh0 = np.zeros((n, 1, 3), np.float32) + rgb_to_sh(0.6)
     splats = Splats(means=means.astype(np.float32), quats=np.tile([1.0, 0, 0, 0], (n, 1)).astype(np.float32),
                     scales=np.full((n, 3), np.log(0.02), np.float32), opacities=np.full(n, 3.0, np.float32),
                     sh0=sh0, shN=np.zeros((n, 0, 3), np.float32))  # fmt: skip

@@ -69,19 +69,11 @@ def sfm_inverse_depths(scene: SceneData, index: int) -> tuple[np.ndarray, np.nda
     Uses ``scene.observations`` (COLMAP's tracks) when present, else every point projecting
     inside the image in front of the camera."""
     w, h = int(scene.widths[index]), int(scene.heights[index])
-    viewmat = np.linalg.inv(scene.camtoworlds[index])
     if scene.observations is not None:
         rows, xy = scene.observations[index]
-        pts = scene.points[rows].astype(np.float64)
+        _, z = _project(scene.points[rows].astype(np.float64), scene.Ks[index], scene.camtoworlds[index])
     else:
-        pts = scene.points.astype(np.float64)
-        xy = None
-    cam = pts @ viewmat[:3, :3].T + viewmat[:3, 3]
-    z = cam[:, 2]
-    if xy is None:
-        K = scene.Ks[index]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xy = np.stack([K[0, 0] * cam[:, 0] / z + K[0, 2], K[1, 1] * cam[:, 1] / z + K[1, 2]], axis=1)
+        xy, z = _project(scene.points.astype(np.float64), scene.Ks[index], scene.camtoworlds[index])
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     ok = (z > 0) & (xy[:, 0] >= 0) & (xy[:, 1] >= 0) & (xy[:, 0] < w) & (xy[:, 1] < h)
     return xy[ok], 1.0 / z[ok]
@@ -117,10 +109,9 @@ def write_inverse_depth_png(path: Path, inv: np.ndarray) -> np.ndarray:
     inv = np.nan_to_num(np.asarray(inv, np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
     top = float(inv.max())
     q = np.zeros(inv.shape, np.uint16) if top <= 0 else np.round(inv / top * (PNG_SCALE - 1)).astype(np.uint16)
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp.with_suffix(".png")), q):
+    with atomic_path(path) as tmp:  # the temporary name ends in .png: OpenCV picks the format from it
+        if not cv2.imwrite(str(tmp), q):
             raise OSError(f"{path}: OpenCV could not write the PNG")
-        os.replace(tmp.with_suffix(".png"), tmp)
     return q.astype(np.float32) / PNG_SCALE
 
 

@@ -185,6 +185,7 @@ def mesh_splats(mesh, camtoworlds: np.ndarray, voxel_size: float, shaded: bool =
     """The mesh's vertices as small opaque Gaussians (radius 0.7 voxel) for splatforge's own
     rasterizer, to picture a mesh without an OpenGL context: coloured by the vertex colours, or
     ``shaded`` grey by ``|normal . light|`` with the light from the cameras' mean viewing side."""
+    from splatforge.geometry.sh import rgb_to_sh
     from splatforge.model.splats import Splats
 
     v = np.asarray(mesh.vertices, np.float32)
@@ -201,7 +202,7 @@ def mesh_splats(mesh, camtoworlds: np.ndarray, voxel_size: float, shaded: bool =
         rgb = np.asarray(mesh.vertex_colors, np.float32) if mesh.has_vertex_colors() else np.full((n, 3), 0.7, np.float32)
     return Splats(means=v, quats=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
                   scales=np.full((n, 3), np.log(0.7 * voxel_size), np.float32), opacities=np.full(n, 5.0, np.float32),
-                  sh0=((rgb - 0.5) / 0.28209479177387814)[:, None, :].astype(np.float32),
+                  sh0=rgb_to_sh(rgb)[:, None, :].astype(np.float32),
                   shN=np.zeros((n, 0, 3), np.float32))  # fmt: skip
 
 

@@ -247,7 +247,7 @@ def rasterize(
     depth_kind = DEPTH_MODES.get(render_mode)
     if depth_kind is not None:
         z = inverse_depths(proj.depths, proj.radii) if depth_kind == "ID" else proj.depths
-    if render_mode in ("D", "ED", "ID"):
+    if render_mode == depth_kind:  # depth only
         feats = z[..., None]
         bgs = None
     elif depth_kind is not None:
@@ -259,7 +259,7 @@ def rasterize(
         proj.means2d, proj.conics, feats, opac, proj.depths, proj.radii, width, height,
         backgrounds=bgs, absgrad=absgrad,
     )  # fmt: skip
-    if render_mode in ("ED", "RGB+ED"):
+    if depth_kind == "ED":
         render = torch.cat([render[..., :-1], render[..., -1:] / alpha.clamp(min=1e-10)], dim=-1)
 
     info: dict[str, Any] = {

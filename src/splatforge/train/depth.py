@@ -68,11 +68,12 @@ class DepthSupervision:
     def __init__(self, spec: str, scene: SceneData, output: Path, *, steps: int, weight_init: float,
                  weight_final: float, model: str, device: torch.device, filter_px: float = 0.0):  # fmt: skip
         self.scene, self.device, self.steps, self.filter_px = scene, device, steps, filter_px
-        self._aligned: dict[int, Optional[np.ndarray]] = {}
+        self._aligned: dict[int, np.ndarray] = {}
         self._train = set(scene.split["train"])
         self.weight_init, self.weight_final = weight_init, weight_final
         self.sparse = spec == "sfm"
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+        check_depth_prior(spec)
         if self.sparse:
             if len(scene.points) == 0:
                 raise ConfigError(f"--depth-prior sfm: {scene.root} has no SfM points")
@@ -84,8 +85,6 @@ class DepthSupervision:
                 make_depth_priors(scene, folder, model, device=str(device))
         else:
             folder = Path(spec)
-            if not folder.is_dir():
-                raise ConfigError(f"--depth-prior {spec}: not 'sfm', 'depth-anything' or a folder of depth maps")
         self.folder = folder
         params = folder / "depth_params.json"
         if params.is_file():
@@ -96,9 +95,8 @@ class DepthSupervision:
             log.info("depth priors: %s has no depth_params.json; fitted to the SfM points into %s", folder,
                      Path(output) / "depth_params.json")  # fmt: skip
         self.fits: dict[str, DepthFit] = fits
-        keys = [depth_key(n) for n in scene.image_names]
-        self.keys = keys
-        self.reliable = reliable_views(keys, fits)
+        self.keys = [depth_key(n) for n in scene.image_names]
+        self.reliable = reliable_views(self.keys, fits)
         n_ok = sum(self.reliable[i] for i in scene.split["train"])
         log.info("depth priors: %d of %d training views reliable", n_ok, len(scene.split["train"]))
 
@@ -140,7 +138,7 @@ class DepthSupervision:
                 inv = cv2.resize(inv, (w, h), interpolation=cv2.INTER_LINEAR)
             fit = self.fits[self.keys[index]]
             self._aligned[index] = (fit.scale * inv + fit.offset).astype(np.float32)
-        return self._aligned[index]  # type: ignore[return-value]
+        return self._aligned[index]
 
     def _depth_of(self, index: int) -> Optional[np.ndarray]:
         """Camera-z depth of a reliable training view's aligned prior (the multi-view filter's

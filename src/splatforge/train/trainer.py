@@ -105,6 +105,7 @@ class Trainer:
         )  # fmt: skip
         self.scene_scale = self.scene.scene_scale()
         self.train_ids = list(self.scene.split["train"])
+        self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
         self._images: dict[int, torch.Tensor] = {}
         self.viewmats = torch.from_numpy(self.scene.viewmats).float().to(self.device)
         self.Ks = torch.from_numpy(self.scene.Ks).float().to(self.device)
@@ -238,12 +239,14 @@ class Trainer:
     def sh_degree_at(self, step: int) -> int:
         return min(step // max(1, self.cfg.sh_degree_interval), self.cfg.sh_degree)
 
-    def render(self, index: int, sh_degree: Optional[int] = None, backgrounds: Optional[torch.Tensor] = None,
+    def render(self, index: int | list[int], sh_degree: Optional[int] = None, backgrounds: Optional[torch.Tensor] = None,
                render_mode: str = "RGB"):  # fmt: skip
-        """Render view ``index`` with the current Gaussians: ``(render [1,H,W,D], alpha, info)``."""
+        """Render view ``index`` (or the views of a list, all of one image size) with the current
+        Gaussians: ``(render [C, H, W, D], alpha [C, H, W, 1], info)``, C = 1 for one view."""
+        views = [index] if isinstance(index, int) else list(index)
         return self.splats.rasterize(
-            self.viewmats[index : index + 1], self.Ks[index : index + 1], int(self.scene.widths[index]),
-            int(self.scene.heights[index]), sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
+            self.viewmats[views], self.Ks[views], int(self.scene.widths[views[0]]),
+            int(self.scene.heights[views[0]]), sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
             backgrounds=backgrounds, render_mode=render_mode, backend=self.cfg.backend, absgrad=self.strategy.absgrad,
         )  # fmt: skip
 
@@ -254,8 +257,11 @@ class Trainer:
         first = self.train_ids[int(torch.randint(len(self.train_ids), (1,), generator=self.generator))]
         if self.cfg.batch_size == 1:
             return [first]
-        size = (self.scene.widths[first], self.scene.heights[first])
-        same = [i for i in self.train_ids if (self.scene.widths[i], self.scene.heights[i]) == size]
+        if self._size_groups is None:  # training views by image size, built on the first batch
+            self._size_groups = {}
+            for i in self.train_ids:
+                self._size_groups.setdefault((int(self.scene.widths[i]), int(self.scene.heights[i])), []).append(i)
+        same = self._size_groups[(int(self.scene.widths[first]), int(self.scene.heights[first]))]
         rest = torch.randint(len(same), (self.cfg.batch_size - 1,), generator=self.generator)
         return [first] + [same[int(k)] for k in rest]
 
@@ -267,11 +273,8 @@ class Trainer:
         cfg = self.cfg
         clock = clock or _Clock(None, self.device)
         gt = torch.stack([self.image(i) for i in views])
-        render, _, info = self.splats.rasterize(
-            self.viewmats[views], self.Ks[views], int(self.scene.widths[views[0]]), int(self.scene.heights[views[0]]),
-            sh_degree=self.sh_degree_at(step), backgrounds=backgrounds, backend=cfg.backend,
-            render_mode="RGB" if self.depth is None else "RGB+ID", absgrad=self.strategy.absgrad,
-        )  # fmt: skip
+        render, _, info = self.render(views, self.sh_degree_at(step), backgrounds=backgrounds,
+                                      render_mode="RGB" if self.depth is None else "RGB+ID")  # fmt: skip
         inv_depth = None
         if self.depth is not None:
             render, inv_depth = render[..., :3], render[..., 3]

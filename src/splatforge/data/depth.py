@@ -56,6 +56,10 @@ RELIABLE_RANGE = (0.2, 5.0)
 
 @dataclass
 class DepthFit:
+    """One image's alignment: SfM inverse depth (1 / world units) = ``scale * map + offset``,
+    fitted from ``num_points`` SfM points (-1: unknown, from a file without the count);
+    ``scale == 0``: no fit (the image is unreliable)."""
+
     scale: float
     offset: float
     num_points: int

@@ -7,6 +7,14 @@ contributions with ``sigma < 0`` or ``alpha < 1/255`` skipped, and a pixel stops
 transmittance would reach 1e-4. The backward walks each pixel's list back to front, recovering the
 transmittance by division as gsplat's ``RasterizeToPixels3DGSBwd.cu`` does.
 
+Layout, for speed (SIMD): a tile's pixel state (transmittance, accumulated features, ...) lives in
+flat float32 arrays of 256 entries, row-major, and each Gaussian is evaluated on every pixel of the
+tile rows its box covers, branch-free: the tests are masks, so LLVM vectorises the loop (16 or 8
+lanes). Evaluating whole rows instead of the box's columns changes nothing: outside the box
+``alpha < 1/255`` (the radius is opacity-aware), the same tile-wide evaluation gsplat's kernel
+makes. Arithmetic is float32 as in gsplat; ``exp`` is :func:`_exp_neg` (gsplat uses the
+``__expf`` intrinsic, also an approximation).
+
 Gradients are accumulated per intersection (each intersection belongs to exactly one tile, so
 tiles never write the same memory), then summed per Gaussian: no atomics, deterministic results.
 Memory is O(N + pixels + intersections).
@@ -25,6 +33,39 @@ _JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
 # A contribution is certainly below ALPHA_THRESHOLD when sigma > log(o * 255) + margin; the
 # margin keeps this shortcut from ever disagreeing with the exact test on rounding.
 _SKIP_MARGIN = 1e-3
+
+# float32 constants: a Python float in a kernel would promote the lane arithmetic to float64.
+_F = np.float32
+_S = TILE_SIZE
+_P = TILE_SIZE * TILE_SIZE
+_AMAX, _THR, _TMIN = _F(ALPHA_MAX), _F(ALPHA_THRESHOLD), _F(TRANSMITTANCE_MIN)
+_ZERO, _HALF, _ONE = _F(0.0), _F(0.5), _F(1.0)
+_LN2, _LOG2E, _EXP_ARG_MAX = _F(math.log(2.0)), _F(1.0 / math.log(2.0)), _F(15.0)
+_E2, _E3, _E4, _E5, _E6, _E7 = (_F(1.0 / math.factorial(k)) for k in range(2, 8))
+
+
+@nb.njit(inline="always", **_JIT)
+def _exp_neg(s):
+    """``exp(-s)`` in float32 for ``s`` clamped to [0, 15], branch-free so that it vectorises
+    (numba has no vector ``exp`` without Intel's SVML). ``s = n ln2 + r`` with ``|r| <= ln2 / 2``,
+    ``exp(-r)`` by its degree-7 Taylor polynomial (truncation < 6e-9), times ``2^-n`` built from
+    exact powers of two: relative error below 1e-7 (tested against float64)."""
+    s = min(max(s, _ZERO), _EXP_ARG_MAX)
+    n = np.int32(s * _LOG2E + _HALF)
+    r = s - _F(n) * _LN2
+    p = _ONE - r * (_ONE - r * (_E2 - r * (_E3 - r * (_E4 - r * (_E5 - r * (_E6 - r * _E7))))))
+    p = p * (_ONE - _F(0.5) * _F(n & 1))
+    p = p * (_ONE - _F(0.75) * _F((n >> 1) & 1))
+    p = p * (_ONE - _F(0.9375) * _F((n >> 2) & 1))
+    p = p * (_ONE - _F(255.0 / 256.0) * _F((n >> 3) & 1))
+    return p * (_ONE - _F(65535.0 / 65536.0) * _F((n >> 4) & 1))  # n <= 22
+
+
+@nb.njit(**_JIT)
+def exp_neg(s, out):
+    """``out[i] = exp(-s[i])`` by the kernels' own :func:`_exp_neg` (for its test)."""
+    for i in range(s.shape[0]):
+        out[i] = _exp_neg(s[i])
 
 
 @nb.njit(inline="always", **_JIT)
@@ -83,8 +124,6 @@ def bin_gaussians(means2d, radii, depths, tiles_x, tiles_y):
             for i in range(stop - start):
                 ids[start + i] = lst[order[i]]
     return offsets, ids
-
-
 @nb.njit(inline="always", **_JIT)
 def _tile(job, T, tiles_x, width, height, offsets):
     """Camera, pixel bounds (exclusive max) and list range ``[start, start + m)`` of tile job."""
@@ -95,51 +134,81 @@ def _tile(job, T, tiles_x, width, height, offsets):
 
 
 @nb.njit(inline="always", **_JIT)
-def _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1):
+def _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, y0, y1):
     """Copy a tile's Gaussians into contiguous blocks.
 
-    ``g [m, 7]``: x, y, conic a, b, c, opacity, skip bound on sigma; ``box [m, 4]``: the pixel
-    range (x0, x1, y0, y1, exclusive max) inside the tile where the Gaussian can reach
-    alpha >= 1/255 (pixel centres within its radius box; outside it alpha < 1/255 always);
-    ``col [m, D]``: its features.
+    ``g [m, 7]``: x, y, conic a, b, c, opacity, skip bound on sigma; ``lanes [m, 2]``: the range
+    of flat tile-pixel indices (whole rows, ``[lo, hi)``) covering the rows of the tile where the
+    Gaussian's box has pixel centres; ``col [m, D]``: its features.
     """
     D = colors.shape[2]
     g = np.empty((m, 7), np.float32)
-    box = np.empty((m, 4), np.int32)
+    lanes = np.empty((m, 2), np.int64)
     col = np.empty((m, D), np.float32)
     for k in range(m):
         n = ids[start + k]
         o = opacities[c, n]
-        u, v = means2d[c, n, 0], means2d[c, n, 1]
-        g[k, 0] = u
+        v = means2d[c, n, 1]
+        g[k, 0] = means2d[c, n, 0]
         g[k, 1] = v
         g[k, 2] = conics[c, n, 0]
         g[k, 3] = conics[c, n, 1]
         g[k, 4] = conics[c, n, 2]
         g[k, 5] = o
         g[k, 6] = math.log(max(o, 1e-30) / ALPHA_THRESHOLD) + _SKIP_MARGIN
-        rx, ry = radii[c, n, 0], radii[c, n, 1]
-        box[k, 0] = max(x0, int(math.ceil(u - rx - 0.5)))
-        box[k, 1] = min(x1, int(math.floor(u + rx - 0.5)) + 1)
-        box[k, 2] = max(y0, int(math.ceil(v - ry - 0.5)))
-        box[k, 3] = min(y1, int(math.floor(v + ry - 0.5)) + 1)
+        ry = radii[c, n, 1]
+        lanes[k, 0] = (max(y0, int(math.ceil(v - ry - 0.5))) - y0) * _S
+        lanes[k, 1] = max(lanes[k, 0], (min(y1, int(math.floor(v + ry - 0.5)) + 1) - y0) * _S)
         for d in range(D):
             col[k, d] = colors[c, n, d]
-    return g, box, col
+    return g, lanes, col
 
 
 @nb.njit(inline="always", **_JIT)
-def _alpha(u, ca, cb, cc, o, bound, px, dy):
-    """The compositing alpha of a Gaussian (centre x ``u``, conic ``ca cb cc``, opacity ``o``,
-    skip bound on sigma) at pixel column ``px`` with ``dy = v - (py + 0.5)``; 0.0 where the
-    forward pass skips it (sigma < 0, sigma > bound, or alpha < 1/255). Shared by the forward
-    kernel and the visibility accumulators so that both apply exactly the same tests."""
-    dx = u - (px + 0.5)
-    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-    if sigma < 0.0 or sigma > bound:
-        return 0.0
-    alpha = min(ALPHA_MAX, o * math.exp(-sigma))
-    return alpha if alpha >= ALPHA_THRESHOLD else 0.0
+def _pixel_centres(x0, y0, x1, y1):
+    """Pixel centres ``px, py [256]`` (float32) of the tile's flat pixels and ``live [256]``: 1
+    for pixels inside the image, 0 for the padding of edge tiles (they never composite)."""
+    pxc = np.empty(_P, np.float32)
+    pyc = np.empty(_P, np.float32)
+    live = np.zeros(_P, np.float32)
+    for i in range(_P):
+        px, py = x0 + i % _S, y0 + i // _S
+        pxc[i] = _F(px) + _HALF
+        pyc[i] = _F(py) + _HALF
+        if px < x1 and py < y1:
+            live[i] = _ONE
+    return pxc, pyc, live
+
+
+@nb.njit(inline="always", **_JIT)
+def _sigma(u, v, ca, cb, cc, pxc, pyc, p):
+    """The Mahalanobis term ``sigma`` of the Gaussian at (u, v) with conic (ca, cb, cc) at flat
+    pixel ``p``, and the offsets dx, dy. (The Gaussian's values are passed as scalars, not read
+    from ``g``: loads from an array LLVM cannot prove distinct from the stores would stay in the
+    loop and block its vectorisation.)"""
+    dx = u - pxc[p]
+    dy = v - pyc[p]
+    return _HALF * (ca * dx * dx + cc * dy * dy) + cb * dx * dy, dx, dy
+
+
+@nb.njit(inline="always", **_JIT)
+def _composite(u, v, ca, cb, cc, o, bound, kk, pxc, pyc, Tr, last, live, p):
+    """One forward compositing step of Gaussian ``k`` at flat pixel ``p`` (gsplat's per-pixel
+    body, as masks): updates ``Tr``, ``last`` (to ``kk`` = k + 1) and ``live`` (0 once the pixel stops) and
+    returns ``(weight alpha * T, T in front of it, stopped)``; weight and T are 0 where the
+    Gaussian does not contribute. Shared by the forward kernel and the transmittance statistics so
+    that both apply exactly the same tests."""
+    sigma, _dx, _dy = _sigma(u, v, ca, cb, cc, pxc, pyc, p)
+    alpha = min(_AMAX, o * _exp_neg(sigma))
+    ok = (sigma >= _ZERO) & (sigma <= bound) & (alpha >= _THR) & (live[p] > _ZERO)
+    t = Tr[p]
+    nt = t * (_ONE - alpha)
+    stop = ok & (nt <= _TMIN)
+    use = ok & (nt > _TMIN)
+    Tr[p] = nt if use else t
+    last[p] = kk if use else last[p]
+    live[p] = _ZERO if stop else live[p]
+    return (alpha * t if use else _ZERO), (t if use else _ZERO), stop
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -151,55 +220,41 @@ def raster_fwd(
     (int32: 1 + the tile-list position of the last Gaussian that contributed, 0 for none).
     ``backgrounds`` is ``[C, D]`` (zeros for none).
 
-    Gaussians are the outer loop (front to back) and pixels of their box the inner one; each
+    Gaussians are the outer loop (front to back), the pixels of their rows the inner one; each
     pixel sees the same sequence of operations as gsplat's per-pixel loop.
     """
     C, D = colors.shape[0], colors.shape[2]
     T = (offsets.shape[0] - 1) // C
-    S = TILE_SIZE
     for job in nb.prange(C * T):
         c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
-        g, box, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1)
-        Tr = np.ones(S * S)
-        acc = np.zeros((S * S, D))
-        last = np.zeros(S * S, np.int32)
-        done = np.zeros(S * S, np.bool_)
+        g, lanes, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, y0, y1)
+        pxc, pyc, live = _pixel_centres(x0, y0, x1, y1)
+        Tr = np.ones(_P, np.float32)
+        acc = np.zeros((D, _P), np.float32)
+        last = np.zeros(_P, np.int32)
+        w = np.zeros(_P, np.float32)
         active = (x1 - x0) * (y1 - y0)
         for k in range(m):
             if active == 0:
                 break
             u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
-            for py in range(box[k, 2], box[k, 3]):
-                dy = v - (py + 0.5)
-                row = (py - y0) * S - x0
-                for px in range(box[k, 0], box[k, 1]):
-                    p = row + px
-                    if done[p]:
-                        continue
-                    alpha = _alpha(u, ca, cb, cc, o, bound, px, dy)
-                    if alpha == 0.0:
-                        continue
-                    next_T = Tr[p] * (1.0 - alpha)
-                    if next_T <= TRANSMITTANCE_MIN:
-                        done[p] = True
-                        active -= 1
-                        continue
-                    w = alpha * Tr[p]
-                    if D == 3:
-                        acc[p, 0] += col[k, 0] * w
-                        acc[p, 1] += col[k, 1] * w
-                        acc[p, 2] += col[k, 2] * w
-                    else:
-                        for d in range(D):
-                            acc[p, d] += col[k, d] * w
-                    Tr[p] = next_T
-                    last[p] = k + 1
+            kk = np.int32(k + 1)
+            lo, hi = np.uint64(lanes[k, 0]), np.uint64(lanes[k, 1])  # unsigned: no wrap-around checks
+            stops = 0
+            for p in range(lo, hi):
+                w[p], _t, stop = _composite(u, v, ca, cb, cc, o, bound, kk, pxc, pyc, Tr, last, live, p)
+                stops += 1 if stop else 0
+            active -= stops
+            for d in range(D):
+                cd = col[k, d]
+                for p in range(lo, hi):
+                    acc[d, p] += cd * w[p]
         for py in range(y0, y1):
             for px in range(x0, x1):
-                p = (py - y0) * S + px - x0
+                p = (py - y0) * _S + px - x0
                 for d in range(D):
-                    render[c, py, px, d] = acc[p, d] + Tr[p] * backgrounds[c, d]
-                alpha_out[c, py, px] = 1.0 - Tr[p]
+                    render[c, py, px, d] = acc[d, p] + Tr[p] * backgrounds[c, d]
+                alpha_out[c, py, px] = _ONE - Tr[p]
                 last_out[c, py, px] = last[p]
 
 
@@ -212,95 +267,81 @@ def raster_bwd(
     """Per-intersection gradients (outputs ``[n_isects, ...]``, each row written once): ``g_xy``
     and ``g_abs`` (sum of absolute per-pixel values) w.r.t. means2d, ``g_conic``, ``g_col [.., D]``
     and ``g_opac``. Gaussians are visited back to front; each pixel recovers its transmittance
-    by division, as gsplat does."""
+    by division, as gsplat does. Three passes over a Gaussian's pixels: its alpha and the
+    transmittance behind it, the features' terms (per channel), the sigma chain."""
     C, D = colors.shape[0], colors.shape[2]
     T = (offsets.shape[0] - 1) // C
-    S = TILE_SIZE
     for job in nb.prange(C * T):
         c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
         if m == 0:
             continue
-        g, box, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, x0, y0, x1, y1)
-        Tr = np.zeros(S * S)
-        T_final = np.zeros(S * S)
-        last = np.zeros(S * S, np.int32)
-        vc = np.zeros((S * S, D))
-        va = np.zeros(S * S)  # d loss / d alpha, minus the background's share
-        buf = np.zeros((S * S, D))
+        g, lanes, col = _gather(c, start, m, ids, means2d, conics, opacities, radii, colors, y0, y1)
+        pxc, pyc, _live = _pixel_centres(x0, y0, x1, y1)
+        Tr = np.zeros(_P, np.float32)
+        T_final = np.zeros(_P, np.float32)
+        last = np.zeros(_P, np.int32)
+        vc = np.zeros((D, _P), np.float32)
+        va = np.zeros(_P, np.float32)  # d loss / d alpha, minus the background's share
+        buf = np.zeros((D, _P), np.float32)  # features composited behind the current Gaussian
+        # per-pixel values of the current Gaussian, between the passes
+        fac_, ra_, t_ = np.zeros(_P, np.float32), np.zeros(_P, np.float32), np.zeros(_P, np.float32)
+        vis_, v_a, ok_ = np.zeros(_P, np.float32), np.zeros(_P, np.float32), np.zeros(_P, np.float32)
         kmax = 0
         for py in range(y0, y1):
             for px in range(x0, x1):
-                p = (py - y0) * S + px - x0
+                p = (py - y0) * _S + px - x0
                 last[p] = last_out[c, py, px]
                 kmax = max(kmax, last[p])
-                T_final[p] = Tr[p] = 1.0 - alpha_out[c, py, px]
-                bg_dot = 0.0
+                T_final[p] = Tr[p] = _ONE - alpha_out[c, py, px]
+                bg_dot = _ZERO
                 for d in range(D):
-                    vc[p, d] = v_render[c, py, px, d]
-                    bg_dot += backgrounds[c, d] * vc[p, d]
+                    vc[d, p] = v_render[c, py, px, d]
+                    bg_dot += backgrounds[c, d] * vc[d, p]
                 va[p] = v_alpha[c, py, px] - bg_dot
-        gc = np.empty(D)
         for k in range(kmax - 1, -1, -1):
             u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
-            # per-Gaussian sums over its pixels, in float64
-            gx = gy = ax = ay = ga = gb = gcc = go = gc0 = gc1 = gc2 = 0.0
-            gc[:] = 0.0
-            for py in range(box[k, 2], box[k, 3]):
-                dy = v - (py + 0.5)
-                row = (py - y0) * S - x0
-                for px in range(box[k, 0], box[k, 1]):
-                    p = row + px
-                    if k >= last[p]:
-                        continue
-                    dx = u - (px + 0.5)
-                    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-                    if sigma < 0.0 or sigma > bound:
-                        continue
-                    vis = math.exp(-sigma)
-                    alpha = min(ALPHA_MAX, o * vis)
-                    if alpha < ALPHA_THRESHOLD:
-                        continue
-                    ra = 1.0 / (1.0 - alpha)
-                    Tr[p] *= ra
-                    t = Tr[p]
-                    fac = alpha * t
-                    v_a = T_final[p] * ra * va[p]
-                    if D == 3:
-                        c0, c1, c2 = col[k, 0], col[k, 1], col[k, 2]
-                        w0, w1, w2 = vc[p, 0], vc[p, 1], vc[p, 2]
-                        gc0 += fac * w0
-                        gc1 += fac * w1
-                        gc2 += fac * w2
-                        v_a += (c0 * t - buf[p, 0] * ra) * w0 + (c1 * t - buf[p, 1] * ra) * w1 + (c2 * t - buf[p, 2] * ra) * w2
-                        buf[p, 0] += c0 * fac
-                        buf[p, 1] += c1 * fac
-                        buf[p, 2] += c2 * fac
-                    else:
-                        for d in range(D):
-                            gc[d] += fac * vc[p, d]
-                            v_a += (col[k, d] * t - buf[p, d] * ra) * vc[p, d]
-                            buf[p, d] += col[k, d] * fac
-                    if o * vis <= ALPHA_MAX:
-                        v_sigma = -o * vis * v_a
-                        ga += 0.5 * v_sigma * dx * dx
-                        gb += v_sigma * dx * dy
-                        gcc += 0.5 * v_sigma * dy * dy
-                        ex = v_sigma * (ca * dx + cb * dy)
-                        ey = v_sigma * (cb * dx + cc * dy)
-                        gx += ex
-                        gy += ey
-                        ax += abs(ex)
-                        ay += abs(ey)
-                        go += vis * v_a
+            lo, hi = np.uint64(lanes[k, 0]), np.uint64(lanes[k, 1])
+            for p in range(lo, hi):
+                sigma, _dx, _dy = _sigma(u, v, ca, cb, cc, pxc, pyc, p)
+                vis = _exp_neg(sigma)
+                alpha = min(_AMAX, o * vis)
+                ok = (k < last[p]) & (sigma >= _ZERO) & (sigma <= bound) & (alpha >= _THR)
+                ra = _ONE / (_ONE - alpha)
+                t = Tr[p] * ra
+                Tr[p] = t if ok else Tr[p]
+                okf = _ONE if ok else _ZERO
+                ok_[p] = okf
+                fac_[p] = okf * alpha * t
+                ra_[p] = ra
+                t_[p] = t
+                vis_[p] = vis if (ok & (o * vis <= _AMAX)) else _ZERO  # alpha's clamp has no gradient
+                v_a[p] = okf * T_final[p] * ra * va[p]
             i = start + k
+            for d in range(D):
+                cd = col[k, d]
+                gcd = _ZERO
+                for p in range(lo, hi):
+                    gcd += fac_[p] * vc[d, p]
+                    v_a[p] += ok_[p] * (cd * t_[p] - buf[d, p] * ra_[p]) * vc[d, p]
+                    buf[d, p] += cd * fac_[p]
+                g_col[i, d] = gcd
+            gx = gy = ax = ay = ga = gb = gcc = go = _ZERO
+            for p in range(lo, hi):
+                _sig, dx, dy = _sigma(u, v, ca, cb, cc, pxc, pyc, p)
+                v_sigma = -o * vis_[p] * v_a[p]
+                ga += v_sigma * dx * dx
+                gb += v_sigma * dx * dy
+                gcc += v_sigma * dy * dy
+                ex = v_sigma * (ca * dx + cb * dy)
+                ey = v_sigma * (cb * dx + cc * dy)
+                gx += ex
+                gy += ey
+                ax += abs(ex)
+                ay += abs(ey)
+                go += vis_[p] * v_a[p]
             g_xy[i, 0], g_xy[i, 1] = gx, gy
             g_abs[i, 0], g_abs[i, 1] = ax, ay
-            g_conic[i, 0], g_conic[i, 1], g_conic[i, 2] = ga, gb, gcc
-            if D == 3:
-                g_col[i, 0], g_col[i, 1], g_col[i, 2] = gc0, gc1, gc2
-            else:
-                for d in range(D):
-                    g_col[i, d] = gc[d]
+            g_conic[i, 0], g_conic[i, 1], g_conic[i, 2] = _HALF * ga, gb, _HALF * gcc
             g_opac[i] = go
 
 
@@ -323,7 +364,6 @@ def reduce_isects(offsets, ids, n_tiles, g_xy, g_abs, g_conic, g_col, g_opac, v_
                 v_colors[c, n, d] += g_col[i, d]
             v_opac[c, n] += g_opac[i]
 
-
 @nb.njit(parallel=True, **_JIT)
 def raster_transmittance(means2d, conics, opacities, radii, offsets, ids, width, height, tiles_x, isect_T, isect_n):
     """Per intersection: the sum of the transmittance in front of the Gaussian over the pixels
@@ -331,37 +371,27 @@ def raster_transmittance(means2d, conics, opacities, radii, offsets, ids, width,
     ``isect_T [n_isects]`` (float64) and the number of those pixels into ``isect_n`` (int64)."""
     C = means2d.shape[0]
     T = (offsets.shape[0] - 1) // C
-    S = TILE_SIZE
     no_features = np.empty((C, means2d.shape[1], 0), np.float32)
     for job in nb.prange(C * T):
         c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
-        g, box, _col = _gather(c, start, m, ids, means2d, conics, opacities, radii, no_features, x0, y0, x1, y1)
-        Tr = np.ones(S * S)
-        done = np.zeros(S * S, np.bool_)
+        g, lanes, _col = _gather(c, start, m, ids, means2d, conics, opacities, radii, no_features, y0, y1)
+        pxc, pyc, live = _pixel_centres(x0, y0, x1, y1)
+        Tr = np.ones(_P, np.float32)
+        last = np.zeros(_P, np.int32)
         active = (x1 - x0) * (y1 - y0)
         for k in range(m):
             if active == 0:
                 break
             u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
-            sum_t = 0.0
+            kk = np.int32(k + 1)
+            sum_t = _ZERO
             count = 0
-            for py in range(box[k, 2], box[k, 3]):
-                dy = v - (py + 0.5)
-                row = (py - y0) * S - x0
-                for px in range(box[k, 0], box[k, 1]):
-                    p = row + px
-                    if done[p]:
-                        continue
-                    alpha = _alpha(u, ca, cb, cc, o, bound, px, dy)
-                    if alpha == 0.0:
-                        continue
-                    next_T = Tr[p] * (1.0 - alpha)
-                    if next_T <= TRANSMITTANCE_MIN:
-                        done[p] = True
-                        active -= 1
-                        continue
-                    sum_t += Tr[p]
-                    count += 1
-                    Tr[p] = next_T
+            stops = 0
+            for p in range(np.uint64(lanes[k, 0]), np.uint64(lanes[k, 1])):
+                _w, t, stop = _composite(u, v, ca, cb, cc, o, bound, kk, pxc, pyc, Tr, last, live, p)
+                sum_t += t
+                count += 1 if t > _ZERO else 0
+                stops += 1 if stop else 0
+            active -= stops
             isect_T[start + k] = sum_t
             isect_n[start + k] = count

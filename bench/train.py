@@ -11,8 +11,9 @@ Three sections, all in one run (``--sections`` picks some), written to
 2. ``breakdown``: one step at 30,000 Gaussians on skull ``images_8`` split into rasterizer
    forward, SSIM, the rest of the loss, backward (rasterizer + SSIM), Adam, strategy and Python
    overhead, median over ``--breakdown-steps`` steps after a warm-up, twice in the same process:
-   *before* (torchmetrics' SSIM, one unfused Adam per parameter: the previous trainer) and *after*
-   (the compiled separable SSIM, fused Adam).
+   *before* (torchmetrics' SSIM, one unfused Adam per parameter and the compositing kernels of git
+   revision ``--baseline-rev``, loaded from git into this process: the previous trainer) and
+   *after* (the compiled separable SSIM, fused Adam, this checkout's kernels).
 3. ``opensplat``: OpenSplat 1.1.5's CPU trainer (``--opensplat BINARY``, built by
    ``../shared/peers/opensplat/README.md``) and ours, one after the other, on skull ``images_8``
    at 266x177 from step 1, 3,000 steps, the same 57/9 split, ours with ``--mcmc.cap-max 30000``:
@@ -123,7 +124,22 @@ def _unfused(trainer: Trainer) -> None:
     trainer.optimizers = {k: torch.optim.Adam([trainer.params[k]], lr=lrs[k], eps=1e-15, foreach=False) for k in lrs}
 
 
+def kernels_at(rev: str, tmp: Path):
+    """The module ``splatforge.raster._cpu_raster`` as it was at git revision ``rev``."""
+    import importlib.util
+
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/splatforge/raster/_cpu_raster.py"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    path = tmp / f"cpu_raster_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"cpu_raster_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
+    import splatforge.raster.cpu as cpu_module
     import splatforge.train.trainer as trainer_module
 
     out = {}
@@ -133,11 +149,17 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
     while len(trainer.params["means"]) < 30_000 or trainer.step < 400:  # at the cap, past the JIT compile
         trainer.train_step()
     state = trainer.state_dict()
-    compiled_ssim = trainer_module.ssim
+    compiled_ssim, kernels = trainer_module.ssim, cpu_module.kr
+    baseline = kernels_at(args.baseline_rev, tmp)
     for label in ("before", "after"):
         trainer.load_state_dict(state)
         if label == "before":
             trainer_module.ssim = _torchmetrics_ssim
+            cpu_module.kr = baseline
+            _unfused(trainer)
+            for _ in range(3):  # compile the baseline kernels outside the timings
+                trainer.train_step()
+            trainer.load_state_dict(state)
             _unfused(trainer)
         try:
             per_step = []
@@ -146,7 +168,7 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
                 trainer.train_step(times=times)
                 per_step.append(times)
         finally:
-            trainer_module.ssim = compiled_ssim
+            trainer_module.ssim, cpu_module.kr = compiled_ssim, kernels
         med = {k: statistics.median(getattr(t, k) for t in per_step) for k in ("forward", "ssim", "loss", "backward", "adam", "strategy", "total")}
         med["python_overhead"] = max(0.0, med["total"] - sum(med[k] for k in ("forward", "ssim", "loss", "backward", "adam", "strategy")))
         out[label] = {"ms": {k: round(v * 1000, 2) for k, v in med.items()}, "num_gaussians": len(trainer.params["means"])}
@@ -232,6 +254,7 @@ def main() -> int:
     ap.add_argument("--scenes", nargs="+", default=["skull_images_8", "fox", "skull_orbit_prepared"],
                     choices=["skull_images_8", "fox", "skull_orbit_prepared"], help="the strategies section's scenes")
     ap.add_argument("--breakdown-steps", type=int, default=60)
+    ap.add_argument("--baseline-rev", default="a928a54", help="git revision whose compositing kernels the breakdown's 'before' uses")
     ap.add_argument("--opensplat", type=Path, default=None, help="OpenSplat binary built with the test-split patch")
     ap.add_argument("--strategies", nargs="+", default=["mcmc", "default"], choices=["mcmc", "default"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")

@@ -82,6 +82,28 @@ def test_cpu_kernels_exp_against_float64():
     np.testing.assert_allclose(clamped, [1.0, math.exp(-15.0)], rtol=2e-7)
 
 
+def test_tile_lists_sorted_by_depth_then_index():
+    """Each tile's list is its Gaussians in (depth, index) order, what gsplat's stable radix sort
+    gives, with tied and negative depths (near_plane <= 0), against numpy's stable argsort."""
+    from splatforge.raster import _cpu_raster
+
+    rng = np.random.default_rng(0)
+    n = 400
+    means2d = (rng.random((1, n, 2)) * 64).astype(np.float32)
+    radii = rng.integers(1, 12, (1, n, 2)).astype(np.int32)
+    depths = rng.choice(np.array([-2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 1e-30, 3.0], np.float32), (1, n))
+    offsets, ids = _cpu_raster.bin_gaussians(means2d, radii, depths, 4, 4)
+    for tile in range(16):
+        tx, ty = tile % 4, tile // 4
+        x0 = np.clip(np.floor((means2d[0, :, 0] - radii[0, :, 0]) / 16), 0, 4)
+        x1 = np.clip(np.ceil((means2d[0, :, 0] + radii[0, :, 0]) / 16), 0, 4)
+        y0 = np.clip(np.floor((means2d[0, :, 1] - radii[0, :, 1]) / 16), 0, 4)
+        y1 = np.clip(np.ceil((means2d[0, :, 1] + radii[0, :, 1]) / 16), 0, 4)
+        members = np.flatnonzero((x0 <= tx) & (tx < x1) & (y0 <= ty) & (ty < y1))
+        want = members[np.argsort(depths[0, members], kind="stable")]
+        np.testing.assert_array_equal(ids[offsets[tile]:offsets[tile + 1]], want)
+
+
 def test_gradcheck_reference_float64():
     """The oracle's own gradients against finite differences (float64, tiny scene)."""
     scene = random_scene(seed=4, n=6, n_cameras=2, width=20, height=18, sh_degree=1).to(torch.float64)

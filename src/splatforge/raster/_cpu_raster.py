@@ -87,7 +87,9 @@ def bin_gaussians(means2d, radii, depths, tiles_x, tiles_y):
 
     Each list is sorted by depth, ties by index (what gsplat's stable radix sort of (tile, depth)
     keys gives): the tile rectangles are found in parallel over Gaussians, the lists filled in
-    index order, then each list is stably sorted by depth in parallel over tiles.
+    index order, then each list is sorted in parallel over tiles by one 63-bit key per entry: the
+    depth's float32 bits mapped so that unsigned order is float order (negative depths included,
+    for ``near_plane <= 0``), then the index (below 2^31).
     """
     C, N = depths.shape
     T = tiles_x * tiles_y
@@ -113,16 +115,20 @@ def bin_gaussians(means2d, radii, depths, tiles_x, tiles_y):
                     t = c * T + ty * tiles_x + tx
                     ids[cursor[t]] = n
                     cursor[t] += 1
+    bits = depths.view(np.uint32)
     for job in nb.prange(C * T):
         c, start, stop = job // T, offsets[job], offsets[job + 1]
         if stop - start > 1:
-            lst = ids[start:stop].copy()
-            keys = np.empty(stop - start, depths.dtype)
+            # (depth bits, index) keys are distinct, so any sort gives the stable order
+            keys = np.empty(stop - start, np.int64)
             for i in range(stop - start):
-                keys[i] = depths[c, lst[i]]
-            order = np.argsort(keys, kind="mergesort")
+                b = np.int64(bits[c, ids[start + i]])
+                b = 0 if b == 0x80000000 else b  # -0.0 ties with 0.0, as in a float comparison
+                b = b ^ 0x80000000 if b < 0x80000000 else 0xFFFFFFFF - b  # float order as unsigned order
+                keys[i] = (b << 31) | np.int64(ids[start + i])
+            keys.sort()
             for i in range(stop - start):
-                ids[start + i] = lst[order[i]]
+                ids[start + i] = np.int32(keys[i] & 0x7FFFFFFF)
     return offsets, ids
 @nb.njit(inline="always", **_JIT)
 def _tile(job, T, tiles_x, width, height, offsets):

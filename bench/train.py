@@ -156,10 +156,10 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
         if label == "before":
             trainer_module.ssim = _torchmetrics_ssim
             cpu_module.kr = baseline
-            _unfused(trainer)
-            for _ in range(3):  # compile the baseline kernels outside the timings
-                trainer.train_step()
-            trainer.load_state_dict(state)
+            render, _, _ = trainer.render(trainer.train_ids[0])  # compile the baseline kernels outside the timings
+            render.sum().backward()
+            for p in trainer.params.values():
+                p.grad = None
             _unfused(trainer)
         try:
             per_step = []

@@ -93,12 +93,12 @@ def test_tile_lists_sorted_by_depth_then_index():
     radii = rng.integers(1, 12, (1, n, 2)).astype(np.int32)
     depths = rng.choice(np.array([-2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 1e-30, 3.0], np.float32), (1, n))
     offsets, ids = _cpu_raster.bin_gaussians(means2d, radii, depths, 4, 4)
+    x0 = np.clip(np.floor((means2d[0, :, 0] - radii[0, :, 0]) / 16), 0, 4)
+    x1 = np.clip(np.ceil((means2d[0, :, 0] + radii[0, :, 0]) / 16), 0, 4)
+    y0 = np.clip(np.floor((means2d[0, :, 1] - radii[0, :, 1]) / 16), 0, 4)
+    y1 = np.clip(np.ceil((means2d[0, :, 1] + radii[0, :, 1]) / 16), 0, 4)
     for tile in range(16):
         tx, ty = tile % 4, tile // 4
-        x0 = np.clip(np.floor((means2d[0, :, 0] - radii[0, :, 0]) / 16), 0, 4)
-        x1 = np.clip(np.ceil((means2d[0, :, 0] + radii[0, :, 0]) / 16), 0, 4)
-        y0 = np.clip(np.floor((means2d[0, :, 1] - radii[0, :, 1]) / 16), 0, 4)
-        y1 = np.clip(np.ceil((means2d[0, :, 1] + radii[0, :, 1]) / 16), 0, 4)
         members = np.flatnonzero((x0 <= tx) & (tx < x1) & (y0 <= ty) & (ty < y1))
         want = members[np.argsort(depths[0, members], kind="stable")]
         np.testing.assert_array_equal(ids[offsets[tile]:offsets[tile + 1]], want)

@@ -16,7 +16,7 @@ from scenes import REPO
 SRC = REPO / "src" / "splatforge"
 #: Every package and top-level module, lowest first (DESIGN.md's layers): each may import only
 #: from itself, the ones before it, and the base modules (errors, _fs, _torchvision).
-LAYERS = ("geometry", "raster", "data", "model", "io", "train", "products", "viewer", "pipeline", "server", "demo", "cli")
+LAYERS = ("geometry", "raster", "data", "model", "io", "train", "products", "viewer", "pipeline", "server", "demo", "cli", "__main__")
 BASE = ("errors", "_fs", "_torchvision", "__init__")
 
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,23 @@ def _prescan(argv: list[str], **defaults: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------- training
 
 
+def _drop_option(argv: list[str], name: str, takes_value: bool = True) -> list[str]:
+    """``argv`` without option ``name`` (``--name V`` or ``--name=V``; a flag with
+    ``takes_value=False``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = takes_value
+            continue
+        if a.startswith(name + "="):
+            continue
+        out.append(a)
+    return out
+
+
 @dataclass
 class TrainCommand(TrainConfig):
     """Train Gaussians on a scene folder (COLMAP or transforms.json), then render and evaluate.
@@ -84,6 +102,12 @@ class TrainCommand(TrainConfig):
     viewer: bool = False
     """Show the Gaussians live in a browser (viser) at http://localhost:VIEWER_PORT."""
     viewer_port: int = 8080
+    nproc: int = 1
+    """Train on this many processes of this machine (torchrun; gloo on the CPU, NCCL with one GPU
+    each): the Gaussians are sharded, each process renders batch-size views per step. Same as
+    ``torchrun --nproc-per-node N -m splatforge train ...``."""
+    argv: tyro.conf.Suppress[list[str]] = field(default_factory=list)
+    """The command line this was parsed from (set by ``main``; what ``--nproc`` relaunches)."""
 
     @classmethod
     def defaults(cls, argv: list[str]) -> "TrainCommand":
@@ -97,21 +121,63 @@ class TrainCommand(TrainConfig):
     def config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
+    def _launch(self) -> None:
+        """``--nproc N``: the same command on N processes through torchrun, into one run folder."""
+        from splatforge.errors import TrainingProcessError
+        from splatforge.train.config import default_output
+        from splatforge.train.distributed import launch
+
+        argv = _drop_option(self.argv, "--nproc")
+        output = self.output if self.output is not None else default_output(self.data, reuse=self.resume)
+        if self.output is None:
+            argv += ["--output", str(output)]
+        code = launch(self.nproc, ["train", *argv])
+        if code != 0:
+            raise TrainingProcessError(
+                f"training on {self.nproc} processes stopped: a process failed (torchrun exit code {code}; its log is "
+                f"above); continue it with: splatforge train {' '.join(_drop_option(argv, '--resume', takes_value=False))} --resume --nproc {self.nproc}"
+            )  # fmt: skip
+
     def main(self) -> None:
+        from splatforge.errors import TrainingProcessError
+        from splatforge.train.config import default_output, resolve_device
+        from splatforge.train.distributed import broadcast_object, init_from_env
+
+        if self.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return self._launch()
+        cfg = self.config()
+        world, cfg.device = init_from_env(resolve_device(cfg.device))
+        if world.distributed and self.viewer:
+            raise ConfigError("--viewer shows one process's Gaussians: not available in sharded training")
+        if cfg.output is None:  # chosen once, by rank 0
+            cfg.output = broadcast_object(default_output(cfg.data, reuse=self.resume) if world.rank == 0 else None, world)
+        from splatforge.train.distributed import finish
+
+        try:
+            self._train(cfg, world)
+        except RuntimeError as exc:
+            if not world.distributed:
+                raise
+            raise TrainingProcessError(f"rank {world.rank} of {world.size} lost the other training processes ({exc}); "
+                                       f"continue the run ({cfg.output}) with --resume") from exc  # fmt: skip
+        finish(world)
+
+    def _train(self, cfg: TrainConfig, world) -> None:
         from splatforge.products import evaluate
         from splatforge.train import Trainer
-        from splatforge.train.config import default_output
+        from splatforge.train.distributed import gather_objects
         from splatforge.train.presets import describe_plan, estimate_seconds
 
-        cfg = self.config()
-        if cfg.output is None:
-            cfg.output = default_output(cfg.data, reuse=self.resume)
-        trainer = Trainer(cfg)
+        lead = world.rank == 0
+        trainer = Trainer(cfg, world=world)
         if self.resume and not trainer.resume():
             logging.getLogger("splatforge").warning("no checkpoint in %s: starting from scratch", cfg.output / "checkpoints")
-        STDERR.print(f"run folder: {cfg.output}")
+        if lead:
+            STDERR.print(f"run folder: {cfg.output}" + (f" ({world.size} processes)" if world.distributed else ""))
         if trainer.step < cfg.steps:
-            STDERR.print(describe_plan(trainer, estimate_seconds(trainer)), soft_wrap=True)
+            plan = describe_plan(trainer, estimate_seconds(trainer))
+            if lead:
+                STDERR.print(plan, soft_wrap=True)
         live = None
         if self.viewer:
             from splatforge.viewer import SplatViewer
@@ -120,7 +186,7 @@ class TrainCommand(TrainConfig):
             live = SplatViewer(port=self.viewer_port, camtoworlds=sc.camtoworlds[ids], Ks=sc.Ks[ids],
                                sizes=list(zip(sc.widths[ids], sc.heights[ids])))  # fmt: skip
             STDERR.print(f"viewer: http://localhost:{live.port}")
-        with progress_bar(cfg.steps, trainer.step) as update:
+        with progress_bar(cfg.steps, trainer.step) if lead else contextlib.nullcontext(None) as update:
             if live is not None:
                 bar_update = update
 
@@ -131,11 +197,17 @@ class TrainCommand(TrainConfig):
             result = trainer.train(update)
         summary = {"run": str(cfg.output), "step": result.step, "num_gaussians": result.num_gaussians,
                    "train_seconds": round(result.train_seconds, 1), "ply": str(result.ply_path)}  # fmt: skip
+        summary["processes"] = world.size
+        summary["ranks"] = gather_objects(trainer.memory_report(), world)
         if self.eval:
-            metrics = evaluate(trainer.as_run())
+            run = trainer.as_run()  # gathers the shards: every rank takes part
+            if not lead:
+                return
+            metrics = evaluate(run)
             summary.update({f"{s}_{k}": metrics[s][k] for s in ("test", "train") for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex")})
             summary["lpips_note"] = metrics["lpips_note"]
-        print(json.dumps(summary, indent=2))
+        if lead:
+            print(json.dumps(summary, indent=2))
 
 
 @dataclass
@@ -650,7 +722,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=STDERR, show_path=False)])
     logging.getLogger("numba").setLevel(logging.WARNING)
     try:
-        parse(argv).main()
+        command = parse(argv)
+        if isinstance(command, TrainCommand):
+            command.argv = argv[1:]
+        command.main()
     except SplatforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)  # one unwrapped line naming the file at fault
         return 1

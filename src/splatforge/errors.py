@@ -10,6 +10,7 @@ __all__ = [
     "ConfigError",
     "DataFormatError",
     "UnsupportedCameraModel",
+    "TrainingProcessError",
 ]
 
 
@@ -32,3 +33,8 @@ class DataFormatError(SplatforgeError, ValueError):
 
 class UnsupportedCameraModel(DataFormatError):
     """A camera model splatforge cannot use directly and cannot undistort."""
+
+
+class TrainingProcessError(SplatforgeError):
+    """A process of a sharded training run failed or lost the others; the run can continue
+    from its last checkpoint with ``--resume``."""

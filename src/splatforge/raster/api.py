@@ -146,6 +146,7 @@ def rasterize(
     rasterize_mode: Literal["classic", "antialiased"] = "classic",
     absgrad: bool = False,
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
+    distributed: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Render N 3D Gaussians into C pinhole cameras, differentiably.
 
@@ -182,6 +183,18 @@ def rasterize(
             pixels of the absolute per-pixel gradients.
         backend: ``auto`` (gsplat on CUDA, cpu on CPU), ``cpu`` (ours, compiled, float32 CPU
             tensors), ``gsplat`` (CUDA), or ``reference`` (slow pure torch, any device/dtype).
+        distributed: gsplat's distributed mode (torch.distributed initialised; every rank calls
+            this): the Gaussians are this rank's shard, the C cameras this rank's views (the same
+            C, width and height on every rank). Every rank projects its shard into the cameras of
+            all ranks; the projected Gaussians go to the rank that renders each camera through
+            one autograd-aware all-to-all (:func:`splatforge.raster.collectives.all_to_all`), so
+            each rank gets the images of its own cameras from every Gaussian, and the gradients
+            come back to the shards that own them. ``info``'s per-Gaussian entries are then
+            ``[C_world, N, ...]`` (every rank's cameras in rank order, this rank's Gaussians:
+            what densification reads), ``n_cameras`` is ``C_world`` (gsplat puts the local C
+            there; splatforge's trainer takes the mean loss over the world's views, so the
+            strategy's statistics need the world's count), and ``gaussian_counts`` lists every
+            rank's N. Not with ``absgrad``.
 
     Returns:
         ``render [C, H, W, D']`` (D' = D, or 3/4 with depth, 1 for depth only),
@@ -191,7 +204,8 @@ def rasterize(
         ``height``, ``n_cameras``, ``gaussian_ids`` (None: unpacked layout), ``backend``.
 
     Raises:
-        ConfigError: bad shapes, dtypes, devices or option values.
+        ConfigError: bad shapes, dtypes, devices or option values; in distributed mode, ranks
+            whose camera counts or image sizes differ.
         BackendUnavailableError: the requested backend cannot run here.
     """
     device, N, C = _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
@@ -216,20 +230,35 @@ def rasterize(
 
     name = resolve_backend(backend, device)
     _check_dtypes(name, means, quats, scales, opacities, colors, viewmats, Ks)
+    world = _world(distributed, absgrad, device, N, C, width, height)
+    if world is not None and sh_degree is None and colors.dim() == 3:
+        raise ConfigError("distributed rendering takes colours [N, D] or SH coefficients, not per-camera colours [C, N, D]")
     if name == "gsplat":
         from splatforge.raster import gsplat_backend
 
-        return gsplat_backend.rasterize(
+        if world is not None and render_mode in ("ID", "RGB+ID"):
+            raise ConfigError("the gsplat backend has no inverse-depth mode in distributed rendering; use RGB+ED or the cpu backend")
+        render, alpha, info = gsplat_backend.rasterize(
             means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
             near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, backgrounds=backgrounds,
-            render_mode=render_mode, rasterize_mode=rasterize_mode, absgrad=absgrad,
+            render_mode=render_mode, rasterize_mode=rasterize_mode, absgrad=absgrad, distributed=world is not None,
         )  # fmt: skip
+        if world is not None:
+            info["n_cameras"], info["gaussian_counts"] = C * world[0], world[1]
+        return render, alpha, info
     if name == "cpu":
         from splatforge.raster import cpu as impl
     else:
         from splatforge.raster import reference as impl  # type: ignore[no-redef]
 
     antialiased = rasterize_mode == "antialiased"
+    C_local = C
+    if world is not None:  # project into every rank's cameras
+        from splatforge.raster.collectives import all_gather_same
+
+        viewmats = all_gather_same(viewmats.detach()).flatten(0, 1)
+        Ks = all_gather_same(Ks.detach()).flatten(0, 1)
+        C = viewmats.shape[0]
     proj = impl.project(
         means, quats, scales, opacities, viewmats, Ks, width, height,
         eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, antialiased=antialiased,
@@ -255,9 +284,12 @@ def rasterize(
         if bgs is not None:
             bgs = torch.cat([bgs, torch.zeros_like(bgs[:, :1])], dim=-1)
 
+    means2d, conics, depths, radii, info_opac = proj.means2d, proj.conics, proj.depths, proj.radii, opac
+    if world is not None:
+        means2d, conics, feats, opac, depths, radii = _send_to_renderers(
+            C_local, world[1], means2d, conics, feats, opac, depths, radii)  # fmt: skip
     render, alpha = impl.rasterize_to_pixels(
-        proj.means2d, proj.conics, feats, opac, proj.depths, proj.radii, width, height,
-        backgrounds=bgs, absgrad=absgrad,
+        means2d, conics, feats, opac, depths, radii, width, height, backgrounds=bgs, absgrad=absgrad,
     )  # fmt: skip
     if depth_kind == "ED":
         render = torch.cat([render[..., :-1], render[..., -1:] / alpha.clamp(min=1e-10)], dim=-1)
@@ -267,7 +299,7 @@ def rasterize(
         "radii": proj.radii,
         "depths": proj.depths,
         "conics": proj.conics,
-        "opacities": opac,
+        "opacities": info_opac,
         "width": width,
         "height": height,
         "n_cameras": C,
@@ -276,7 +308,49 @@ def rasterize(
         "tile_size": 16,
         "backend": name,
     }
+    if world is not None:
+        info["gaussian_counts"] = world[1]
     return render, alpha, info
+
+
+def _world(distributed: bool, absgrad: bool, device: torch.device, N: int, C: int, width: int,
+           height: int) -> Optional[tuple[int, list[int]]]:  # fmt: skip
+    """For distributed rendering: ``(world size, every rank's N)`` after checking that every
+    rank renders C cameras of one size; None when not distributed (or a world of one)."""
+    if not distributed:
+        return None
+    from splatforge.raster.collectives import World, all_gather_same
+
+    world = World.current()
+    if not world.distributed:
+        return None
+    if absgrad:
+        raise ConfigError("absgrad is not available in distributed rendering (as in gsplat)")
+    dev = device if device.type == "cuda" else torch.device("cpu")
+    dims = all_gather_same(torch.tensor([N, C, width, height], dtype=torch.int64, device=dev)).cpu()
+    if (dims[:, 1:] != dims[0, 1:]).any():
+        raise ConfigError(f"distributed rendering needs the same camera count and image size on every rank, got "
+                          f"(C, width, height) = {[tuple(r) for r in dims[:, 1:].tolist()]}")  # fmt: skip
+    return world.size, [int(n) for n in dims[:, 0]]
+
+
+def _send_to_renderers(C: int, counts: list[int], means2d: Tensor, conics: Tensor, feats: Tensor, opac: Tensor,
+                       depths: Tensor, radii: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+    """The all-to-all of distributed rendering: the inputs are this rank's Gaussians projected
+    into every rank's C cameras (``[W C, N_r, ...]``); returns, for this rank's C cameras, every
+    rank's Gaussians (``[C, sum N, ...]``, ranks in order), with gradients flowing back."""
+    from splatforge.raster.collectives import World, all_to_all
+
+    world = World.current()
+    D = feats.shape[-1]
+    packed = torch.cat([means2d, conics, feats, opac[..., None], depths[..., None], radii.to(means2d.dtype)], dim=-1)
+    F = packed.shape[-1]
+    send = [chunk.reshape(-1, F) for chunk in packed.split(C, dim=0)]
+    recv = all_to_all(send, [C * n for n in counts], group=world.group)
+    got = torch.cat([r.reshape(C, n, F) for r, n in zip(recv, counts)], dim=1)
+    parts = got.split([2, 3, D, 1, 1, 2], dim=-1)
+    return (parts[0], parts[1].contiguous(), parts[2].contiguous(), parts[3][..., 0].contiguous(),
+            parts[4][..., 0].contiguous(), parts[5].round().to(radii.dtype))  # fmt: skip
 
 
 def transmittance_stats(

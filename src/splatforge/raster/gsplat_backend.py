@@ -36,6 +36,7 @@ def rasterize(
     render_mode: str,
     rasterize_mode: str,
     absgrad: bool,
+    distributed: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``gsplat.rasterization`` with ``packed=False`` so ``info`` matches the other backends.
 
@@ -58,6 +59,7 @@ def rasterize(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, sh_degree=sh_degree, packed=False,
         backgrounds=backgrounds, render_mode=render_mode, rasterize_mode=rasterize_mode, absgrad=absgrad,
+        distributed=distributed,
     )  # fmt: skip
     info["backend"] = "gsplat"
     return render, alpha, info

@@ -220,9 +220,10 @@ class TrainConfig:
     two such neighbours per view, which sparse captures lack (skull: most views have one)."""
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
     """Depth Anything model for --depth-prior depth-anything (a Hugging Face id or a local folder)."""
-    strategy: Literal["default", "mcmc"] = "mcmc"
+    strategy: Literal["default", "mcmc", "none"] = "mcmc"
     """Densification: mcmc (relocation, regularised: few floaters, the count never above the
-    cap) or default (3DGS adaptive density control)."""
+    cap), default (3DGS adaptive density control) or none (the initial Gaussians, fixed in
+    number)."""
     lr: LearningRates = field(default_factory=LearningRates)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     mcmc: MCMCConfig = field(default_factory=MCMCConfig)
@@ -250,8 +251,8 @@ class TrainConfig:
             raise ConfigError(f"max_image_size must be >= 0, got {self.max_image_size}")
         if not 0.0 <= self.ssim_lambda <= 1.0:
             raise ConfigError(f"ssim_lambda must be in [0, 1], got {self.ssim_lambda}")
-        if self.strategy not in ("default", "mcmc"):
-            raise ConfigError(f"strategy must be 'default' or 'mcmc', got {self.strategy!r}")
+        if self.strategy not in ("default", "mcmc", "none"):
+            raise ConfigError(f"strategy must be 'default', 'mcmc' or 'none', got {self.strategy!r}")
         if self.max_gaussians < 0:
             raise ConfigError(f"max_gaussians must be >= 0, got {self.max_gaussians}")
         self.device = resolve_device(self.device)

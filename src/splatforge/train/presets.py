@@ -199,7 +199,7 @@ def describe_plan(trainer: "Trainer", estimate: dict | None = None) -> str:
     cap = f"up to {cfg.cap:,} Gaussians" if cfg.cap else "no Gaussian cap"
     text = (f"training {cfg.steps - trainer.step:,} steps on {len(trainer.train_ids)} views at {w}x{h} "
             f"(data factor {cfg.data_factor}) on {cfg.device}, {cfg.strategy} densification from "
-            f"{len(trainer.params['means']):,} Gaussians, {cap}")  # fmt: skip
+            f"{trainer.num_gaussians:,} Gaussians, {cap}")  # fmt: skip
     if estimate is not None:
         text += (f": about {estimate['seconds'] / 60:.1f} min ({estimate['s_per_step_now']:.3f} s/step now, "
                  f"~{estimate['s_per_step_end']:.3f} s/step at {estimate['final_count']:,} Gaussians)")  # fmt: skip

@@ -16,6 +16,8 @@ interface the trainer calls without knowing which it has.
   & step > 0`` is a chained comparison with ``0 > 0``).
 - :class:`~splatforge.train.mcmc.MCMCStrategy`: gsplat's ``MCMCStrategy`` with a CPU path and
   its trainer's opacity/scale regularisers.
+- :class:`NoStrategy` (``--strategy none``): a fixed set of Gaussians (fine-tuning, and the
+  equivalence tests of sharded training).
 
 :func:`build_strategy` makes either from the resolved :class:`~splatforge.train.config.TrainConfig`.
 Importing this module imports gsplat's Python parts (nothing is compiled).
@@ -35,7 +37,7 @@ from torch import Tensor
 from splatforge.train.config import TrainConfig
 from splatforge.train.mcmc import MCMCStrategy
 
-__all__ = ["DefaultStrategy", "MCMCStrategy", "build_strategy", "state_to"]
+__all__ = ["DefaultStrategy", "MCMCStrategy", "NoStrategy", "build_strategy", "state_to"]
 
 
 @dataclass
@@ -54,11 +56,37 @@ class DefaultStrategy(_GsplatDefault):
             reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
 
 
-def build_strategy(cfg: TrainConfig) -> DefaultStrategy | MCMCStrategy:
-    """The strategy of ``cfg`` (resolved: no ``None`` schedule left), with its fields."""
+@dataclass
+class NoStrategy:
+    """No densification: the Gaussians the run starts with are the ones it ends with (only
+    their values are optimised)."""
+
+    absgrad: bool = False
+
+    def check_sanity(self, params, optimizers) -> None:
+        return None
+
+    def initialize_state(self, scene_scale: float = 1.0) -> dict[str, Any]:
+        return {}
+
+    def step_pre_backward(self, params, optimizers, state, step, info) -> None:
+        return None
+
+    def regularization(self, params) -> Optional[Tensor]:
+        return None
+
+    def step_post_backward(self, params, optimizers, state, step, info, lr: float = 0.0) -> None:
+        return None
+
+
+def build_strategy(cfg: TrainConfig, cap: Optional[int] = None) -> DefaultStrategy | MCMCStrategy | NoStrategy:
+    """The strategy of ``cfg`` (resolved: no ``None`` schedule left), with its fields; ``cap``
+    replaces ``cfg.cap`` as MCMC's ``cap_max`` (a shard's share in sharded training)."""
+    if cfg.strategy == "none":
+        return NoStrategy()
     sub = dataclasses.asdict(cfg.strategy_config())
     if cfg.strategy == "mcmc":
-        sub["cap_max"] = cfg.cap
+        sub["cap_max"] = cfg.cap if cap is None else cap
         return MCMCStrategy(**sub)
     return DefaultStrategy(**sub)
 

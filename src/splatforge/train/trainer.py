@@ -7,6 +7,16 @@ with exponential decay to 1 % at the last step, SH degree raised every ``sh_degr
 steps, the strategy after each optimiser step, then the hard cap; with ``depth_prior`` the
 rendered inverse depth is supervised too (:mod:`splatforge.train.depth`). The trainer never asks which
 strategy it runs (see :mod:`splatforge.train.strategies`).
+
+Launched by torchrun (``WORLD_SIZE`` > 1, the process group joined by
+:func:`splatforge.train.distributed.init_from_env`), each rank trains a shard of the Gaussians:
+the step's ``batch_size x world_size`` views are drawn alike on every rank, each renders its
+``batch_size`` of them with every shard's Gaussians (``rasterize(distributed=True)``), the loss
+is the mean over the world's views, so the gradients a shard gets are those of a single process
+rendering the whole batch, and Adam and the strategy run per shard (MCMC's cap and the hard cap
+split evenly). Shards are evened out when they drift apart by more than 10 %; checkpoints,
+the PLY and ``cameras.json`` hold the whole run in one global order (written by rank 0) and
+resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from splatforge.data import SceneData, load_scene
@@ -27,6 +38,7 @@ from splatforge.data.load import fit_data_factor
 from splatforge.data.images import load_image
 from splatforge.io import cameras_json, write_cameras_json, write_ply
 from splatforge.model import Splats, cap_gaussians, init_from_points, init_random
+from splatforge.raster.collectives import World, all_gather_same
 from splatforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from splatforge.train.config import TrainConfig, save_config, to_plain
 from splatforge.train.losses import psnr_from_mse, ssim
@@ -86,9 +98,10 @@ class Trainer:
         ConfigError, DataFormatError: bad configuration or input (nothing is written then).
     """
 
-    def __init__(self, cfg: TrainConfig, scene: Optional[SceneData] = None):
+    def __init__(self, cfg: TrainConfig, scene: Optional[SceneData] = None, world: Optional[World] = None):
         from splatforge.train.strategies import build_strategy, state_to
 
+        self.world = world if world is not None else World.current()
         self.cfg = cfg.resolve()
         if cfg.output is None:
             from splatforge.errors import ConfigError
@@ -97,12 +110,13 @@ class Trainer:
         self.output = Path(cfg.output)
         self.device = torch.device(cfg.device)
         cache = cfg.cache_dir if cfg.cache_dir is not None else self.output / "cache"
-        if scene is None:
-            cfg.data_factor = fit_data_factor(cfg.data, cfg.data_factor, cfg.max_image_size)
-        self.scene = scene or load_scene(
-            cfg.data, data_factor=cfg.data_factor, test_every=cfg.test_every, split_ratio=cfg.split_ratio,
-            partition=cfg.partition, cache_dir=cache,
-        )  # fmt: skip
+        with self._rank0_first():  # rank 0 fills the image cache, the others read it
+            if scene is None:
+                cfg.data_factor = fit_data_factor(cfg.data, cfg.data_factor, cfg.max_image_size)
+            self.scene = scene or load_scene(
+                cfg.data, data_factor=cfg.data_factor, test_every=cfg.test_every, split_ratio=cfg.split_ratio,
+                partition=cfg.partition, cache_dir=cache,
+            )  # fmt: skip
         self.scene_scale = self.scene.scene_scale()
         self.train_ids = list(self.scene.split["train"])
         self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
@@ -115,11 +129,20 @@ class Trainer:
         # gsplat's strategies draw from torch's global RNG (splits, relocation, noise); they run
         # under fork_rng with this private state, so the process's RNG is left alone and a
         # resumed run draws the same numbers.
-        self._strategy_rng = torch.Generator().manual_seed(cfg.seed + 1).get_state()
+        self._strategy_rng = self._strategy_seed(0)
         self._state_to = state_to
-        self.params = torch.nn.ParameterDict(self._init_splats().torch(self.device).as_dict())
+        splats = self._init_splats()
+        self.world_count = len(splats)
+        if self.world.distributed:  # contiguous shards: the global order stays the initial one
+            from splatforge.train.distributed import even_sizes, offsets
+
+            sizes = even_sizes(len(splats), self.world.size)
+            lo = offsets(sizes)[self.world.rank]
+            splats = splats.select(np.arange(lo, lo + sizes[self.world.rank]))
+        self.params = torch.nn.ParameterDict(splats.torch(self.device).as_dict())
         self._build_optimizers()
-        self.strategy = build_strategy(cfg)
+        self.shard_cap = -(-cfg.cap // self.world.size) if cfg.cap else 0
+        self.strategy = build_strategy(cfg, cap=self.shard_cap)
         self.strategy.check_sanity(self.params, self.optimizers)
         self.strategy_state = state_to(self.strategy.initialize_state(scene_scale=self.scene_scale), self.device)
         self.depth = None
@@ -150,6 +173,21 @@ class Trainer:
         return trainer
 
     # ---------------------------------------------------------------- set-up
+    @contextlib.contextmanager
+    def _rank0_first(self) -> Iterator[None]:
+        """Run the block on rank 0 before the other ranks (a no-op in a single process)."""
+        import torch.distributed as dist
+
+        if self.world.distributed and self.world.rank != 0:
+            dist.barrier(group=self.world.group)
+        yield
+        if self.world.distributed and self.world.rank == 0:
+            dist.barrier(group=self.world.group)
+
+    def _strategy_seed(self, step: int) -> torch.Tensor:
+        """The strategy's RNG state for a fresh start at ``step`` (its own stream on each rank)."""
+        return torch.Generator().manual_seed(self.cfg.seed + 1 + 7919 * self.world.rank + 104_729 * step).get_state()
+
     def _init_splats(self) -> Splats:
         cfg, scene = self.cfg.resolve_init(from_points=len(self.scene.points) > 0), self.scene
         if len(scene.points):
@@ -164,7 +202,7 @@ class Trainer:
         lrs = dataclasses.asdict(self.cfg.lr)
         lrs["means"] *= self.scene_scale
         opts: dict[str, Any] = {"fused": True} if _fused_adam_supported() else {}
-        bs = self.cfg.batch_size
+        bs = self.cfg.batch_size * self.world.size
         # gsplat's simple_trainer for a batch of BS views: lr * sqrt(BS), eps / sqrt(BS),
         # betas (1 - BS (1 - 0.9), 1 - BS (1 - 0.999)); torch's defaults at BS = 1
         if bs > 1:
@@ -183,21 +221,62 @@ class Trainer:
 
     @property
     def splats(self) -> Splats:
-        """The current Gaussians (the optimised parameters themselves, not a copy)."""
+        """The current Gaussians (the optimised parameters themselves, not a copy); in sharded
+        training this rank's shard (:meth:`full_splats` gathers them all)."""
         return Splats.from_mapping(self.params)
+
+    @property
+    def num_gaussians(self) -> int:
+        """The run's Gaussian count (every shard's, as of the last step, in sharded training)."""
+        return self.world_count if self.world.distributed else len(self.params["means"])
+
+    def full_splats(self) -> Splats:
+        """All the run's Gaussians, detached, in the global order; in sharded training every
+        rank must call it (the shards are gathered to every rank)."""
+        if not self.world.distributed:
+            return self.splats.detach()
+        from splatforge.train.distributed import all_gather_rows, shard_sizes
+
+        sizes = shard_sizes(len(self.params["means"]), self.world, self._group_device)
+        return Splats.from_mapping({k: all_gather_rows(self.params[k].detach(), sizes, self.world) for k in PARAM_KEYS})
+
+    def memory_report(self) -> dict[str, Any]:
+        """This process's memory: ``param_bytes`` (its Gaussians' parameters and Adam moments:
+        1/N of the run's on each of N ranks), ``peak_rss_bytes`` (the process's peak resident set)
+        and, on CUDA, ``cuda_peak_bytes`` (torch's peak allocation on the device)."""
+        import resource
+
+        tensors = list(self.params.values()) + [v for opt in self.optimizers.values() for st in opt.state.values()
+                                                for v in st.values() if isinstance(v, torch.Tensor)]  # fmt: skip
+        out = {"rank": self.world.rank, "num_gaussians": len(self.params["means"]),
+               "param_bytes": sum(t.numel() * t.element_size() for t in tensors),
+               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
+        if self.device.type == "cuda":
+            out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
+
+    @property
+    def _group_device(self) -> torch.device:
+        """Where the process group's tensors live (NCCL: the rank's GPU; gloo: the CPU)."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def as_run(self):
         """The run as it stands, for products (renders, metrics, previews): a
         :class:`~splatforge.train.Run` sharing this trainer's scene, images and a detached view of
-        the parameters."""
+        the parameters (gathered from every rank in sharded training: every rank must call it)."""
         from splatforge.train.run import Run
 
-        return Run(self.output, self.cfg, self.splats.detach(), self.step, train_seconds=self.train_seconds,
+        return Run(self.output, self.cfg, self.full_splats(), self.step, train_seconds=self.train_seconds,
                    scene=self.scene, device=self.device, images=self._images)  # fmt: skip
 
     # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs (CPU tensors); :meth:`load_state_dict` takes it back."""
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        """Everything an exact resume needs (CPU tensors); :meth:`load_state_dict` takes it back.
+        In sharded training every rank must call it: the shards are gathered into rank 0's
+        dict (one run in the global order, with ``shard_sizes`` and every rank's strategy RNG),
+        the other ranks get None."""
+        if self.world.distributed:
+            return self._gathered_state_dict()
         return {
             "step": self.step,
             "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
@@ -210,7 +289,72 @@ class Trainer:
             "config": to_plain(dataclasses.asdict(self.cfg)),
         }
 
+    def _gathered_state_dict(self) -> Optional[dict[str, Any]]:
+        from splatforge.train.distributed import gather_rows, per_gaussian, shard_sizes
+
+        n = len(self.params["means"])
+        sizes = shard_sizes(n, self.world, self._group_device)
+
+        def rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+            out = gather_rows(t.detach(), sizes, self.world)
+            return None if out is None else out.cpu()
+
+        params = {k: rows(v) for k, v in self.params.items()}
+        optimizers = {}
+        for k, opt in self.optimizers.items():
+            sd = opt.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never assign into them
+            state = {i: {name: rows(v) if name in per_gaussian(st, n) else v for name, v in st.items()}
+                     for i, st in sd["state"].items()}  # fmt: skip
+            optimizers[k] = {**sd, "state": state}
+        strategy_state = self._state_to(self.strategy_state, torch.device("cpu"))
+        for name in per_gaussian(self.strategy_state, n):
+            strategy_state[name] = rows(self.strategy_state[name])
+        rngs = all_gather_same(self._strategy_rng.to(self._group_device), self.world.group).cpu()
+        if self.world.rank != 0:
+            return None
+        return {
+            "step": self.step,
+            "params": params,
+            "optimizers": optimizers,
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "strategy_state": strategy_state,
+            "generator": self.generator.get_state(),
+            "strategy_rng": self._strategy_rng,
+            "strategy_rngs": [t.clone() for t in rngs],  # each its own storage: set_rng_state takes no views
+            "shard_sizes": sizes,
+            "train_seconds": self.train_seconds,
+            "config": to_plain(dataclasses.asdict(self.cfg)),
+        }
+
+    def _local_part(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """This rank's shard of a whole-run checkpoint: its rows of every per-Gaussian tensor
+        (the saved shard sizes when the world has the same size, else even shards) and its own
+        strategy RNG (a fresh one seeded from the step on another world size)."""
+        from splatforge.train.distributed import even_sizes, offsets
+
+        N, W = len(ckpt["params"]["means"]), self.world.size
+        sizes = list(ckpt.get("shard_sizes") or [])
+        if len(sizes) != W or sum(sizes) != N:
+            sizes = even_sizes(N, W)
+        lo, n = offsets(sizes)[self.world.rank], sizes[self.world.rank]
+
+        def part(v: Any) -> Any:
+            return v[lo : lo + n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == N else v
+
+        out = dict(ckpt)
+        out["params"] = {k: part(v) for k, v in ckpt["params"].items()}
+        out["optimizers"] = {k: {**sd, "state": {i: {name: part(v) for name, v in st.items()} for i, st in sd["state"].items()}}
+                             for k, sd in ckpt["optimizers"].items()}  # fmt: skip
+        out["strategy_state"] = {k: part(v) for k, v in ckpt["strategy_state"].items()}
+        rngs = ckpt.get("strategy_rngs") or []
+        out["strategy_rng"] = rngs[self.world.rank].clone() if len(rngs) == W else self._strategy_seed(int(ckpt["step"]))
+        return out
+
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Take back a :meth:`state_dict` (in sharded training: the whole run's, of any world
+        size; this rank keeps its shard)."""
+        if self.world.distributed:
+            ckpt = {**self._local_part(ckpt), "world_count": len(ckpt["params"]["means"])}
         self.params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(self.device)) for k, v in ckpt["params"].items()})
         self._build_optimizers()
         for k, opt in self.optimizers.items():
@@ -222,6 +366,7 @@ class Trainer:
         self._strategy_rng = ckpt["strategy_rng"]
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         self.step = int(ckpt["step"])
+        self.world_count = int(ckpt.get("world_count", len(self.params["means"])))
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint in ``output/checkpoints``; False if there is none."""
@@ -233,7 +378,12 @@ class Trainer:
         return True
 
     def save(self) -> Path:
-        return save_checkpoint(self.output / "checkpoints", self.step, self.state_dict())
+        """Checkpoint the run (in sharded training a collective: rank 0 writes it)."""
+        state = self.state_dict()
+        folder = self.output / "checkpoints"
+        if state is None:
+            return folder / f"ckpt_{self.step:06d}.pt"
+        return save_checkpoint(folder, self.step, state)
 
     # ---------------------------------------------------------------- steps
     def sh_degree_at(self, step: int) -> int:
@@ -248,28 +398,36 @@ class Trainer:
             self.viewmats[views], self.Ks[views], int(self.scene.widths[views[0]]),
             int(self.scene.heights[views[0]]), sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
             backgrounds=backgrounds, render_mode=render_mode, backend=self.cfg.backend, absgrad=self.strategy.absgrad,
+            distributed=self.world.distributed,
         )  # fmt: skip
 
     def draw_views(self) -> list[int]:
         """The training views of the next step: one uniformly at random, and with
         ``batch_size`` B > 1, B - 1 more among the training views of its image size (one render
-        takes one size), drawn with replacement from the trainer's generator."""
+        takes one size), drawn with replacement from the trainer's generator. In sharded training
+        every rank draws the world's ``B x world_size`` views alike and keeps its B."""
         first = self.train_ids[int(torch.randint(len(self.train_ids), (1,), generator=self.generator))]
-        if self.cfg.batch_size == 1:
+        count = self.cfg.batch_size * self.world.size
+        if count == 1:
             return [first]
         if self._size_groups is None:  # training views by image size, built on the first batch
             self._size_groups = {}
             for i in self.train_ids:
                 self._size_groups.setdefault((int(self.scene.widths[i]), int(self.scene.heights[i])), []).append(i)
         same = self._size_groups[(int(self.scene.widths[first]), int(self.scene.heights[first]))]
-        rest = torch.randint(len(same), (self.cfg.batch_size - 1,), generator=self.generator)
-        return [first] + [same[int(k)] for k in rest]
+        rest = torch.randint(len(same), (count - 1,), generator=self.generator)
+        views = [first] + [same[int(k)] for k in rest]
+        B = self.cfg.batch_size
+        return views[self.world.rank * B : (self.world.rank + 1) * B]
 
     def batch_loss(self, views: list[int], step: int, backgrounds: Optional[torch.Tensor] = None,
                    clock: Optional["_Clock"] = None):  # fmt: skip
         """The training loss of ``views`` (one size) rendered together: the mean over their
         pixels of ``(1 - l) L1 + l (1 - SSIM)``, the strategy's regulariser and the mean of the
-        views' depth terms. Returns ``(loss, render [B, H, W, 3], gt [B, H, W, 3], info)``."""
+        views' depth terms. Returns ``(loss, render [B, H, W, 3], gt [B, H, W, 3], info)``.
+        In sharded training the image and depth terms are divided by the world size and the
+        regulariser (a mean over the shard) weighted by the shard's share of the Gaussians, so
+        the ranks' losses sum to the single-process loss of the world's batch."""
         cfg = self.cfg
         clock = clock or _Clock(None, self.device)
         gt = torch.stack([self.image(i) for i in views])
@@ -284,14 +442,18 @@ class Trainer:
         clock.lap("ssim")
         diff = render - gt
         loss = (1.0 - cfg.ssim_lambda) * diff.abs().mean() + cfg.ssim_lambda * (1.0 - s)
-        reg = self.strategy.regularization(self.params)
-        if reg is not None:
-            loss = loss + reg
         if inv_depth is not None:
             terms = [self.depth.loss(i, inv_depth[k], step) for k, i in enumerate(views)]
             terms = [t for t in terms if t is not None]
             if terms:
                 loss = loss + torch.stack(terms).sum() / len(views)
+        reg = self.strategy.regularization(self.params)
+        if self.world.distributed:
+            loss = loss / self.world.size
+            if reg is not None:
+                reg = reg * (len(self.params["means"]) / max(1, sum(info["gaussian_counts"])))
+        if reg is not None:
+            loss = loss + reg
         return loss, render, gt, info
 
     def train_step(self, times: Optional[StepTimes] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,14 +477,43 @@ class Trainer:
         clock.lap("adam")
         with self._private_rng():
             self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, lr=means_lr)
-        if cfg.cap:
-            cap_gaussians(self.params, self.optimizers, self.strategy_state, cfg.cap)
+        if self.shard_cap:
+            cap_gaussians(self.params, self.optimizers, self.strategy_state, self.shard_cap)
+        if self.world.distributed:
+            self._rebalance()
         clock.lap("strategy")
         clock.done()
         self.step += 1
         with torch.no_grad():
             mse = torch.mean((render.detach().clamp(0.0, 1.0) - gt) ** 2)
         return loss.detach(), mse
+
+    def _rebalance(self) -> None:
+        """Even the shards out when their sizes drift apart by more than 10 %
+        (:data:`~splatforge.train.distributed.REBALANCE_DRIFT`): the rows that cross the new
+        boundaries move, with their Adam moments and strategy state, keeping the global order."""
+        from splatforge.train.distributed import even_sizes, move_rows, needs_rebalance, per_gaussian, shard_sizes
+
+        n = len(self.params["means"])
+        sizes = shard_sizes(n, self.world, self._group_device)
+        self.world_count = sum(sizes)
+        if not needs_rebalance(sizes):
+            return
+        target = even_sizes(sum(sizes), self.world.size)
+        log.debug("rebalancing shards %s -> %s", sizes, target)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return move_rows(t, sizes, target, self.world)
+
+        for k in PARAM_KEYS:
+            opt, old = self.optimizers[k], self.params[k]
+            new = torch.nn.Parameter(move(old.detach()), requires_grad=old.requires_grad)
+            st = opt.state.pop(old, {})
+            opt.state[new] = {name: move(v) if name in per_gaussian(st, n) else v for name, v in st.items()}
+            opt.param_groups[0]["params"] = [new]
+            self.params[k] = new
+        for name in per_gaussian(self.strategy_state, n):
+            self.strategy_state[name] = move(self.strategy_state[name])
 
     @contextlib.contextmanager
     def compute_threads(self) -> Iterator[None]:
@@ -356,9 +547,12 @@ class Trainer:
               report_every: int = 10) -> TrainResult:  # fmt: skip
         """Run from ``self.step`` to ``cfg.steps``, checkpointing on the way and at the end, then
         write the PLY and ``cameras.json``. ``progress(step, loss, psnr, n_gaussians, it_per_s)``
-        is called every ``report_every`` steps and after the last (the values of that step)."""
-        self.output.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.output / "cfg.yml")
+        is called every ``report_every`` steps and after the last (the values of that step).
+        In sharded training every rank runs it; rank 0 writes the files."""
+        lead = self.world.rank == 0
+        if lead:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.output / "cfg.yml")
         loss = mse = torch.tensor(float("nan"))
         with self.compute_threads():
             while self.step < self.cfg.steps:
@@ -367,18 +561,24 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
                 if progress is not None and (self.step % report_every == 0 or self.step == self.cfg.steps):
-                    progress(self.step, float(loss), psnr_from_mse(float(mse)), len(self.params["means"]), 1.0 / max(dt, 1e-9))
+                    progress(self.step, float(loss), psnr_from_mse(float(mse)), self.num_gaussians, 1.0 / max(dt, 1e-9))
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
                     self.save()
         self.save()
-        ply = self.export_ply()
-        write_cameras_json(self.output / "cameras.json", cameras_json(
-            self.scene.image_names, self.scene.camtoworlds, self.scene.Ks, self.scene.widths, self.scene.heights))  # fmt: skip
-        return TrainResult(self.step, len(self.params["means"]), self.train_seconds, ply, float(loss), psnr_from_mse(float(mse)))
+        full = self.full_splats()
+        ply = self.export_ply(full)
+        if lead:
+            write_cameras_json(self.output / "cameras.json", cameras_json(
+                self.scene.image_names, self.scene.camtoworlds, self.scene.Ks, self.scene.widths, self.scene.heights))  # fmt: skip
+        return TrainResult(self.step, len(full), self.train_seconds, ply, float(loss), psnr_from_mse(float(mse)))
 
-    def export_ply(self) -> Path:
+    def export_ply(self, splats: Optional[Splats] = None) -> Path:
+        """Write ``point_cloud/iteration_<step>/point_cloud.ply`` (rank 0 only in sharded
+        training; ``splats``: the whole run, default :meth:`full_splats`, a collective there)."""
         path = self.output / "point_cloud" / f"iteration_{self.step}" / "point_cloud.ply"
-        write_ply(path, self.splats)
+        splats = self.full_splats() if splats is None else splats
+        if self.world.rank == 0:
+            write_ply(path, splats)
         return path
 
 

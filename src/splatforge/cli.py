@@ -591,6 +591,120 @@ class GenerateCommand(GenerateConfig):
 
 
 @dataclass
+class BlocksPlanCommand:
+    """Cut a scene into a grid of blocks (CityGaussian V2's partition) and write blocks.json."""
+
+    scene: tyro.conf.Positional[Path]
+    """Scene folder (COLMAP with SfM points); never written to."""
+    grid: str = "2x2"
+    """Blocks along the ground plane's two axes, e.g. 2x2 or 2x1."""
+    margin: float = 0.1
+    """Each block's training box is enlarged by this fraction of its extent on every side."""
+    content_threshold: float = 0.05
+    """An image also belongs to a block when this fraction of the SfM points it sees lies in the
+    block's enlarged box."""
+    data_factor: int = 1
+    coarse: Optional[Path] = None
+    """A run trained on the whole scene (short is enough): membership by the share of each
+    image its Gaussians in the block cover (CityGaussian V2), instead of the SfM points'."""
+    output: Path = Path("blocks.json")
+
+    def main(self) -> None:
+        from splatforge.data import load_scene
+        from splatforge.data.blocks import plan_blocks, write_plan
+        from splatforge.pipeline.blocks import coarse_coverage
+
+        try:
+            grid = tuple(int(v) for v in self.grid.lower().split("x"))
+            if len(grid) != 2:
+                raise ValueError
+        except ValueError as exc:
+            raise ConfigError(f"--grid must look like 2x2, got {self.grid!r}") from exc
+        scene = load_scene(self.scene, data_factor=self.data_factor, cache_dir=self.output.parent / ".blocks_cache")
+        coverage = coarse_coverage(self.coarse, scene) if self.coarse is not None else None
+        plan = plan_blocks(scene, grid, margin=self.margin, content_threshold=self.content_threshold, coverage=coverage)
+        write_plan(plan, self.output)
+        for b in plan["blocks"]:
+            STDERR.print(f"block {b['id']}: {b['num_points']:,} points, {len(b['images'])} of {len(scene)} images")
+        print(json.dumps({"plan": str(self.output), "blocks": len(plan["blocks"])}, indent=2))
+
+
+@dataclass
+class BlocksTrainCommand:
+    """Train every block of a plan as an ordinary job (resumable; one failing block is reported
+    alone) on the local pool or a Ray cluster."""
+
+    plan: tyro.conf.Positional[Path]
+    """blocks.json from splatforge blocks plan."""
+    output: Path = Path("blocks")
+    """Folder of the block runs (block_<id>_<ratio>/) and logs/."""
+    executor: Literal["local", "ray"] = "local"
+    workers: Optional[int] = None
+    """Local CPU slots (default 1; GPUs are found by NVML)."""
+    ray_address: Optional[str] = None
+    steps: int = 3000
+    """Steps per block."""
+    data_factor: int = 1
+    split_ratio: float = 0.875
+    """Fraction of the scene's views for training (the same split in every block and the merge)."""
+    strategy: Literal["default", "mcmc", "none"] = "mcmc"
+    cap_max: int = 300_000
+    seed: int = 0
+    device: str = "cpu"
+
+    def main(self) -> None:
+        from splatforge.errors import TrainingProcessError
+        from splatforge.pipeline.blocks import train_blocks
+
+        results = train_blocks(self.plan, self.output, executor=self.executor, workers=self.workers,
+                               ray_address=self.ray_address, ratio=self.split_ratio, steps=self.steps,
+                               data_factor=self.data_factor, strategy=self.strategy, cap_max=self.cap_max,
+                               seed=self.seed, device=self.device)  # fmt: skip
+        print(json.dumps([{k: r.get(k) for k in ("job", "status", "error", "output")} for r in results], indent=2))
+        failed = [r["job"] for r in results if r["status"] != "done"]
+        if failed:
+            raise TrainingProcessError(f"{len(failed)} of {len(results)} blocks failed: {', '.join(failed)} "
+                                       f"(logs in {self.output / 'logs'}); rerun the same command to retry them")  # fmt: skip
+
+
+@dataclass
+class BlocksMergeCommand:
+    """Merge the trained blocks into one run: each keeps the Gaussians inside its own box; then
+    the normal products (renders, metrics.json)."""
+
+    plan: tyro.conf.Positional[Path]
+    blocks: Path = Path("blocks")
+    """The folder splatforge blocks train wrote."""
+    output: Path = tyro.MISSING
+    """The merged run folder."""
+    split_ratio: float = 0.875
+    eval: bool = True
+    device: str = "cpu"
+
+    def main(self) -> None:
+        from splatforge.pipeline.blocks import merge_blocks
+
+        result = merge_blocks(self.plan, self.blocks, self.output, ratio=self.split_ratio, evaluate_run=self.eval,
+                              device=self.device)  # fmt: skip
+        metrics = result.pop("metrics", None)
+        if metrics is not None:
+            result.update(test_psnr=metrics["test"]["psnr"], test_ssim=metrics["test"]["ssim"])
+        print(json.dumps(result, indent=2))
+
+
+BLOCKS = {"plan": BlocksPlanCommand, "train": BlocksTrainCommand, "merge": BlocksMergeCommand}
+
+
+@dataclass
+class BlocksCommand:
+    """Large scenes as blocks: splatforge blocks plan SCENE --grid 2x2, then blocks train PLAN,
+    then blocks merge PLAN --output RUN (see each one's --help)."""
+
+    def main(self) -> None:  # reached only through the listing: parse() dispatches "blocks ..."
+        raise ConfigError("use splatforge blocks plan|train|merge")
+
+
+@dataclass
 class DepthPriorCommand:
     """Monocular depth priors for a scene: Depth Anything's relative inverse depth per image, fitted
     to the SfM points, in Inria's layout (OUTPUT/<image stem>.png, 16-bit, and
@@ -704,12 +818,14 @@ COMMANDS = {"prepare": PrepareCommand, "train": TrainCommand, "render": RenderCo
             "generate": GenerateCommand, "splatter": SplatterCommand, "serve": ServeCommand, "submit": SubmitCommand,
             "demo": DemoCommand, "depth-prior": DepthPriorCommand,
             "mesh": MeshCommand, "mesh-eval": MeshEvalCommand,
-            "backends": BackendsCommand}  # fmt: skip
+            "blocks": BlocksCommand, "backends": BackendsCommand}  # fmt: skip
 
 
 def parse(argv: list[str]):
     """The command object for ``argv`` (``[name, options...]``); exits with tyro's usage message
     on bad options, as any command line does."""
+    if argv and argv[0] == "blocks":
+        return tyro.extras.subcommand_cli_from_dict(BLOCKS, args=argv[1:], prog="splatforge blocks")
     if argv and argv[0] in COMMANDS:
         cls = COMMANDS[argv[0]]
         default = cls.defaults(argv[1:]) if hasattr(cls, "defaults") else None

@@ -220,6 +220,11 @@ class TrainConfig:
     two such neighbours per view, which sparse captures lack (skull: most views have one)."""
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
     """Depth Anything model for --depth-prior depth-anything (a Hugging Face id or a local folder)."""
+    block_plan: Optional[Path] = None
+    """A blocks.json (``splatforge blocks plan``): train only block ``block_id``: its images (of
+    the training split) and the SfM points inside its enlarged box."""
+    block_id: Optional[str] = None
+    """The block of ``block_plan`` to train, e.g. ``0_1``."""
     strategy: Literal["default", "mcmc", "none"] = "mcmc"
     """Densification: mcmc (relocation, regularised: few floaters, the count never above the
     cap), default (3DGS adaptive density control) or none (the initial Gaussians, fixed in
@@ -284,6 +289,8 @@ class TrainConfig:
                     setattr(sub, name, scaled_iter(value, self.steps, minimum=floor))
                 elif getattr(sub, name) < 0 or (name != "refine_start_iter" and getattr(sub, name) == 0):
                     raise ConfigError(f"{group}.{name} must be positive, got {getattr(sub, name)}")
+        if (self.block_plan is None) != (self.block_id is None):
+            raise ConfigError("block_plan and block_id go together: give both (or neither)")
         if self.output is not None and Path(self.output).resolve() == Path(self.data).resolve():
             raise ConfigError(f"the output folder must not be the input scene folder ({self.data})")
         return self
@@ -341,7 +348,7 @@ def load_config(path: Path) -> TrainConfig:
         for key, cls in (("lr", LearningRates), ("densify", DensifyConfig), ("mcmc", MCMCConfig)):
             sub = raw.pop(key, None) or {}
             subs[key] = cls(**{_RENAMED.get(k, k): v for k, v in sub.items()})
-        for key in ("data", "output", "partition", "cache_dir"):
+        for key in ("data", "output", "partition", "cache_dir", "block_plan"):
             if raw.get(key) is not None:
                 raw[key] = Path(raw[key])
         return TrainConfig(**raw, **subs)

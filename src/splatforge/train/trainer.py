@@ -119,6 +119,7 @@ class Trainer:
             )  # fmt: skip
         self.scene_scale = self.scene.scene_scale()
         self.train_ids = list(self.scene.split["train"])
+        self.block = self._open_block()
         self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
         self._images: dict[int, torch.Tensor] = {}
         self.viewmats = torch.from_numpy(self.scene.viewmats).float().to(self.device)
@@ -188,10 +189,32 @@ class Trainer:
         """The strategy's RNG state for a fresh start at ``step`` (its own stream on each rank)."""
         return torch.Generator().manual_seed(self.cfg.seed + 1 + 7919 * self.world.rank + 104_729 * step).get_state()
 
+    def _open_block(self) -> Optional[tuple[dict, dict]]:
+        """With ``cfg.block_plan``: ``(plan, block)``, the training views cut to the block's (its
+        Gaussians start from :func:`splatforge.data.blocks.block_points`)."""
+        if self.cfg.block_plan is None:
+            return None
+        from splatforge.data.blocks import find_block, load_plan
+        from splatforge.errors import ConfigError
+
+        plan = load_plan(self.cfg.block_plan)
+        block = find_block(plan, str(self.cfg.block_id), self.cfg.block_plan)
+        names = set(block["images"])
+        self.train_ids = [i for i in self.train_ids if self.scene.image_names[i] in names]
+        if not self.train_ids:
+            raise ConfigError(f"{self.cfg.block_plan}: block {block['id']} has none of the scene's training views")
+        return plan, block
+
     def _init_splats(self) -> Splats:
         cfg, scene = self.cfg.resolve_init(from_points=len(self.scene.points) > 0), self.scene
-        if len(scene.points):
-            return init_from_points(scene.points, scene.points_rgb, sh_degree=cfg.sh_degree,
+        points, rgb = scene.points, scene.points_rgb
+        if self.block is not None and len(points):
+            from splatforge.data.blocks import block_points
+
+            keep = block_points(scene, self.block[0], self.block[1], self.train_ids)
+            points, rgb = points[keep], rgb[keep]
+        if len(points):
+            return init_from_points(points, rgb, sh_degree=cfg.sh_degree,
                                     init_opacity=cfg.init_opacity, init_scale=cfg.init_scale)  # fmt: skip
         center = scene.camtoworlds[:, :3, 3].mean(0)
         return init_random(cfg.init_random_count, center, cfg.init_extent * self.scene_scale, sh_degree=cfg.sh_degree,

@@ -1,0 +1,149 @@
+"""Large scenes as blocks (CityGaussian's scheme): plan, train each block as an ordinary job on
+``generate``'s executors, merge into one run.
+
+1. :func:`splatforge.data.blocks.plan_blocks` writes ``blocks.json``.
+2. :func:`train_blocks`: one job per block (``train`` stage, with ``block_plan``/``block_id`` in
+   its config: the block's training views and the SfM points of its enlarged box), through the
+   local pool or Ray; a job's manifest makes a rerun skip the finished blocks, and a failing
+   block is reported alone.
+3. :func:`merge_blocks`: each block keeps the Gaussians whose centres lie in its own box (the
+   un-enlarged one; the outer boxes are unbounded, so nothing is lost at the scene's edge); the
+   union is written as one run folder (``cfg.yml``, ``point_cloud/iteration_N/point_cloud.ply``,
+   ``cameras.json``), then rendered and evaluated by the normal products (``metrics.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+
+from splatforge.data.blocks import in_box, load_plan, plane_coords
+from splatforge.errors import ConfigError, DataFormatError
+from splatforge.pipeline.job import JobSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["block_jobs", "train_blocks", "merge_blocks", "coarse_coverage"]
+
+
+def coarse_coverage(run_dir: Path, scene, device: str = "cpu"):
+    """A :data:`~splatforge.data.blocks.Coverage` from the trained (coarse) run ``run_dir``:
+    the mean alpha of view ``index`` of ``scene`` rendered with only the selected Gaussians (SH
+    degree 0: only coverage matters)."""
+    from splatforge.train import Run
+
+    run = Run.open(run_dir, device=device)
+    splats = run.splats.detach()
+    means = splats.means.cpu().numpy()
+    viewmats = torch.from_numpy(scene.viewmats).float().to(run.device)
+    Ks = torch.from_numpy(scene.Ks).float().to(run.device)
+
+    def coverage(index: int, inside) -> float:
+        keep = torch.from_numpy(inside(means)).to(run.device)
+        if not bool(keep.any()):
+            return 0.0
+        with torch.no_grad():
+            _, alpha, _ = splats.select(keep).rasterize(viewmats[index : index + 1], Ks[index : index + 1],
+                                                        int(scene.widths[index]), int(scene.heights[index]),
+                                                        sh_degree=0, backend=run.cfg.backend)  # fmt: skip
+        return float(alpha.mean())
+
+    return coverage
+
+
+def block_jobs(plan_path: Path, output: Path, *, ratio: float = 0.875, steps: int = 3000, data_factor: int = 1,
+               strategy: str = "mcmc", cap_max: int = 300_000, seed: int = 0, device: str = "cpu",
+               backend: str = "auto") -> list[JobSpec]:  # fmt: skip
+    """One :class:`JobSpec` per block of the plan at ``plan_path``, each training into
+    ``output/block_<id>_<ratio>`` on the scene's ``ratio`` split (the same split for every block
+    and for the merged run)."""
+    plan_path = Path(plan_path).resolve()
+    plan = load_plan(plan_path)
+    return [JobSpec(scene=f"block_{b['id']}", scene_root=plan["scene"], output_dir=str(Path(output).resolve()),
+                    ratio=ratio, stages=["train"], data_factor=data_factor, steps=steps, strategy=strategy,
+                    cap_max=cap_max, seed=seed, device=device, backend=backend,
+                    extra={"block_plan": str(plan_path), "block_id": b["id"]})
+            for b in plan["blocks"]]  # fmt: skip
+
+
+def train_blocks(plan_path: Path, output: Path, *, executor: Literal["local", "ray"] = "local",
+                 workers: Optional[int] = None, ray_address: Optional[str] = None,
+                 on_event: Optional[Callable] = None, **job_options) -> list[dict]:  # fmt: skip
+    """Train every block of the plan (see :func:`block_jobs` for ``job_options``) on the local
+    pool (``workers`` CPU slots, or the GPUs) or on Ray; returns the jobs' results (``status``
+    ``done``/``failed`` with the error line of each)."""
+    from splatforge.pipeline.generate import LocalExecutor, RayExecutor, local_slots
+
+    jobs = block_jobs(plan_path, output, **job_options)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    if executor == "ray":
+        runner = RayExecutor(ray_address)
+    elif executor == "local":
+        runner = LocalExecutor(local_slots(workers), Path(output) / "logs")  # type: ignore[assignment]
+    else:
+        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+
+    def event(kind, spec, result, where) -> None:
+        if kind == "end" and result is not None:
+            log.info("block %s: %s%s", spec.extra["block_id"], result["status"],
+                     f" ({result['error']})" if result.get("error") else "")  # fmt: skip
+        if on_event is not None:
+            on_event(kind, spec, result, where)
+
+    results = runner.run(jobs, event)
+    order = {spec.name: i for i, spec in enumerate(jobs)}
+    return sorted(results, key=lambda r: order.get(r["job"], len(order)))
+
+
+def merge_blocks(plan_path: Path, output_dir: Path, merged: Path, *, ratio: float = 0.875, evaluate_run: bool = True,
+                 device: str = "cpu") -> dict:  # fmt: skip
+    """Merge the block runs of ``output_dir`` (what :func:`train_blocks` wrote for the plan at
+    ``plan_path``) into the run folder ``merged``; returns ``{"blocks": [{"id", "kept",
+    "trained"}], "num_gaussians", "ply", "metrics"}``.
+
+    Raises:
+        DataFormatError: a block's run is missing (train it first) or the blocks' SH degrees
+            differ.
+    """
+    from splatforge.io import cameras_json, write_cameras_json, write_ply
+    from splatforge.model import Splats
+    from splatforge.train import Run
+    from splatforge.train.config import save_config
+
+    plan = load_plan(plan_path)
+    parts, summary, cfg, step, seconds = [], [], None, 0, 0.0
+    for block in plan["blocks"]:
+        run_dir = Path(output_dir) / f"block_{block['id']}_{ratio:g}"
+        try:
+            run = Run.open(run_dir, device="cpu")
+        except DataFormatError as exc:
+            raise DataFormatError(f"block {block['id']}: no trained run in {run_dir} ({exc}); run splatforge blocks train first") from exc
+        s = run.splats.detach()
+        keep = torch.from_numpy(in_box(plane_coords(s.means.numpy(), plan), block["box"]))
+        if parts and s.shN.shape[1] != parts[0].shN.shape[1]:
+            raise DataFormatError(f"block {block['id']}: SH degree differs from the other blocks' ({run_dir})")
+        parts.append(s.select(keep))
+        summary.append({"id": block["id"], "trained": len(s), "kept": int(keep.sum()), "views": len(block["images"])})
+        cfg = cfg or run.cfg
+        step, seconds = step + run.step, seconds + run.train_seconds
+    all_splats = Splats.from_mapping({k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].keys()})
+    merged = Path(merged)
+    out_cfg = dataclasses.replace(cfg, output=merged, block_plan=None, block_id=None, steps=step, device=device)
+    save_config(out_cfg, merged / "cfg.yml")
+    ply = merged / "point_cloud" / f"iteration_{step}" / "point_cloud.ply"
+    write_ply(ply, all_splats)
+    run = Run.open(merged, device=device)
+    run.train_seconds = seconds
+    sc = run.scene
+    write_cameras_json(merged / "cameras.json", cameras_json(sc.image_names, sc.camtoworlds, sc.Ks, sc.widths, sc.heights))
+    result = {"blocks": summary, "num_gaussians": len(all_splats), "ply": str(ply), "step": step,
+              "train_seconds": round(seconds, 1)}  # fmt: skip
+    if evaluate_run:
+        from splatforge.products import evaluate
+
+        result["metrics"] = evaluate(run)
+    return result

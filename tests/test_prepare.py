@@ -361,3 +361,34 @@ def test_streaming_window_choice_equals_select_windows():
         for p, sc in zip(positions, scores):
             best.offer(int(p), float(sc), int(p))
         assert [i for i, _ in best.chosen()] == [int(positions[k]) for k in select_windows(positions, scores, target, total)]
+
+
+def test_photo_masks_follow_their_photos_rotation_and_size(tmp_path):
+    """A photo stored sideways (EXIF orientation 6) with its mask in the stored orientation, and
+    an upright one with its mask at another resolution: each imported mask lines up with its
+    imported (rotated, resized) photo pixel for pixel (the photos show their masks' pattern, so
+    PIL's own EXIF rotation of the photo is the reference)."""
+    from PIL import Image
+
+    from splatforge.data.frames import import_photos
+
+    src = tmp_path / "photos"
+    (src / "masks").mkdir(parents=True)
+    pattern = np.zeros((60, 80), np.uint8)
+    pattern[:, :20] = 255
+    pattern[:15, :] = 255  # an L shape: any rotation or flip of it is told apart
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pattern).convert("RGB").save(src / "side.jpg", exif=exif, quality=100)
+    Image.fromarray(pattern).save(src / "masks" / "side.png")
+    Image.fromarray(pattern).convert("RGB").save(src / "up.png")
+    Image.fromarray(pattern).resize((160, 120), Image.Resampling.NEAREST).save(src / "masks" / "up.png")
+    out, masks = tmp_path / "frames", tmp_path / "masks"
+    out.mkdir()
+    assert import_photos([src / "side.jpg", src / "up.png"], out, max_size=40, masks_dir=masks) == (2, [])
+    for stem, ext in (("side", ".jpg"), ("up", ".png")):
+        img = np.asarray(Image.open(out / f"{stem}{ext}").convert("L")) > 127
+        mask = np.asarray(Image.open(masks / f"{stem}.png")) > 127
+        assert img.shape == mask.shape
+        assert (img == mask).mean() > 0.97, stem  # resampling differs only along the edges
+    assert np.asarray(Image.open(out / "side.jpg")).shape[:2] == (40, 30)  # upright

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,181 @@ def test_batch_gradient_is_the_mean_of_its_views(demo_scene, tmp_path):
     t.train_step()
     assert int(t.strategy_state["count"].max()) == 2  # one count per view that saw the Gaussian
 
+
+
+def test_antialiased_mode_is_kept_by_the_run_and_its_files(demo_scene, tmp_path):
+    """A run trained with rasterize_mode=antialiased renders, evaluates and exports with it: its
+    cfg.yml holds the mode, Run.open renders exactly the antialiased image (not the classic
+    one), the PLY's header records it (read by plyfile, an independent reader, which also reads
+    the Gaussians), an exported PLY keeps it and an exported .spz sets its anti-aliasing flag."""
+    import gzip
+
+    from plyfile import PlyData
+
+    from splatforge.io.ply import ply_rasterize_mode
+    from splatforge.io.spz import FLAG_ANTIALIASED
+    from splatforge.products.export import export
+    from splatforge.train import Run
+
+    trainer = Trainer(small_cfg(demo_scene, tmp_path / "run", steps=10, rasterize_mode="antialiased"))
+    result = trainer.train()
+    assert yaml.safe_load((tmp_path / "run" / "cfg.yml").read_text())["rasterize_mode"] == "antialiased"
+    run = Run.open(tmp_path / "run")
+    img, _, _ = run.render(0)
+    vm, K = run.cameras()
+    w, h = run.image_size(0)
+    want, _, _ = run.splats.rasterize(vm[:1], K[:1], w, h, rasterize_mode="antialiased")
+    classic, _, _ = run.splats.rasterize(vm[:1], K[:1], w, h, rasterize_mode="classic")
+    assert torch.equal(img, want) and (img - classic).abs().max() > 1e-3
+    ply = PlyData.read(str(result.ply_path))
+    assert "splatforge rasterize_mode antialiased" in ply.comments
+    assert np.allclose(ply["vertex"]["x"], read_ply(result.ply_path).means[:, 0])
+    assert ply_rasterize_mode(result.ply_path) == "antialiased"
+    export(run, tmp_path / "out.ply")
+    assert ply_rasterize_mode(tmp_path / "out.ply") == "antialiased"
+    export(tmp_path / "run", tmp_path / "out.spz")
+    flags = gzip.decompress((tmp_path / "out.spz").read_bytes())[14]  # v3 header: magic, version, n, sh, frac, flags
+    assert flags & FLAG_ANTIALIASED
+    plain = Trainer(small_cfg(demo_scene, tmp_path / "plain", steps=2)).train()
+    assert ply_rasterize_mode(plain.ply_path) == "classic"
+
+
+def _masked_copy(scene, tmp_path):
+    """A copy of the demo scene with masks/: the left third of every image ignored (black)."""
+    import shutil
+
+    from PIL import Image
+
+    from splatforge.data import load_scene
+
+    root = tmp_path / "masked_scene"
+    shutil.copytree(scene, root)
+    sd = load_scene(root)
+    (root / "masks").mkdir()
+    for name, w, h in zip(sd.image_names, sd.widths, sd.heights):
+        m = np.full((int(h), int(w)), 255, np.uint8)
+        m[:, : int(w) // 3] = 0
+        Image.fromarray(m).save(root / "masks" / f"{Path(name).stem}.png")
+    return root
+
+
+def test_masked_pixels_change_no_gradient(demo_scene, tmp_path):
+    """With SCENE/masks, changing the captured image inside the masked region (a passer-by)
+    leaves the loss and every parameter's gradient exactly as they were, and so does changing
+    the render there; a change outside the mask does change them."""
+    from splatforge.errors import DataFormatError
+
+    root = _masked_copy(demo_scene, tmp_path)
+    trainer = Trainer(small_cfg(root, tmp_path / "run", random_background=False))
+    assert trainer.scene.mask_paths is not None and trainer.mask(0)[:, :5].sum() == 0
+
+    def grads(edit=None):
+        trainer.image(0)
+        saved = trainer._images[0].clone()
+        if edit is not None:
+            edit(trainer._images[0])
+        for p in trainer.params.values():
+            p.grad = None
+        loss, _, _, _ = trainer.batch_loss([0], 0)
+        loss.backward()
+        trainer._images[0] = saved
+        return float(loss.detach()), {k: p.grad.clone() for k, p in trainer.params.items()}
+
+    base_loss, base = grads()
+    w = trainer.mask(0).shape[1]
+
+    def inside(img):
+        img[:, : w // 3] = torch.rand(img[:, : w // 3].shape, generator=torch.Generator().manual_seed(1))
+
+    def outside(img):
+        img[:, w // 2 :] = 1.0 - img[:, w // 2 :]
+
+    loss_in, moved_in = grads(inside)
+    assert loss_in == base_loss and all(torch.equal(moved_in[k], base[k]) for k in base)
+    loss_out, moved_out = grads(outside)
+    assert loss_out != base_loss and any(not torch.equal(moved_out[k], base[k]) for k in base)
+    # metrics.json reports both, and says which is which
+    trainer.train()
+    metrics = evaluate(trainer.as_run(), splits=("test",), write_images=False)
+    assert metrics["masks"].startswith("SCENE/masks") and metrics["test"]["psnr_masked"] is not None
+    # a masks folder missing one image's mask is an error naming it
+    first = sorted((root / "masks").iterdir())[0]
+    first.unlink()
+    with pytest.raises(DataFormatError, match="no mask for 1 of"):
+        Trainer(small_cfg(root, tmp_path / "run2"))
+
+
+def test_masks_stay_aligned_when_downscaled(tmp_path):
+    """A full-size mask read for an image 8 times smaller keeps its edge where the image's is."""
+    from PIL import Image
+
+    from splatforge.data.images import load_mask
+
+    m = np.zeros((480, 640), np.uint8)
+    m[:, 320:] = 255  # right half kept
+    m[:120] = 0  # top quarter ignored
+    Image.fromarray(m).save(tmp_path / "m.png")
+    small = load_mask(tmp_path / "m.png", 80, 60)
+    assert small.shape == (60, 80)
+    assert small[15:, 40:].all() and not small[:, :40].any() and not small[:15].any()
+    assert load_mask(tmp_path / "m.png", 80, 60, invert=True)[15:, :40].all()
+
+
+def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
+    """Training images scaled by per-image gains in [0.7, 1.3]: with --exposure the views'
+    affines take the gains (their diagonals correlate with them and spread at least half as
+    much), the test-time fit recovers a known affine exactly, a resumed run continues the
+    affines, and metrics.json states Inria's left/right protocol. (The issue's PSNR criterion,
+    within 0.3 dB of the unscaled scene, is not met on this 300-step demo: see the README.)"""
+    import shutil
+
+    from PIL import Image
+
+    from splatforge.data import load_scene
+    from splatforge.train.exposure import EXPOSURE_PROTOCOL, apply_exposure, fit_affine
+
+    E0 = torch.tensor([[0.8, 0.1, 0.0, 0.05], [0.0, 1.2, 0.0, -0.02], [0.05, 0.0, 0.9, 0.01]])
+    x = torch.rand(20, 30, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(fit_affine(x, apply_exposure(x[None], E0[None])[0], ridge=0.0), E0, atol=1e-5)
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(demo_scene, scaled)
+    sd = load_scene(scaled)
+    gains = np.random.default_rng(0).uniform(0.7, 1.3, len(sd))
+    for i in sd.split["train"]:
+        path = sd.image_paths[i]
+        img = np.asarray(Image.open(path).convert("RGB"), np.float32) * gains[i]
+        Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).save(path)
+    # a short run renders each view ~30 times: 10x Inria's rates (its 0.01 -> 0.001 are for 30k steps)
+    cfg = small_cfg(scaled, tmp_path / "on", steps=300, strategy="mcmc", random_background=False, exposure=True,
+                    exposure_lr_init=0.1, exposure_lr_final=0.01, checkpoint_every=150)  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.train()
+    ids = trainer.scene.split["train"]
+    diag = trainer.exposure.E.detach()[ids, :, :3].diagonal(dim1=1, dim2=2).mean(1).numpy()
+    g = gains[ids]
+    assert np.corrcoef(diag, g)[0, 1] > 0.9
+    assert np.std(diag / diag.mean()) > 0.5 * np.std(g / g.mean())
+    untouched = trainer.exposure.E.detach()[trainer.scene.split["test"]]
+    assert torch.equal(untouched, torch.cat([torch.eye(3), torch.zeros(3, 1)], 1).expand_as(untouched))  # never rendered
+    metrics = evaluate(trainer.as_run(), splits=("test", "train"), write_images=False)
+    assert metrics["exposure"] == EXPOSURE_PROTOCOL
+    resumed = Trainer(cfg)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "on" / "checkpoints" / "ckpt_000150.pt"))
+    assert not torch.equal(resumed.exposure.E, trainer.exposure.E) and resumed.step == 150
+    resumed.train()
+    assert torch.equal(resumed.exposure.E, trainer.exposure.E)  # exact resume includes the affines
+
+
+def test_absgrad_has_its_own_default_threshold(tmp_path):
+    """--densify.absgrad raises grow_grad2d's default to gsplat's 8e-4 (absolute gradients are
+    larger); a value given explicitly is kept; without absgrad the default is 2e-4."""
+    from splatforge.train.strategies import build_strategy
+
+    resolve = lambda **d: TrainConfig(data=REPO_DATA, strategy="default", densify=DensifyConfig(**d)).resolve()  # noqa: E731
+    assert resolve().densify.grow_grad2d == 2e-4
+    cfg = resolve(absgrad=True)
+    assert cfg.densify.grow_grad2d == 8e-4
+    strategy = build_strategy(cfg)
+    assert strategy.absgrad and strategy.grow_grad2d == 8e-4
+    assert resolve(absgrad=True, grow_grad2d=5e-4).densify.grow_grad2d == 5e-4

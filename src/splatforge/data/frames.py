@@ -198,23 +198,67 @@ class WindowBest:
         return [(i, p) for _, (_, i, p) in sorted(self.best.items())]
 
 
-def import_photos(paths: Iterable[Path], out_dir: Path, max_size: int = 1600) -> tuple[int, list[str]]:
+#: PIL's transposes for EXIF orientations 2..8 (what ``ImageOps.exif_transpose`` applies).
+_EXIF_TRANSPOSE = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180], 4: [Image.Transpose.FLIP_TOP_BOTTOM],
+                   5: [Image.Transpose.TRANSPOSE], 6: [Image.Transpose.ROTATE_270], 7: [Image.Transpose.TRANSVERSE],
+                   8: [Image.Transpose.ROTATE_90]}  # fmt: skip
+
+
+def _photo_mask(photo: Path, stored: tuple[int, int], orientation: int, size: tuple[int, int]) -> Optional[Image.Image]:
+    """The mask of ``photo`` (``<its folder>/masks/<stem>.png|.jpg``) made upright and sized as
+    the imported photo (``size``): a mask of the stored size gets the photo's EXIF rotation, one
+    of the upright size is taken as it is; box-filtered and thresholded at one half (0/255)."""
+    from splatforge.data.images import MASK_SUFFIXES
+
+    path = next((c for c in (photo.parent / "masks" / f"{photo.stem}{s}" for s in MASK_SUFFIXES) if c.is_file()), None)
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as im:
+            mask = im.convert("L")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataFormatError(f"{path}: not a readable mask image: {exc}") from exc
+    if mask.size == stored and stored != stored[::-1]:
+        for op in _EXIF_TRANSPOSE.get(orientation, []):
+            mask = mask.transpose(op)
+    upright = mask.size
+    if abs(upright[0] / upright[1] - size[0] / size[1]) > 0.02:
+        raise DataFormatError(f"{path}: mask is {upright[0]}x{upright[1]}, its photo {size[0]}x{size[1]} upright")
+    mask = mask.resize(size, Image.Resampling.BOX) if mask.size != size else mask
+    return mask.point(lambda v: 255 if v > 127 else 0)
+
+
+def import_photos(paths: Iterable[Path], out_dir: Path, max_size: int = 1600,
+                  masks_dir: Optional[Path] = None) -> tuple[int, list[str]]:  # fmt: skip
     """Copy photos into ``out_dir`` upright (EXIF orientation applied) and resized to at most
-    ``max_size`` px; unreadable or non-image files are skipped with a warning.
+    ``max_size`` px; unreadable or non-image files are skipped with a warning. With
+    ``masks_dir``, each photo's mask (``masks/<stem>.png`` beside the photos, white = keep) is
+    written there under the imported photo's stem, rotated and resized with it.
 
     Returns ``(count written, list of skipped files with the reason)``.
+
+    Raises:
+        DataFormatError: a mask that cannot be read or whose shape fits neither orientation.
     """
     written, skipped = 0, []
     for p in sorted(Path(x) for x in paths):
         try:
             with Image.open(p) as im:
+                stored, orientation = im.size, int(im.getexif().get(0x0112, 1))
                 img = ImageOps.exif_transpose(im).convert("RGB")
         except (OSError, UnidentifiedImageError, SyntaxError) as exc:
             skipped.append(f"{p}: {type(exc).__name__}")
             log.warning("skipping %s: not a readable image (%s)", p, exc)
             continue
         name = p.stem + (".png" if p.suffix.lower() == ".png" else ".jpg")
+        out = _resize(img, max_size)
         with atomic_path(out_dir / name) as tmp:
-            _resize(img, max_size).save(tmp, quality=95)
+            out.save(tmp, quality=95)
+        if masks_dir is not None:
+            mask = _photo_mask(p, stored, orientation, out.size)
+            if mask is not None:
+                Path(masks_dir).mkdir(parents=True, exist_ok=True)
+                with atomic_path(Path(masks_dir) / f"{p.stem}.png") as tmp:
+                    mask.save(tmp, format="PNG")
         written += 1
     return written, skipped

@@ -98,6 +98,71 @@ def load_image(path: Path, background: Optional[tuple[float, float, float]] = No
     return np.ascontiguousarray(arr)
 
 
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def find_masks(root: Path, image_names: list[str]) -> Optional[list[Path]]:
+    """The masks of a scene, one per image, from ``root/masks/`` (OpenSplat's, Brush's and
+    nerfstudio's layout): ``masks/<image stem>.png`` (also ``.jpg``, or ``masks/<image name>``
+    itself, subfolders as the images'); None without a ``masks/`` folder.
+
+    Raises:
+        DataFormatError: a ``masks/`` folder without a mask for some image (names the first
+            ones missing and what was looked for).
+    """
+    folder = Path(root) / "masks"
+    if not folder.is_dir():
+        return None
+    out, missing = [], []
+    for name in image_names:
+        stem = Path(name).with_suffix("")
+        cands = [folder / f"{stem}{s}" for s in MASK_SUFFIXES] + [folder / name, folder / f"{name}.png"]
+        hit = next((c for c in cands if c.is_file()), None)
+        if hit is None:
+            missing.append(name)
+        out.append(hit)
+    if missing:
+        raise DataFormatError(f"{folder}: no mask for {len(missing)} of {len(image_names)} images, e.g. "
+                              f"{', '.join(missing[:3])} (looked for masks/<image stem>.png)")  # fmt: skip
+    return out
+
+
+def load_mask(path: Path, width: int, height: int, invert: bool = False) -> np.ndarray:
+    """``[H, W]`` float32 mask, 1 = keep (white), 0 = ignore, at ``width`` x ``height``: a mask of
+    another size (masks made at full size for ``images_<k>``) is box-filtered to it and
+    thresholded at one half, so it stays aligned with the downscaled images. Any channel count;
+    grey levels above one half count as white.
+
+    Raises:
+        DataFormatError: unreadable file, or an aspect ratio other than the image's.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            grey = im.convert("L")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataFormatError(f"{path}: not a readable mask image: {exc}") from exc
+    if grey.size != (width, height):
+        w0, h0 = grey.size
+        if abs(w0 / h0 - width / height) > 0.02:
+            raise DataFormatError(f"{path}: mask is {w0}x{h0}, its image {width}x{height} (another aspect ratio)")
+        grey = grey.resize((width, height), Image.Resampling.BOX)
+    keep = np.asarray(grey, dtype=np.float32) / 255.0 > 0.5
+    return np.ascontiguousarray((~keep if invert else keep).astype(np.float32))
+
+
+def load_alpha(path: Path) -> Optional[np.ndarray]:
+    """``[H, W]`` float32 alpha in [0, 1] of an image with an alpha channel, else None."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if not (im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)):
+                return None
+            return np.ascontiguousarray(np.asarray(im.convert("RGBA"), dtype=np.float32)[..., 3] / 255.0)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataFormatError(f"{path}: not a readable image: {exc}") from exc
+
+
 def write_png(image, path: Path) -> None:
     """Write ``image [H, W, 3]`` (float in [0, 1], numpy or torch) as an 8-bit PNG, atomically."""
     from splatforge._fs import atomic_path

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from splatforge.data.colmap import find_sparse_dir, read_colmap
-from splatforge.data.images import image_size, list_images
+from splatforge.data.images import find_masks, image_size, list_images
 from splatforge.data.scene import SceneData, make_split
 from splatforge.data.transforms import read_transforms
 from splatforge.errors import DataFormatError
@@ -76,6 +76,7 @@ def load_scene(
                 partition = cand
                 break
     scene.split = make_split(scene.image_names, test_every=test_every, split_ratio=split_ratio, partition=partition)
+    scene.mask_paths = find_masks(root, scene.image_names)
     if not scene.split["train"]:
         raise DataFormatError(f"{root}: the split leaves no training views")
     return scene

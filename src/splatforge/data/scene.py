@@ -51,6 +51,9 @@ class SceneData:
     split: dict[str, list[int]] = field(default_factory=lambda: {"train": [], "test": []})
     background: Optional[tuple[float, float, float]] = None
     observations: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
+    mask_paths: Optional[list[Path]] = None
+    """Per view, its mask (``SCENE/masks/<image stem>.png``, white = keep), or None when the
+    scene has no ``masks/`` folder (see :func:`splatforge.data.images.find_masks`)."""
 
     def __len__(self) -> int:
         return len(self.image_names)

@@ -20,7 +20,11 @@ from splatforge._fs import atomic_path
 from splatforge.errors import DataFormatError
 from splatforge.model.splats import SPLAT_KEYS, Splats
 
-__all__ = ["write_ply", "read_ply", "SPLAT_KEYS"]
+__all__ = ["write_ply", "read_ply", "ply_rasterize_mode", "SPLAT_KEYS"]
+
+#: The header comment that records how a PLY's Gaussians were trained to be drawn (readers that
+#: do not know it ignore comments and draw them classically).
+_MODE_COMMENT = "comment splatforge rasterize_mode "
 
 
 def _attributes(n_rest: int) -> list[str]:
@@ -30,10 +34,12 @@ def _attributes(n_rest: int) -> list[str]:
     return names
 
 
-def write_ply(path: Path, splats: Splats | Mapping) -> None:
+def write_ply(path: Path, splats: Splats | Mapping, rasterize_mode: str = "classic") -> None:
     """Write ``splats`` (:class:`~splatforge.model.Splats`: ``means [N,3]``, ``quats [N,4]`` wxyz,
     ``scales [N,3]`` log, ``opacities [N]`` logit, ``sh0 [N,1,3]``, ``shN [N,K-1,3]``; numpy or
-    torch) to ``path`` atomically.
+    torch) to ``path`` atomically. ``rasterize_mode="antialiased"`` (Gaussians trained with
+    Mip-Splatting's 2D filter) is recorded as the header comment
+    ``comment splatforge rasterize_mode antialiased`` (:func:`ply_rasterize_mode` reads it).
 
     Raises:
         DataFormatError: inconsistent shapes.
@@ -45,12 +51,32 @@ def write_ply(path: Path, splats: Splats | Mapping) -> None:
                shN.transpose(0, 2, 1).reshape(n, -1), arr["opacities"][:, None], arr["scales"], arr["quats"]]  # fmt: skip
     data = np.ascontiguousarray(np.concatenate(columns, axis=1), dtype="<f4")
     names = _attributes(shN.shape[1])
-    header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {n}\n"
+    header = "ply\nformat binary_little_endian 1.0\n"
+    if rasterize_mode != "classic":
+        header += f"{_MODE_COMMENT}{rasterize_mode}\n"
+    header += f"element vertex {n}\n"
     header += "".join(f"property float {name}\n" for name in names) + "end_header\n"
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(header.encode("ascii"))
             f.write(data.tobytes())
+
+
+def ply_rasterize_mode(path: Path) -> str:
+    """The rasterize mode a PLY records (``classic`` when it records none).
+
+    Raises:
+        DataFormatError: unreadable file.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise DataFormatError(f"{path}: cannot read: {exc}") from exc
+    for line in head.split(b"end_header")[0].decode("ascii", errors="replace").splitlines():
+        if line.startswith(_MODE_COMMENT):
+            return line[len(_MODE_COMMENT):].strip()
+    return "classic"
 
 
 _TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",

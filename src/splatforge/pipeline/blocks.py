@@ -135,7 +135,7 @@ def merge_blocks(plan_path: Path, output_dir: Path, merged: Path, *, ratio: floa
     out_cfg = dataclasses.replace(cfg, output=merged, block_plan=None, block_id=None, steps=step, device=device)
     save_config(out_cfg, merged / "cfg.yml")
     ply = merged / "point_cloud" / f"iteration_{step}" / "point_cloud.ply"
-    write_ply(ply, all_splats)
+    write_ply(ply, all_splats, rasterize_mode=out_cfg.rasterize_mode)
     run = Run.open(merged, device=device)
     run.train_seconds = seconds
     sc = run.scene

@@ -79,6 +79,23 @@ def _classify(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return videos, photos
 
 
+def _write_masks(found: Path, images: Path, out: Path, names: list[str]) -> None:
+    """``out/<stem>.png`` for every image: its imported mask, or all white (keep) for images
+    without one (video frames, photos without a mask), so training finds a mask for each."""
+    from PIL import Image
+
+    from splatforge.data.images import image_size
+
+    out.mkdir()
+    for name in names:
+        stem = Path(name).stem
+        src = found / f"{stem}.png"
+        if src.is_file():
+            shutil.copyfile(src, out / f"{stem}.png")
+        else:
+            Image.new("L", image_size(images / name), 255).save(out / f"{stem}.png")
+
+
 def _inputs_label(inputs: Sequence[Path]) -> str:
     """The inputs named for an error: all of them when few, else the first and a count."""
     names = [str(p) for p in inputs]
@@ -122,7 +139,8 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
                 log.info("%s: kept %d of %d frames (%d near-duplicates dropped)", video.name, stats.kept, stats.decoded, stats.duplicates)
                 frame_stats.append(asdict(stats))
                 sources.update({name: str(video) for name in list_images(frames_dir) if name not in sources})
-        n_photos, skipped = import_photos(photos, frames_dir, cfg.max_size) if photos else (0, [])
+        masks_dir = partial / "work" / "masks"
+        n_photos, skipped = import_photos(photos, frames_dir, cfg.max_size, masks_dir=masks_dir) if photos else (0, [])
         sources.update({name: "photos" for name in list_images(frames_dir) if name not in sources})
         timings["frames_s"] = time.perf_counter() - t
         n_images = len(list_images(frames_dir))
@@ -151,6 +169,8 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
         phase("layout")
         t = time.perf_counter()
         names = list_images(scene / "images")
+        if masks_dir.is_dir():  # the photos' masks, upright and sized as the images (white for images without one)
+            _write_masks(masks_dir, scene / "images", scene / "masks", names)
         for k in cfg.downscale:
             downscale_into(scene / "images", scene / f"images_{k}", k)
         split = make_split(names, test_every=cfg.test_every)

@@ -81,7 +81,7 @@ def save_splats(path: Path, splats: Splats | Mapping, fmt: Optional[str] = None,
     path = Path(path)
     fmt = fmt or path.suffix.lower().lstrip(".")
     if fmt == "ply":
-        write_ply(path, splats)
+        write_ply(path, splats, rasterize_mode="antialiased" if antialiased else "classic")
     elif fmt == "splat":
         write_splat(path, splats)
     elif fmt == "spz":
@@ -91,6 +91,24 @@ def save_splats(path: Path, splats: Splats | Mapping, fmt: Optional[str] = None,
     else:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return path
+
+
+def _antialiased(source) -> bool:
+    """Whether ``source`` (a Run, a run folder or a PLY) was trained anti-aliased: its config's
+    ``rasterize_mode``, or the PLY's header comment."""
+    cfg = getattr(source, "cfg", None)
+    if cfg is not None:
+        return cfg.rasterize_mode == "antialiased"
+    source = Path(source)
+    if source.is_dir() and (source / "cfg.yml").is_file():
+        from splatforge.train.config import load_config
+
+        return load_config(source / "cfg.yml").rasterize_mode == "antialiased"
+    if source.is_file() and source.suffix.lower() == ".ply":
+        from splatforge.io.ply import ply_rasterize_mode
+
+        return ply_rasterize_mode(source) == "antialiased"
+    return False
 
 
 def prune(splats: Splats | Mapping, min_opacity: float) -> Splats:
@@ -153,6 +171,7 @@ def export(source, output: Path, fmt: Optional[Literal["ply", "splat", "spz", "s
         DataFormatError / ConfigError: bad source, options, or nothing left to write.
     """
     splats = load_splats(source)
+    antialiased = _antialiased(source)
     source = getattr(source, "path", source)  # a Run is named by its folder
     n_in = len(splats["means"])
     if prune_opacity > 0:
@@ -163,7 +182,7 @@ def export(source, output: Path, fmt: Optional[Literal["ply", "splat", "spz", "s
         splats = crop(splats, crop_box)
     if len(splats["means"]) == 0:
         raise DataFormatError(f"{source}: no Gaussian left after pruning/cropping ({n_in} before); nothing to export")
-    path = save_splats(output, splats, fmt, spz_version=spz_version)
+    path = save_splats(output, splats, fmt, spz_version=spz_version, antialiased=antialiased)
     summary = {"source": str(source), "output": str(path), "format": fmt or path.suffix.lstrip("."),
                "num_gaussians_in": n_in, "num_gaussians": len(splats["means"]), "bytes": path.stat().st_size}  # fmt: skip
     log.info("%s: %d of %d Gaussians -> %s (%d bytes)", source, summary["num_gaussians"], n_in, path, summary["bytes"])

@@ -56,14 +56,29 @@ def render_split(run, split: str, *, depth: bool = False, write: bool = True,
     """Render every view of ``split`` ("train" or "test") of ``run`` (a
     :class:`~splatforge.train.Run`), write renders/gt (and depth) PNGs under ``run.path``, and
     return the metrics: ``{"psnr", "ssim", "lpips_vgg", "lpips_alex", "lpips", "num_views",
-    "per_view"}`` (``lpips`` = ``lpips_vgg``; ``None`` where LPIPS cannot run)."""
+    "per_view"}`` (``lpips`` = ``lpips_vgg``; ``None`` where LPIPS cannot run). When the run
+    trains with masks, also ``psnr_masked`` and ``ssim_masked``: over the kept pixels only (the
+    MSE of the kept pixels; SSIM with both images zeroed where masked, ``1 - SSIM`` divided by
+    the kept fraction, as the training loss); the unmasked values are over every pixel."""
+    from splatforge.train.exposure import apply_exposure, fit_affine
+    from splatforge.train.trainer import view_mask
+
     lpips = lpips or {}
+    exposure = getattr(run, "exposure", None) if run.cfg.exposure else None
     folder = split_folder(run, split)
     per_view = []
     for pos, index in enumerate(run.scene.split[split]):
         render, alpha, _ = run.render(index, render_mode="RGB+ED" if depth else "RGB")
         rgb = render[..., :3]
         gt = run.image(index)[None]
+        half = 0
+        if run.cfg.exposure:  # trained views: their affine; test views: fitted on the left half, scored on the right
+            if split == "train" and exposure is not None:
+                rgb = apply_exposure(rgb, exposure[index : index + 1])
+            elif split != "train":
+                half = rgb.shape[2] // 2
+                rgb = apply_exposure(rgb, fit_affine(rgb[0, :, :half], gt[0, :, :half])[None])
+                rgb, gt = rgb[:, :, half:], gt[:, :, half:]
         if write:
             write_png(rgb[0], folder / "renders" / f"{pos:05d}.png")
             write_png(gt[0], folder / "gt" / f"{pos:05d}.png")
@@ -71,6 +86,14 @@ def render_split(run, split: str, *, depth: bool = False, write: bool = True,
                 write_depth(folder / "depth" / f"{pos:05d}.npy", render[0, ..., 3], alpha[0, ..., 0])
         view = {"index": index, "image_name": run.scene.image_names[index], "psnr": psnr(rgb, gt), "ssim": ssim(rgb, gt)}
         view.update({k: (lpips[k](rgb, gt) if k in lpips else None) for k in LPIPS_KEYS})
+        mask = view_mask(run.scene, index, run.cfg, run.device)
+        if mask is not None:
+            mask = mask[:, half:]
+            keep = mask[None].expand_as(rgb)
+            n = float(keep.sum().clamp(min=1.0))
+            mse = float((((rgb.clamp(0, 1) - gt) ** 2) * keep).sum()) / n
+            view["psnr_masked"] = float(-10.0 * np.log10(max(mse, 1e-10)))
+            view["ssim_masked"] = 1.0 - (1.0 - ssim(rgb * keep, gt * keep)) * keep.numel() / n
         view["lpips"] = view["lpips_vgg"]
         per_view.append(view)
 
@@ -79,7 +102,10 @@ def render_split(run, split: str, *, depth: bool = False, write: bool = True,
         return float(np.mean(values)) if values and None not in values else None
 
     keys = ("psnr", "ssim", *LPIPS_KEYS, "lpips")
-    return {**{k: mean(k) for k in keys}, "num_views": len(per_view), "per_view": per_view}
+    out = {**{k: mean(k) for k in keys}, "num_views": len(per_view), "per_view": per_view}
+    if per_view and "psnr_masked" in per_view[0]:
+        out.update(psnr_masked=mean("psnr_masked"), ssim_masked=mean("ssim_masked"))
+    return out
 
 
 def evaluate(run, splits=("test", "train"), *, depth: bool = False, write_images: bool = True) -> dict:
@@ -91,6 +117,14 @@ def evaluate(run, splits=("test", "train"), *, depth: bool = False, write_images
         log.warning("%s (metrics report null)", note)
     result = {split: render_split(run, split, depth=depth, write=write_images, lpips=lpips) for split in splits}
     result.update(step=run.step, num_gaussians=run.num_gaussians, train_seconds=run.train_seconds, lpips_note=note)
+    cfg = run.cfg
+    uses = cfg.alpha_mask or (cfg.masks and run.scene.mask_paths is not None)
+    if run.cfg.exposure:
+        from splatforge.train.exposure import EXPOSURE_PROTOCOL
+
+        result["exposure"] = EXPOSURE_PROTOCOL
+    result["masks"] = (("the images' alpha" if cfg.alpha_mask else "SCENE/masks") + (" (inverted)" if cfg.invert_masks else "")
+                       + ": psnr/ssim over every pixel, psnr_masked/ssim_masked over the kept ones") if uses else None  # fmt: skip
     with atomic_path(run.path / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
     return result

@@ -33,7 +33,7 @@ TOP_K = 5
 
 
 def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, Ks: torch.Tensor, width: int,
-                    height: int, backend: str = "auto", batch: int = 8) -> torch.Tensor:  # fmt: skip
+                    height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic") -> torch.Tensor:  # fmt: skip
     """Per training view and Gaussian, the mean transmittance in front of it over the pixels it
     touches: ``[V, N]`` float64 (0 where it touches none).
 
@@ -47,7 +47,7 @@ def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, 
     for i in range(0, viewmats.shape[0], batch):
         sum_T, count = transmittance_stats(gaussians["means"], gaussians["quats"], gaussians["scales"],
                                            gaussians["opacities"], viewmats[i : i + batch], Ks[i : i + batch],
-                                           width, height, backend=backend)  # fmt: skip
+                                           width, height, backend=backend, rasterize_mode=rasterize_mode)  # fmt: skip
         out.append(torch.where(count > 0, sum_T / count.clamp(min=1), torch.zeros_like(sum_T)))
     return torch.cat(out).cpu()
 
@@ -62,7 +62,7 @@ def second_pick(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
 
 
 def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
-               width: int, height: int, backend: str = "auto", batch: int = 8) -> torch.Tensor:  # fmt: skip
+               width: int, height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic") -> torch.Tensor:  # fmt: skip
     """Render the per-Gaussian visibility ``vis [N]`` as a one-channel colour: ``[V, H, W]``."""
     from splatforge.raster import rasterize
 
@@ -71,7 +71,8 @@ def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: 
     with torch.no_grad():
         for i in range(0, viewmats.shape[0], batch):
             img, _, _ = rasterize(gaussians["means"], gaussians["quats"], gaussians["scales"], gaussians["opacities"],
-                                  feats, viewmats[i : i + batch], Ks[i : i + batch], width, height, backend=backend)  # fmt: skip
+                                  feats, viewmats[i : i + batch], Ks[i : i + batch], width, height, backend=backend,
+                                  rasterize_mode=rasterize_mode)  # fmt: skip
             maps.append(img[..., 0].clamp(0, 1).cpu())
     return torch.cat(maps)
 
@@ -111,13 +112,13 @@ def visibility_products(run, threshold: float = 0.5) -> tuple[list[Path], dict]:
     ((w, h),) = sizes
     g = run.splats.activated(0)
     viewmats, Ks = run.cameras()
-    backend = run.cfg.backend
+    backend, mode = run.cfg.backend, run.cfg.rasterize_mode
     train_ids = scene.split["train"]
-    vis = second_pick(gaussian_scores(g, viewmats[train_ids], Ks[train_ids], w, h, backend=backend))
+    vis = second_pick(gaussian_scores(g, viewmats[train_ids], Ks[train_ids], w, h, backend=backend, rasterize_mode=mode))
     outputs: list[Path] = []
     for split in ("train", "test"):
         ids = scene.split[split]
         if ids:
-            maps = score_maps(g, vis, viewmats[ids], Ks[ids], w, h, backend=backend)
+            maps = score_maps(g, vis, viewmats[ids], Ks[ids], w, h, backend=backend, rasterize_mode=mode)
             outputs += write_visibility(run.path / split / f"ours_{run.step}", maps, threshold)
     return outputs, {"fraction_gaussians_seen_twice": round(float((vis >= threshold).double().mean()), 4)}

@@ -95,8 +95,9 @@ class DensifyConfig:
     reset_every: Optional[int] = None
     """Opacity reset period (3,000 at 30k steps); gsplat 1.5.3 never resets by itself, the
     strategy here does."""
-    grow_grad2d: float = 2e-4
-    """Mean screen-space gradient (NDC units) above which a Gaussian is cloned or split."""
+    grow_grad2d: Optional[float] = None
+    """Mean screen-space gradient (NDC units) above which a Gaussian is cloned or split: 2e-4,
+    or 8e-4 with ``absgrad`` (gsplat's trainer: absolute gradients are larger)."""
     grow_scale3d: float = 0.01
     """Gaussians smaller than this (times the scene scale) are cloned, larger ones split."""
     grow_scale2d: float = 0.05
@@ -107,7 +108,7 @@ class DensifyConfig:
     refine_scale2d_stop_iter: int = 0
     pause_refine_after_reset: int = 0
     absgrad: bool = False
-    """Use AbsGS absolute gradients (then grow_grad2d is usually raised to ~8e-4)."""
+    """Use AbsGS absolute gradients (Ye et al. 2024); grow_grad2d then defaults to 8e-4."""
     revised_opacity: bool = False
     """Rota Bulo et al. 2024's opacity for split copies."""
 
@@ -220,6 +221,27 @@ class TrainConfig:
     two such neighbours per view, which sparse captures lack (skull: most views have one)."""
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
     """Depth Anything model for --depth-prior depth-anything (a Hugging Face id or a local folder)."""
+    masks: bool = True
+    """Use SCENE/masks/<image stem>.png (white = keep) when the scene has them: masked pixels take
+    no part in the loss (so neither in the densification statistics); metrics.json adds masked
+    PSNR/SSIM."""
+    invert_masks: bool = False
+    """The masks mark what to ignore (white = ignore)."""
+    alpha_mask: bool = False
+    """Use the images' alpha channel as the mask (alpha > 0.5 kept) instead of compositing it onto a
+    background (RGBA captures with the subject cut out)."""
+    exposure: bool = False
+    """Per-image exposure compensation (Inria's 2024 exposure: a 3x4 colour affine per view,
+    identity at first, with its own Adam); test views are then evaluated by Inria's
+    --train_test_exp protocol (an affine fitted on the left half, metrics on the right half)."""
+    exposure_lr_init: float = 0.01
+    """Learning rate of the exposure affines at the first step (Inria's exposure_lr_init)."""
+    exposure_lr_final: float = 0.001
+    """... at the last step, reached log-linearly (Inria's exposure_lr_final)."""
+    rasterize_mode: Literal["classic", "antialiased"] = "classic"
+    """classic (3DGS), or antialiased (Mip-Splatting's 2D filter: opacities times the
+    compensation factor, Yu et al. 2024): saved in cfg.yml, so render, eval, export and every
+    product of the run use the mode it was trained with."""
     block_plan: Optional[Path] = None
     """A blocks.json (``splatforge blocks plan``): train only block ``block_id``: its images (of
     the training split) and the SfM points inside its enlarged box."""
@@ -281,6 +303,8 @@ class TrainConfig:
             m.refine_start_iter = min(500, m.refine_stop_iter // 5)
         if m.refine_every is None:
             m.refine_every = min(100, max(MIN_REFINE_EVERY, (m.refine_stop_iter - m.refine_start_iter) // 20))
+        if self.densify.grow_grad2d is None:
+            self.densify.grow_grad2d = 8e-4 if self.densify.absgrad else 2e-4
         for group, defaults in _SCHEDULE_DEFAULTS.items():
             sub = getattr(self, group)
             for name, value in defaults.items():
@@ -289,6 +313,10 @@ class TrainConfig:
                     setattr(sub, name, scaled_iter(value, self.steps, minimum=floor))
                 elif getattr(sub, name) < 0 or (name != "refine_start_iter" and getattr(sub, name) == 0):
                     raise ConfigError(f"{group}.{name} must be positive, got {getattr(sub, name)}")
+        if self.exposure and not (self.exposure_lr_init > 0 and self.exposure_lr_final > 0):
+            raise ConfigError(f"exposure learning rates must be positive, got {self.exposure_lr_init} and {self.exposure_lr_final}")
+        if self.rasterize_mode not in ("classic", "antialiased"):
+            raise ConfigError(f"rasterize_mode must be 'classic' or 'antialiased', got {self.rasterize_mode!r}")
         if (self.block_plan is None) != (self.block_id is None):
             raise ConfigError("block_plan and block_id go together: give both (or neither)")
         if self.output is not None and Path(self.output).resolve() == Path(self.data).resolve():

@@ -78,6 +78,8 @@ class Run:
         self._scene = scene
         self._images = images if images is not None else {}
         self._cams: Optional[tuple[Tensor, Tensor]] = None
+        #: ``[V, 3, 4]`` the views' trained exposure affines (``cfg.exposure``), or None.
+        self.exposure: Optional[Tensor] = None
 
     @classmethod
     def open(cls, path: Path, *, device: Optional[str] = None, backend: Optional[str] = None) -> "Run":
@@ -108,8 +110,11 @@ class Run:
         if ckpt_path is not None:
             ckpt = load_checkpoint(ckpt_path)
             splats = Splats.from_mapping(ckpt["params"], str(ckpt_path))
-            return cls(path, cfg, splats, int(ckpt["step"]), train_seconds=float(ckpt.get("train_seconds", 0.0)),
-                       device=device, source=ckpt_path)  # fmt: skip
+            run = cls(path, cfg, splats, int(ckpt["step"]), train_seconds=float(ckpt.get("train_seconds", 0.0)),
+                      device=device, source=ckpt_path)  # fmt: skip
+            if "exposure" in ckpt:
+                run.exposure = ckpt["exposure"]["E"].to(run.device)
+            return run
         ply = latest_ply(path)
         if ply is None:
             raise DataFormatError(f"{path}: no checkpoint in {path / 'checkpoints'} and no point_cloud/iteration_N/point_cloud.ply")
@@ -181,4 +186,5 @@ class Run:
         if viewmats.dim() == 2:
             viewmats, Ks = viewmats[None], Ks[None]
         kwargs.setdefault("backend", self.cfg.backend)
+        kwargs.setdefault("rasterize_mode", self.cfg.rasterize_mode)
         return self.splats.rasterize(viewmats, Ks, int(width), int(height), sh_degree=sh_degree, **kwargs)

@@ -122,6 +122,7 @@ class Trainer:
         self.block = self._open_block()
         self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
         self._images: dict[int, torch.Tensor] = {}
+        self._masks: dict[int, Optional[torch.Tensor]] = {}
         self.viewmats = torch.from_numpy(self.scene.viewmats).float().to(self.device)
         self.Ks = torch.from_numpy(self.scene.Ks).float().to(self.device)
         self.step = 0
@@ -146,6 +147,11 @@ class Trainer:
         self.strategy = build_strategy(cfg, cap=self.shard_cap)
         self.strategy.check_sanity(self.params, self.optimizers)
         self.strategy_state = state_to(self.strategy.initialize_state(scene_scale=self.scene_scale), self.device)
+        self.exposure = None
+        if cfg.exposure:
+            from splatforge.train.exposure import ExposureModel
+
+            self.exposure = ExposureModel(len(self.scene), cfg.steps, cfg.exposure_lr_init, cfg.exposure_lr_final, self.device)
         self.depth = None
         if cfg.depth_prior is not None:
             from splatforge.train.depth import DepthSupervision
@@ -242,6 +248,13 @@ class Trainer:
             self._images[index] = torch.from_numpy(arr).to(self.device)
         return self._images[index]
 
+    def mask(self, index: int) -> Optional[torch.Tensor]:
+        """``[H, W, 1]`` float32 mask of view ``index`` (1 = keep; loaded once), or None when the
+        run uses no masks (see ``TrainConfig.masks``/``alpha_mask``)."""
+        if index not in self._masks:
+            self._masks[index] = view_mask(self.scene, index, self.cfg, self.device)
+        return self._masks[index]
+
     @property
     def splats(self) -> Splats:
         """The current Gaussians (the optimised parameters themselves, not a copy); in sharded
@@ -289,8 +302,10 @@ class Trainer:
         the parameters (gathered from every rank in sharded training: every rank must call it)."""
         from splatforge.train.run import Run
 
-        return Run(self.output, self.cfg, self.full_splats(), self.step, train_seconds=self.train_seconds,
-                   scene=self.scene, device=self.device, images=self._images)  # fmt: skip
+        run = Run(self.output, self.cfg, self.full_splats(), self.step, train_seconds=self.train_seconds,
+                  scene=self.scene, device=self.device, images=self._images)  # fmt: skip
+        run.exposure = self.exposure.E.detach().clone() if self.exposure is not None else None
+        return run
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> Optional[dict[str, Any]]:
@@ -310,6 +325,7 @@ class Trainer:
             "strategy_rng": self._strategy_rng,
             "train_seconds": self.train_seconds,
             "config": to_plain(dataclasses.asdict(self.cfg)),
+            **({"exposure": self.exposure.state_dict()} if self.exposure is not None else {}),
         }
 
     def _gathered_state_dict(self) -> Optional[dict[str, Any]]:
@@ -347,6 +363,7 @@ class Trainer:
             "shard_sizes": sizes,
             "train_seconds": self.train_seconds,
             "config": to_plain(dataclasses.asdict(self.cfg)),
+            **({"exposure": self.exposure.state_dict()} if self.exposure is not None else {}),
         }
 
     def _local_part(self, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -390,6 +407,8 @@ class Trainer:
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         self.step = int(ckpt["step"])
         self.world_count = int(ckpt.get("world_count", len(self.params["means"])))
+        if self.exposure is not None and "exposure" in ckpt:
+            self.exposure.load_state_dict(ckpt["exposure"])
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint in ``output/checkpoints``; False if there is none."""
@@ -421,7 +440,7 @@ class Trainer:
             self.viewmats[views], self.Ks[views], int(self.scene.widths[views[0]]),
             int(self.scene.heights[views[0]]), sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
             backgrounds=backgrounds, render_mode=render_mode, backend=self.cfg.backend, absgrad=self.strategy.absgrad,
-            distributed=self.world.distributed,
+            distributed=self.world.distributed, rasterize_mode=self.cfg.rasterize_mode,
         )  # fmt: skip
 
     def draw_views(self) -> list[int]:
@@ -459,12 +478,18 @@ class Trainer:
         inv_depth = None
         if self.depth is not None:
             render, inv_depth = render[..., :3], render[..., 3]
+        if self.exposure is not None:
+            render = self.exposure(render, views)
         clock.lap("forward")
         self.strategy.step_pre_backward(self.params, self.optimizers, self.strategy_state, step, info)
-        s = ssim(render, gt)
-        clock.lap("ssim")
-        diff = render - gt
-        loss = (1.0 - cfg.ssim_lambda) * diff.abs().mean() + cfg.ssim_lambda * (1.0 - s)
+        masks = [self.mask(i) for i in views]
+        if masks[0] is None:
+            s = ssim(render, gt)
+            clock.lap("ssim")
+            loss = (1.0 - cfg.ssim_lambda) * (render - gt).abs().mean() + cfg.ssim_lambda * (1.0 - s)
+        else:
+            loss = masked_loss(render, gt, torch.stack(masks), cfg.ssim_lambda)
+            clock.lap("ssim")
         if inv_depth is not None:
             terms = [self.depth.loss(i, inv_depth[k], step) for k, i in enumerate(views)]
             terms = [t for t in terms if t is not None]
@@ -497,6 +522,12 @@ class Trainer:
         means_lr = self.schedulers[0].get_last_lr()[0]
         for sched in self.schedulers:
             sched.step()
+        if self.exposure is not None:
+            if self.world.distributed:  # each view's affine gets its gradient from the rank that rendered it
+                import torch.distributed as dist
+
+                dist.all_reduce(self.exposure.E.grad, group=self.world.group)
+            self.exposure.step(step, self._exposure_views(views))
         clock.lap("adam")
         with self._private_rng():
             self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, lr=means_lr)
@@ -510,6 +541,16 @@ class Trainer:
         with torch.no_grad():
             mse = torch.mean((render.detach().clamp(0.0, 1.0) - gt) ** 2)
         return loss.detach(), mse
+
+    def _exposure_views(self, views: list[int]) -> list[int]:
+        """The views whose affines the step updates: this rank's, or every rank's (the world's
+        batch, drawn alike everywhere) in sharded training."""
+        if not self.world.distributed:
+            return views
+        from splatforge.raster.collectives import all_gather_same
+
+        mine = torch.tensor(views, dtype=torch.int64, device=self._group_device)
+        return [int(v) for v in all_gather_same(mine, self.world.group).flatten()]
 
     def _rebalance(self) -> None:
         """Even the shards out when their sizes drift apart by more than 10 %
@@ -601,8 +642,42 @@ class Trainer:
         path = self.output / "point_cloud" / f"iteration_{self.step}" / "point_cloud.ply"
         splats = self.full_splats() if splats is None else splats
         if self.world.rank == 0:
-            write_ply(path, splats)
+            write_ply(path, splats, rasterize_mode=self.cfg.rasterize_mode)
         return path
+
+
+def view_mask(scene: SceneData, index: int, cfg: TrainConfig, device: torch.device) -> Optional[torch.Tensor]:
+    """``[H, W, 1]`` mask of view ``index`` of ``scene`` as ``cfg`` asks for it (the scene's
+    masks folder, or the image's alpha with ``alpha_mask``), on ``device``; None without one."""
+    from splatforge.data.images import load_alpha, load_mask
+
+    h, w = int(scene.heights[index]), int(scene.widths[index])
+    if cfg.alpha_mask:
+        alpha = load_alpha(scene.image_paths[index])
+        m = np.ones((h, w), np.float32) if alpha is None else (alpha > 0.5).astype(np.float32)
+        if cfg.invert_masks:
+            m = 1.0 - m
+    elif cfg.masks and scene.mask_paths is not None:
+        m = load_mask(scene.mask_paths[index], w, h, invert=cfg.invert_masks)
+    else:
+        return None
+    return torch.from_numpy(m)[..., None].to(device)
+
+
+def masked_loss(render: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, ssim_lambda: float) -> torch.Tensor:
+    """``(1 - l) L1 + l (1 - SSIM)`` over the kept pixels of ``mask [B, H, W, 1]`` (1 = keep).
+
+    Both images are set to 0 where the mask is 0 before the SSIM, so nothing inside the mask,
+    rendered or captured, reaches the loss or its gradient (tested: a perturbation there
+    changes no gradient); L1 is the mean over the kept pixels, and ``1 - SSIM`` (whose windows
+    are 1 on masked areas) is divided by the kept fraction, so a half-masked image weighs as an
+    unmasked one.
+    """
+    keep = mask.expand_as(render)
+    n = keep.sum().clamp(min=1.0)
+    l1 = ((render - gt).abs() * keep).sum() / n
+    s = ssim(render * keep, gt * keep)
+    return (1.0 - ssim_lambda) * l1 + ssim_lambda * (1.0 - s) * (keep.numel() / n)
 
 
 class _Clock:

@@ -41,6 +41,14 @@ def _rotmat(qw, qx, qy, qz):
     )  # fmt: skip
 
 
+@nb.njit(inline="always", **_JIT)
+def _rotmat_n(quats, n):
+    """The rotation of Gaussian ``n``'s normalised quaternion, row major."""
+    qw, qx, qy, qz = quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3]
+    inv = 1.0 / math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
+    return _rotmat(qw * inv, qx * inv, qy * inv, qz * inv)
+
+
 @nb.njit(**_JIT)
 def _factor(means, quats, scales, viewmats, c, n, M):
     """Fill ``M [3, 3] = R_view[c] @ R(quat[n]) @ diag(scale[n])``; return camera-space centre."""
@@ -139,10 +147,15 @@ def project_fwd(
 def project_bwd(
     means, quats, scales, viewmats, Ks, width, height, eps2d, antialiased,
     radii, conics, comps, v_means2d, v_conics, v_depths, v_comps,
-    v_means, v_quats, v_scales,
+    v_means, v_quats, v_scales, want_view, v_view,
 ):  # fmt: skip
     """Accumulate (into zero-initialised outputs) the gradients w.r.t. ``means [N,3]``,
-    ``quats [N,4]`` (raw, before normalisation) and ``scales [N,3]`` (activated)."""
+    ``quats [N,4]`` (raw, before normalisation) and ``scales [N,3]`` (activated). With
+    ``want_view``, also w.r.t. the cameras: ``v_view [n_chunks, C, 12]`` gets, per work item
+    (chunk of Gaussians, so no two threads write one row) and camera, the gradient of the
+    world-to-camera rotation (9, row major) and translation (3): ``mean_c = R mean + t`` gives
+    ``v_R += v_mean_c mean^T``, ``v_t += v_mean_c``, and ``M = R (R_quat S)`` gives
+    ``v_R += v_M (R_quat S)^T``; the caller sums the chunks."""
     C, N = viewmats.shape[0], means.shape[0]
     n_chunks = (N + _CHUNK - 1) // _CHUNK
     for job in nb.prange(n_chunks):
@@ -212,6 +225,20 @@ def project_bwd(
                     gz += 2.0 * fy * ty * rz2 * rz * vj12
                 else:
                     gz += fy * ty * rz2 * rz * vj12
+                if want_view:
+                    row = v_view[job, c]
+                    mx, my, mz = means[n, 0], means[n, 1], means[n, 2]
+                    gc = (gx, gy, gz)
+                    for i in range(3):
+                        row[3 * i] += gc[i] * mx
+                        row[3 * i + 1] += gc[i] * my
+                        row[3 * i + 2] += gc[i] * mz
+                        row[9 + i] += gc[i]
+                    bq = _rotmat_n(quats, n)
+                    for i in range(3):
+                        for k in range(3):
+                            row[3 * i + k] += (vM[i, 0] * bq[3 * k] * scales[n, 0] + vM[i, 1] * bq[3 * k + 1] * scales[n, 1]
+                                               + vM[i, 2] * bq[3 * k + 2] * scales[n, 2])  # fmt: skip
                 # back to world: mean_c = R_view mean + t,  M = R_view (R_quat S)
                 gmx += viewmats[c, 0, 0] * gx + viewmats[c, 1, 0] * gy + viewmats[c, 2, 0] * gz
                 gmy += viewmats[c, 0, 1] * gx + viewmats[c, 1, 1] * gy + viewmats[c, 2, 1] * gz
@@ -329,9 +356,11 @@ def sh_fwd(means, coeffs, campos, degree, radii, colors):
 
 
 @nb.njit(parallel=True, **_JIT)
-def sh_bwd(means, coeffs, campos, degree, radii, v_colors, v_coeffs, v_means):
+def sh_bwd(means, coeffs, campos, degree, radii, v_colors, v_coeffs, v_means, v_campos):
     """Gradients w.r.t. ``coeffs [N, K, 3]`` and, through the view direction, ``means [N, 3]``
-    (both zero-initialised, accumulated over cameras)."""
+    (both zero-initialised, accumulated over cameras) and the camera centres: ``v_campos
+    [n_chunks, C, 3]`` per work item (the caller sums them; the direction is ``mean - campos``,
+    so each is minus the means' share)."""
     C, N = campos.shape[0], means.shape[0]
     nb_ = (degree + 1) * (degree + 1)
     n_chunks = (N + _CHUNK - 1) // _CHUNK
@@ -361,6 +390,10 @@ def sh_bwd(means, coeffs, campos, degree, radii, v_colors, v_coeffs, v_means):
                     uy += vb * db[k, 1]
                     uz += vb * db[k, 2]
                 dot = x * ux + y * uy + z * uz  # through the normalisation
-                v_means[n, 0] += (ux - x * dot) / norm
-                v_means[n, 1] += (uy - y * dot) / norm
-                v_means[n, 2] += (uz - z * dot) / norm
+                ax, ay, az = (ux - x * dot) / norm, (uy - y * dot) / norm, (uz - z * dot) / norm
+                v_means[n, 0] += ax
+                v_means[n, 1] += ay
+                v_means[n, 2] += az
+                v_campos[job, c, 0] -= ax
+                v_campos[job, c, 1] -= ay
+                v_campos[job, c, 2] -= az

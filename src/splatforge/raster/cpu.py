@@ -7,8 +7,9 @@ Three differentiable stages, as in gsplat, so that ``means2d`` is a real node of
 2. :func:`sh_colors` -> view-dependent colours (``_cpu_project``),
 3. :func:`rasterize_to_pixels` -> image and alpha (``_cpu_raster``).
 
-Inputs must be float32 CPU tensors. Gradients flow to means, quats, scales, opacities, colours
-and SH coefficients; not to ``viewmats`` or ``Ks`` (pose refinement needs the gsplat backend).
+Inputs must be float32 CPU tensors. Gradients flow to means, quats, scales, opacities, colours,
+SH coefficients and ``viewmats`` (through the projection and the SH view directions: pose
+refinement); not to ``Ks``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class _ProjectFn(torch.autograd.Function):
     def backward(ctx: Any, v_means2d, v_conics, v_depths, _v_radii, v_comps):  # type: ignore[override]
         means, quats, scales, viewmats, Ks, conics, radii, comps = ctx.saved_tensors
         width, height, eps2d, _near, _far, antialiased = ctx.settings
-        N = means.shape[0]
+        N, C = means.shape[0], viewmats.shape[0]
+        want_view = bool(ctx.needs_input_grad[4])
+        v_view = np.zeros(((N + kp._CHUNK - 1) // kp._CHUNK if want_view else 1, C, 12), np.float32)
         v_means = np.zeros((N, 3), np.float32)
         v_quats = np.zeros((N, 4), np.float32)
         v_scales = np.zeros((N, 3), np.float32)
@@ -63,9 +66,15 @@ class _ProjectFn(torch.autograd.Function):
                  ((v_means2d, conics[..., :2]), (v_conics, conics), (v_depths, comps), (v_comps, comps))]  # fmt: skip
         kp.project_bwd(
             _np(means), _np(quats), _np(scales), _np(viewmats), _np(Ks), width, height, eps2d, antialiased,
-            _np(radii), _np(conics), _np(comps), *grads, v_means, v_quats, v_scales,
+            _np(radii), _np(conics), _np(comps), *grads, v_means, v_quats, v_scales, want_view, v_view,
         )  # fmt: skip
-        return torch.from_numpy(v_means), torch.from_numpy(v_quats), torch.from_numpy(v_scales), None, None, None, None
+        v_viewmats = None
+        if want_view:
+            summed = torch.from_numpy(v_view.sum(axis=0, dtype=np.float64).astype(np.float32))  # [C, 12]
+            v_viewmats = torch.zeros((C, 4, 4), dtype=viewmats.dtype)
+            v_viewmats[:, :3, :3] = summed[:, :9].view(C, 3, 3)
+            v_viewmats[:, :3, 3] = summed[:, 9:]
+        return torch.from_numpy(v_means), torch.from_numpy(v_quats), torch.from_numpy(v_scales), None, v_viewmats, None, None
 
 
 def project(
@@ -103,14 +112,17 @@ class _SHFn(torch.autograd.Function):
         means, coeffs, campos, radii = ctx.saved_tensors
         v_coeffs = np.zeros(coeffs.shape, np.float32)
         v_means = np.zeros(means.shape, np.float32)
-        kp.sh_bwd(_np(means), _np(coeffs), _np(campos), ctx.degree, _np(radii), _np(v_colors), v_coeffs, v_means)
-        return torch.from_numpy(v_means), torch.from_numpy(v_coeffs), None, None, None
+        v_campos = np.zeros(((means.shape[0] + kp._CHUNK - 1) // kp._CHUNK, campos.shape[0], 3), np.float32)
+        kp.sh_bwd(_np(means), _np(coeffs), _np(campos), ctx.degree, _np(radii), _np(v_colors), v_coeffs, v_means, v_campos)
+        v_cam = torch.from_numpy(v_campos.sum(axis=0, dtype=np.float64).astype(np.float32)) if ctx.needs_input_grad[2] else None
+        return torch.from_numpy(v_means), torch.from_numpy(v_coeffs), v_cam, None, None
 
 
 def sh_colors(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int, radii: Tensor) -> Tensor:
     """Compiled SH evaluation; same contract as :func:`splatforge.raster.reference.sh_colors`."""
-    R, t = viewmats[:, :3, :3].detach(), viewmats[:, :3, 3].detach()
-    campos = -(R.transpose(-1, -2) @ t[..., None])[..., 0]  # camera centres, world
+    # camera centres, world, differentiable (pose refinement) and through the inverse as gsplat and
+    # the reference take them: -R^T t has the same value but another gradient off the rotations
+    campos = torch.linalg.inv(viewmats)[:, :3, 3]
     return _SHFn.apply(means, coeffs, campos.contiguous(), radii, int(sh_degree))
 
 

@@ -238,6 +238,14 @@ class TrainConfig:
     """Learning rate of the exposure affines at the first step (Inria's exposure_lr_init)."""
     exposure_lr_final: float = 0.001
     """... at the last step, reached log-linearly (Inria's exposure_lr_final)."""
+    pose_opt: bool = False
+    """Refine the training views' poses (gsplat's pose_opt: a 6D-rotation + translation correction
+    per view, in the camera's frame, with its own Adam); cameras.json then holds the refined
+    poses."""
+    pose_opt_lr: float = 1e-5
+    """Learning rate of the pose corrections (gsplat's pose_opt_lr)."""
+    pose_opt_reg: float = 1e-6
+    """Their Adam weight decay (gsplat's pose_opt_reg)."""
     rasterize_mode: Literal["classic", "antialiased"] = "classic"
     """classic (3DGS), or antialiased (Mip-Splatting's 2D filter: opacities times the
     compensation factor, Yu et al. 2024): saved in cfg.yml, so render, eval, export and every

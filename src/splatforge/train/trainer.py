@@ -147,6 +147,13 @@ class Trainer:
         self.strategy = build_strategy(cfg, cap=self.shard_cap)
         self.strategy.check_sanity(self.params, self.optimizers)
         self.strategy_state = state_to(self.strategy.initialize_state(scene_scale=self.scene_scale), self.device)
+        self.poses = None
+        if cfg.pose_opt:
+            from splatforge.train.poses import PoseRefinement
+
+            bs = cfg.batch_size * self.world.size
+            self.camtoworlds = torch.from_numpy(self.scene.camtoworlds).float().to(self.device)
+            self.poses = PoseRefinement(len(self.scene), cfg.pose_opt_lr * math.sqrt(bs), cfg.pose_opt_reg, self.device)
         self.exposure = None
         if cfg.exposure:
             from splatforge.train.exposure import ExposureModel
@@ -326,6 +333,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "config": to_plain(dataclasses.asdict(self.cfg)),
             **({"exposure": self.exposure.state_dict()} if self.exposure is not None else {}),
+            **({"poses": self.poses.state_dict()} if self.poses is not None else {}),
         }
 
     def _gathered_state_dict(self) -> Optional[dict[str, Any]]:
@@ -364,6 +372,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "config": to_plain(dataclasses.asdict(self.cfg)),
             **({"exposure": self.exposure.state_dict()} if self.exposure is not None else {}),
+            **({"poses": self.poses.state_dict()} if self.poses is not None else {}),
         }
 
     def _local_part(self, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -409,6 +418,8 @@ class Trainer:
         self.world_count = int(ckpt.get("world_count", len(self.params["means"])))
         if self.exposure is not None and "exposure" in ckpt:
             self.exposure.load_state_dict(ckpt["exposure"])
+        if self.poses is not None and "poses" in ckpt:
+            self.poses.load_state_dict(ckpt["poses"])
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint in ``output/checkpoints``; False if there is none."""
@@ -436,8 +447,11 @@ class Trainer:
         """Render view ``index`` (or the views of a list, all of one image size) with the current
         Gaussians: ``(render [C, H, W, D], alpha [C, H, W, 1], info)``, C = 1 for one view."""
         views = [index] if isinstance(index, int) else list(index)
+        viewmats = self.viewmats[views]
+        if self.poses is not None:  # the refined poses, differentiably
+            viewmats = torch.linalg.inv(self.poses.refine(self.camtoworlds[views], views))
         return self.splats.rasterize(
-            self.viewmats[views], self.Ks[views], int(self.scene.widths[views[0]]),
+            viewmats, self.Ks[views], int(self.scene.widths[views[0]]),
             int(self.scene.heights[views[0]]), sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
             backgrounds=backgrounds, render_mode=render_mode, backend=self.cfg.backend, absgrad=self.strategy.absgrad,
             distributed=self.world.distributed, rasterize_mode=self.cfg.rasterize_mode,
@@ -522,6 +536,12 @@ class Trainer:
         means_lr = self.schedulers[0].get_last_lr()[0]
         for sched in self.schedulers:
             sched.step()
+        if self.poses is not None:
+            if self.world.distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(self.poses.deltas.grad, group=self.world.group)
+            self.poses.step()
         if self.exposure is not None:
             if self.world.distributed:  # each view's affine gets its gradient from the rank that rendered it
                 import torch.distributed as dist
@@ -633,8 +653,48 @@ class Trainer:
         ply = self.export_ply(full)
         if lead:
             write_cameras_json(self.output / "cameras.json", cameras_json(
-                self.scene.image_names, self.scene.camtoworlds, self.scene.Ks, self.scene.widths, self.scene.heights))  # fmt: skip
+                self.scene.image_names, self.refined_camtoworlds(), self.scene.Ks, self.scene.widths, self.scene.heights))  # fmt: skip
         return TrainResult(self.step, len(full), self.train_seconds, ply, float(loss), psnr_from_mse(float(mse)))
+
+    def align_views(self, views: list[int], camtoworlds: Optional[torch.Tensor] = None, steps: int = 200,
+                    lr: float = 1e-3) -> torch.Tensor:  # fmt: skip
+        """Test-time pose alignment: the camera-to-world ``[len(views), 4, 4]`` of ``views`` that
+        best explain their images with the Gaussians held fixed (a fresh :class:`PoseRefinement`
+        of those views, Adam at ``lr`` for ``steps`` steps on the training loss, one view per
+        step in turn, the rate decaying to 1 % of ``lr``). ``camtoworlds``: the starting poses
+        (default: the scene's)."""
+        from splatforge.train.poses import PoseRefinement
+
+        start = (camtoworlds if camtoworlds is not None else torch.from_numpy(self.scene.camtoworlds[views]).float()).to(self.device)
+        refine = PoseRefinement(len(views), lr, 0.0, self.device)
+        frozen = {k: p.detach() for k, p in self.params.items()}
+        splats = Splats.from_mapping(frozen)
+        with self.compute_threads():
+            for step in range(steps):
+                k = step % len(views)
+                i = views[k]
+                vm = torch.linalg.inv(refine.refine(start[k : k + 1], [k]))
+                render, _, _ = splats.rasterize(vm, self.Ks[i : i + 1], int(self.scene.widths[i]), int(self.scene.heights[i]),
+                                                sh_degree=self.cfg.sh_degree, backend=self.cfg.backend,
+                                                rasterize_mode=self.cfg.rasterize_mode)  # fmt: skip
+                gt = self.image(i)[None]
+                loss = (1.0 - self.cfg.ssim_lambda) * (render - gt).abs().mean() + self.cfg.ssim_lambda * (1.0 - ssim(render, gt))
+                loss.backward()
+                for group in refine.optimizer.param_groups:
+                    group["lr"] = lr * 0.01 ** (step / max(1, steps - 1))
+                refine.step()
+        with torch.no_grad():
+            return refine.refine(start, list(range(len(views))))
+
+    def refined_camtoworlds(self) -> np.ndarray:
+        """``[V, 4, 4]`` float64 camera-to-world of every view: the scene's, with the trained
+        corrections applied to the training views under ``pose_opt``."""
+        c2w = np.array(self.scene.camtoworlds, dtype=np.float64)
+        if self.poses is not None:
+            ids = list(self.train_ids)
+            with torch.no_grad():
+                c2w[ids] = (torch.from_numpy(c2w[ids]) @ self.poses.transforms(ids).double().cpu()).numpy()
+        return c2w
 
     def export_ply(self, splats: Optional[Splats] = None) -> Path:
         """Write ``point_cloud/iteration_<step>/point_cloud.ply`` (rank 0 only in sharded

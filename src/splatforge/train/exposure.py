@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from splatforge.train.poses import ViewTable
+
 __all__ = ["ExposureModel", "apply_exposure", "fit_affine", "EXPOSURE_PROTOCOL"]
 
 EXPOSURE_PROTOCOL = ("per-view 3x4 colour affine (Inria's exposure): test views fitted by least squares on their left "
@@ -44,8 +46,10 @@ def fit_affine(render: Tensor, gt: Tensor, ridge: float = 1e-6) -> Tensor:
     return torch.cat([W[:3], W[3][:, None]], dim=1).to(render.dtype)
 
 
-class ExposureModel:
+class ExposureModel(ViewTable):
     """The views' affines ``E [V, 3, 4]`` (a leaf tensor on ``device``) and their Adam."""
+
+    name = "E"
 
     def __init__(self, n_views: int, steps: int, lr_init: float, lr_final: float, device: torch.device):
         eye = torch.cat([torch.eye(3), torch.zeros(3, 1)], dim=1)
@@ -79,11 +83,3 @@ class ExposureModel:
         for t, old in kept:
             t[~rows] = old
         self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict:
-        return {"E": self.E.detach().cpu().clone(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.E.copy_(state["E"].to(self.E.device))
-        self.optimizer.load_state_dict(state["optimizer"])

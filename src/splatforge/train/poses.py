@@ -13,7 +13,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rotation_6d_to_matrix", "PoseRefinement"]
+__all__ = ["rotation_6d_to_matrix", "PoseRefinement", "ViewTable"]
+
+
+class ViewTable:
+    """A per-view parameter tensor with its own optimizer (pose corrections, exposure
+    affines): checkpointed as ``{name: tensor, "optimizer": state}``. Subclasses set
+    ``self.name`` (the attribute holding the tensor) and ``self.optimizer``."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+
+    def state_dict(self) -> dict:
+        return {self.name: getattr(self, self.name).detach().cpu().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        table = getattr(self, self.name)
+        with torch.no_grad():
+            table.copy_(state[self.name].to(table.device))
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def rotation_6d_to_matrix(d6: Tensor) -> Tensor:
@@ -26,8 +44,10 @@ def rotation_6d_to_matrix(d6: Tensor) -> Tensor:
     return torch.stack((b1, b2, torch.cross(b1, b2, dim=-1)), dim=-2)
 
 
-class PoseRefinement:
+class PoseRefinement(ViewTable):
     """The views' pose corrections ``[V, 9]`` and their Adam."""
+
+    name = "deltas"
 
     def __init__(self, n_views: int, lr: float, weight_decay: float, device: torch.device):
         self.deltas = torch.nn.Parameter(torch.zeros(n_views, 9, device=device))
@@ -49,11 +69,3 @@ class PoseRefinement:
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict:
-        return {"deltas": self.deltas.detach().cpu().clone(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.deltas.copy_(state["deltas"].to(self.deltas.device))
-        self.optimizer.load_state_dict(state["optimizer"])

@@ -198,12 +198,6 @@ class WindowBest:
         return [(i, p) for _, (_, i, p) in sorted(self.best.items())]
 
 
-#: PIL's transposes for EXIF orientations 2..8 (what ``ImageOps.exif_transpose`` applies).
-_EXIF_TRANSPOSE = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180], 4: [Image.Transpose.FLIP_TOP_BOTTOM],
-                   5: [Image.Transpose.TRANSPOSE], 6: [Image.Transpose.ROTATE_270], 7: [Image.Transpose.TRANSVERSE],
-                   8: [Image.Transpose.ROTATE_90]}  # fmt: skip
-
-
 def _photo_mask(photo: Path, stored: tuple[int, int], orientation: int, size: tuple[int, int]) -> Optional[Image.Image]:
     """The mask of ``photo`` (``<its folder>/masks/<stem>.png|.jpg``) made upright and sized as
     the imported photo (``size``): a mask of the stored size gets the photo's EXIF rotation, one
@@ -218,9 +212,9 @@ def _photo_mask(photo: Path, stored: tuple[int, int], orientation: int, size: tu
             mask = im.convert("L")
     except (OSError, UnidentifiedImageError) as exc:
         raise DataFormatError(f"{path}: not a readable mask image: {exc}") from exc
-    if mask.size == stored and stored != stored[::-1]:
-        for op in _EXIF_TRANSPOSE.get(orientation, []):
-            mask = mask.transpose(op)
+    if mask.size == stored and stored != stored[::-1] and orientation != 1:
+        mask.getexif()[0x0112] = orientation  # the photo's orientation, applied by PIL as to the photo
+        mask = ImageOps.exif_transpose(mask)
     upright = mask.size
     if abs(upright[0] / upright[1] - size[0] / size[1]) > 0.02:
         raise DataFormatError(f"{path}: mask is {upright[0]}x{upright[1]}, its photo {size[0]}x{size[1]} upright")

@@ -15,7 +15,13 @@ from splatforge.errors import ConfigError
 from splatforge.geometry.sh import num_sh_bases, rgb_to_sh
 from splatforge.model.splats import Splats
 
-__all__ = ["init_from_points", "init_random", "cap_gaussians"]
+__all__ = ["init_from_points", "init_random", "cap_gaussians", "per_gaussian"]
+
+
+def per_gaussian(state: dict, n: int) -> list[str]:
+    """Keys of a strategy (or optimizer) state holding per-Gaussian tensors (first dimension
+    ``n``): gsplat's convention for what moves with the Gaussians."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n]
 
 
 def _knn_scale(points: np.ndarray, k: int = 3) -> np.ndarray:
@@ -88,7 +94,7 @@ def cap_gaussians(params, optimizers, state, max_gaussians: int) -> int:
     keep = torch.topk(params["opacities"].detach(), max_gaussians, sorted=False).indices
     mask = torch.ones(n, dtype=torch.bool, device=params["means"].device)
     mask[keep] = False
-    per_gaussian = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n}
-    remove(params=params, optimizers=optimizers, state=per_gaussian, mask=mask)
-    state.update(per_gaussian)
+    rows = {k: state[k] for k in per_gaussian(state, n)}
+    remove(params=params, optimizers=optimizers, state=rows, mask=mask)
+    state.update(rows)
     return n - max_gaussians

@@ -128,10 +128,7 @@ def all_to_all(send: Sequence[Tensor], recv_sizes: Sequence[int], group: Any = N
 def all_gather_ints(value: int, group: Any = None, device: torch.device | str = "cpu") -> list[int]:
     """``value`` of every rank, in rank order (``device``: where the group's tensors live, the
     rank's CUDA device for NCCL)."""
-    size = dist.get_world_size(group)
-    out = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(size)]
-    dist.all_gather(out, torch.tensor(int(value), dtype=torch.int64, device=device), group=group)
-    return [int(t) for t in out]
+    return [int(v) for v in all_gather_same(torch.tensor(int(value), dtype=torch.int64, device=device), group)]
 
 
 def all_gather_same(tensor: Tensor, group: Any = None) -> Tensor:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from splatforge.errors import ConfigError
+from splatforge.model.gaussians import per_gaussian
 from splatforge.raster.collectives import World, all_gather_ints, exchange
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,3 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
-def per_gaussian(state: dict[str, Any], n: int) -> list[str]:
-    """Keys of ``state`` holding per-Gaussian tensors (first dimension ``n``)."""
-    return [k for k, v in state.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -198,6 +199,49 @@ def test_cpu_render_never_imports_gsplat():
         "assert not any(k == 'gsplat' or k.startswith('gsplat.') for k in sys.modules), 'gsplat was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+_FRESH_VS_CACHED = """
+import sys, numpy as np, torch
+from splatforge.raster import rasterize
+from splatforge.train.losses import ssim
+g = torch.Generator().manual_seed(0)
+N = 3000
+means = torch.randn(N, 3, generator=g) * 0.8 + torch.tensor([0.0, 0.0, 4.0])
+quats = torch.randn(N, 4, generator=g)
+log_scales = torch.rand(N, 3, generator=g) * -3 - 2
+logits = torch.randn(N, generator=g)
+sh = torch.randn(N, 16, 3, generator=g) * 0.3
+viewmats = torch.eye(4).repeat(2, 1, 1)
+viewmats[1, 0, 3] = 0.2
+Ks = torch.tensor([[200.0, 0, 64], [0, 200.0, 48], [0, 0, 1]]).repeat(2, 1, 1)
+leaves = [means, quats, log_scales, logits, sh, viewmats]
+for t in leaves:
+    t.requires_grad_(True)
+img, alpha, _ = rasterize(means, torch.nn.functional.normalize(quats, dim=-1), log_scales.exp(), torch.sigmoid(logits),
+                          sh, viewmats, Ks, 128, 96, sh_degree=3, render_mode="RGB+ED", backend="cpu")
+loss = (img * torch.randn(img.shape, generator=g)).sum() + ssim(img[..., :3], torch.rand(2, 96, 128, 3, generator=g))
+loss.backward()
+out = {"img": img.detach().numpy(), "alpha": alpha.detach().numpy()}
+out.update({f"grad{i}": t.grad.numpy() for i, t in enumerate(leaves)})
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compiled_here_and_loaded_from_cache_give_the_same_bits(tmp_path):
+    """A process that compiles the cpu kernels and one that loads them from numba's on-disk cache
+    render and differentiate bit-identically (rasterizer forward/backward with viewmats gradients,
+    SH, SSIM). With LLVM's ``reassoc`` fast-math flag they did not (renders ~1e-6 apart): a run's
+    numbers then depended on whether its process found the cache, e.g. a fresh checkout's first
+    ``generate`` job against the next ones."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    for name in ("compiled", "cached"):
+        subprocess.run([sys.executable, "-c", _FRESH_VS_CACHED, str(tmp_path / f"{name}.npz")], check=True, cwd=REPO, env=env)
+    assert any((tmp_path / "numba").rglob("*.nbi")), "the first process should have written the cache"
+    compiled, cached = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "cached.npz")
+    for key in compiled.files:
+        assert np.array_equal(compiled[key], cached[key]), key
 
 
 def test_backend_selection_and_errors():

@@ -135,3 +135,33 @@ def test_cli_bad_input_names_the_path(tmp_path):
 def test_cli_backends():
     res = cli("backends")
     assert res.returncode == 0 and "cpu, reference" in res.stdout
+
+
+def test_trainer_features_reach_every_training_command(tmp_path):
+    """--densify.absgrad (with its own threshold), --exposure, --pose-opt and --rasterize-mode
+    parse on train, run, splatter and generate and end up in the TrainConfig each one trains
+    with; generate's jobs carry only the changed features, so default jobs keep their hash."""
+    from splatforge.cli import parse
+    from splatforge.pipeline.generate import SceneEntry, plan_jobs
+    from splatforge.pipeline.job import train_config
+    from splatforge.pipeline.run import run_train_config
+    from splatforge.pipeline.splatter import splatter_train_config
+
+    flags = ["--densify.absgrad", "--exposure", "--pose-opt", "--rasterize-mode", "antialiased"]
+    scene = SceneEntry(name="s", root=tmp_path, subset="", data_factor=1, ready=True)
+
+    def generate(*f):
+        return plan_jobs(parse(["generate", "--dataset-root", str(tmp_path), "--output-dir", str(tmp_path / "o"), *f]), [scene])[0]
+
+    configs = {
+        "train": parse(["train", str(tmp_path), *flags]).config(),
+        "run": run_train_config(parse(["run", str(tmp_path / "v.mp4"), "--output", str(tmp_path / "r"), *flags])),
+        "splatter": splatter_train_config(parse(["splatter", "--job_root_path", str(tmp_path), *flags])),
+        "generate": train_config(generate(*flags)),
+    }
+    for name, cfg in configs.items():
+        cfg = cfg.resolve()
+        assert cfg.densify.absgrad and cfg.densify.grow_grad2d == 8e-4, name
+        assert cfg.exposure and cfg.pose_opt and cfg.rasterize_mode == "antialiased", name
+    assert generate().extra == {} and generate("--exposure").extra == {"exposure": True}
+    assert not run_train_config(parse(["run", str(tmp_path / "v.mp4"), "--output", str(tmp_path / "r")])).densify.absgrad

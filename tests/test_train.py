@@ -17,7 +17,7 @@ REPO_DATA = datasets_dir() / "skull"  # only named by configs that are resolved,
 from splatforge.demo import build_demo_scene
 from splatforge.io import read_ply
 from splatforge.products import evaluate
-from splatforge.train import DensifyConfig, TrainConfig, Trainer
+from splatforge.train import DensifyConfig, Run, TrainConfig, Trainer
 from splatforge.train.checkpoint import latest_checkpoint, load_checkpoint
 
 
@@ -382,8 +382,8 @@ def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
     """Training images scaled by per-image gains in [0.7, 1.3]: with --exposure the views'
     affines take the gains (their diagonals correlate with them and spread at least half as
     much), the test-time fit recovers a known affine exactly, a resumed run continues the
-    affines, and metrics.json states Inria's left/right protocol. (The issue's PSNR criterion,
-    within 0.3 dB of the unscaled scene, is not met on this 300-step demo: see the README.)"""
+    affines, and metrics.json states Inria's left/right protocol. (The issue's PSNR criterion
+    is tested on skull, below: this 300-step demo is too short to show it.)"""
     import shutil
 
     from PIL import Image
@@ -422,6 +422,45 @@ def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
     assert not torch.equal(resumed.exposure.E, trainer.exposure.E) and resumed.step == 150
     resumed.train()
     assert torch.equal(resumed.exposure.E, trainer.exposure.E)  # exact resume includes the affines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO_DATA / "images_8").is_dir(), reason="needs ../shared/datasets/skull")
+def test_exposure_compensation_recovers_the_unscaled_quality_on_skull(tmp_path):
+    """The issue's criterion on real photos: skull images_8 whose training images are scaled by
+    per-image gains in [0.7, 1.3] trains (500 steps, --exposure) to within 0.3 dB of the
+    unscaled scene trained the same way, and measurably worse (0.3 dB or more) with the
+    compensation off; all three scored alike, by Inria's left/right protocol (measured: 23.21,
+    23.22 and 22.66 dB; at 3,000 steps with Inria's rates 27.07 against 26.19 off)."""
+    import shutil
+
+    from PIL import Image
+
+    from splatforge.data import load_scene
+    from splatforge.products import render_split
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(REPO_DATA / "sparse", scaled / "sparse")
+    shutil.copytree(REPO_DATA / "images_8", scaled / "images_8")
+    sd = load_scene(scaled, data_factor=8)
+    gains = np.random.default_rng(0).uniform(0.7, 1.3, len(sd))
+    for i in sd.split["train"]:
+        img = np.asarray(Image.open(sd.image_paths[i]).convert("RGB"), np.float32) * gains[i]
+        Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).save(sd.image_paths[i])
+    # ~9 renders per view in 500 steps: 5x Inria's rates (0.01 -> 0.001, for 30k steps)
+    rates = dict(exposure_lr_init=0.05, exposure_lr_final=0.005)
+
+    def score(data, name, **kw) -> float:
+        trainer = Trainer(TrainConfig(data=data, output=tmp_path / name, data_factor=8, steps=500, device="cpu",
+                                      checkpoint_every=0, **kw))  # fmt: skip
+        trainer.train()
+        return render_split(trainer.as_run(), "test", write=False, left_right=True)["psnr"]
+
+    unscaled = score(REPO_DATA, "unscaled", exposure=True, **rates)
+    on = score(scaled, "on", exposure=True, **rates)
+    off = score(scaled, "off")
+    assert abs(on - unscaled) < 0.3, (on, unscaled)
+    assert off < on - 0.3, (off, on)
 
 
 def test_absgrad_has_its_own_default_threshold(tmp_path):
@@ -464,7 +503,7 @@ def test_pose_alignment_recovers_a_perturbed_pose(demo_scene, tmp_path):
     shift = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
     P[:3, 3] = 0.02 * trainer.scene_scale * shift / shift.norm()
     wrong = true @ P
-    fixed = trainer.align_views([view], wrong[None].float(), steps=1000, lr=5e-3)[0].double()
+    fixed = trainer.as_run().align_views([view], wrong[None].float(), steps=1000, lr=5e-3)[0].double()
 
     def errors(c2w):
         d = torch.linalg.inv(true) @ c2w
@@ -488,3 +527,35 @@ def test_pose_alignment_recovers_a_perturbed_pose(demo_scene, tmp_path):
     again.load_state_dict(load_checkpoint(tmp_path / "opt" / "checkpoints" / "ckpt_000010.pt"))
     again.train()
     assert torch.equal(again.poses.deltas, opt.poses.deltas)
+    _check_refined_poses_reach_products(opt, tmp_path / "opt")
+
+
+def _check_refined_poses_reach_products(trainer, run_dir):
+    """A --pose-opt run: the COLMAP model beside it (read by pycolmap) holds the refined poses;
+    Run.open draws the training views from them; evaluation aligns the test views and says so."""
+    import pycolmap
+
+    from splatforge.train.poses import POSE_ALIGN_PROTOCOL
+
+    refined = trainer.refined_camtoworlds()
+    rec = pycolmap.Reconstruction(str(run_dir / "sparse" / "0"))
+    assert rec.num_images() == len(trainer.scene)
+    for i, name in enumerate(trainer.scene.image_names):
+        w2c = np.asarray(rec.find_image_with_name(name).cam_from_world().matrix())
+        assert np.allclose(w2c, np.linalg.inv(refined[i])[:3], atol=1e-9), name
+    run = Run.open(run_dir)
+    assert np.allclose(run.camtoworlds(), refined, atol=1e-6)
+    moved = trainer.train_ids[0]
+    assert not np.allclose(refined[moved], trainer.scene.camtoworlds[moved], atol=1e-6)
+    img_run = run.render(moved)[0]
+    with torch.no_grad():
+        vm = torch.linalg.inv(trainer.poses.refine(trainer.camtoworlds[[moved]], [moved]))
+        img_trainer = trainer.as_run().splats.rasterize(vm, trainer.Ks[moved : moved + 1], *run.image_size(moved),
+                                                        sh_degree=trainer.cfg.sh_degree)[0]  # fmt: skip
+    assert torch.allclose(img_run, img_trainer, atol=1e-4)
+    metrics = evaluate(run, splits=("test",), write_images=False)
+    cfg = trainer.cfg
+    assert metrics["test_poses"] == POSE_ALIGN_PROTOCOL.format(steps=cfg.pose_align_steps, lr=cfg.pose_align_lr)
+    assert all(v["pose_alignment"]["rotation_deg"] >= 0 for v in metrics["test"]["per_view"])
+    test = trainer.scene.split["test"]
+    assert not np.allclose(run.camtoworlds()[test], trainer.scene.camtoworlds[test])  # drawn from the aligned poses

@@ -1,4 +1,5 @@
-"""``cameras.json`` in Inria's 3DGS layout (``utils/camera_utils.py::camera_to_JSON``).
+"""``cameras.json`` in Inria's 3DGS layout (``utils/camera_utils.py::camera_to_JSON``), and
+COLMAP models of given poses (written with pycolmap).
 
 One entry per view: ``id``, ``img_name`` (file name without extension), ``width``, ``height``
 (pixels), ``position`` (camera centre, world), ``rotation`` (3x3 camera-to-world rotation, rows,
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from splatforge._fs import atomic_path
+from splatforge._fs import atomic_path, staging_dir
 
-__all__ = ["cameras_json", "read_cameras_json", "write_cameras_json"]
+__all__ = ["cameras_json", "read_cameras_json", "write_cameras_json", "write_colmap_model"]
 
 
 def cameras_json(names, camtoworlds: np.ndarray, Ks: np.ndarray, widths, heights) -> list[dict]:
@@ -64,3 +66,33 @@ def read_cameras_json(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], np
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataFormatError(f"{path}: not a readable cameras.json: {exc}") from exc
     return c2w, Ks, [str(e.get("img_name", i)) for i, e in enumerate(entries)], sizes
+
+
+def write_colmap_model(path: Path, names, camtoworlds: np.ndarray, Ks: np.ndarray, widths, heights,
+                       points: Optional[np.ndarray] = None, points_rgb: Optional[np.ndarray] = None) -> Path:  # fmt: skip
+    """Write a COLMAP model (``cameras.bin``, ``images.bin``, ``points3D.bin``, and the rig and
+    frame files of COLMAP 3.12+) into the folder ``path`` (replaced whole, atomically): one
+    ``PINHOLE`` camera per distinct ``(K [3, 3], width, height)`` (pixels), image ``i`` named
+    ``names[i]`` with the pose ``inv(camtoworlds[i])`` (``[N, 4, 4]``, OpenCV axes, as COLMAP's
+    ``cam_from_world``), and ``points [P, 3]`` (world) with ``points_rgb [P, 3]`` uint8 as 3D
+    points without tracks. Returns ``path``."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction()
+    cameras: dict[tuple, int] = {}
+    for i, (name, c2w, K, w, h) in enumerate(zip(names, camtoworlds, Ks, widths, heights)):
+        key = (float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]), int(w), int(h))
+        if key not in cameras:
+            cameras[key] = len(cameras) + 1
+            rec.add_camera_with_trivial_rig(pycolmap.Camera(model="PINHOLE", width=key[4], height=key[5],
+                                                            params=list(key[:4]), camera_id=cameras[key]))  # fmt: skip
+        w2c = np.linalg.inv(np.asarray(c2w, dtype=np.float64))
+        image = pycolmap.Image(name=str(name), camera_id=cameras[key], image_id=i + 1)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(w2c[:3, :4]))
+    if points is not None:
+        rgb = np.zeros((len(points), 3), np.uint8) if points_rgb is None else np.asarray(points_rgb, np.uint8)
+        for xyz, c in zip(np.asarray(points, np.float64), rgb):
+            rec.add_point3D(xyz, pycolmap.Track(), c)
+    with staging_dir(path) as tmp:
+        rec.write(str(tmp))
+    return Path(path)

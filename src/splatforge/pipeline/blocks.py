@@ -102,13 +102,15 @@ def train_blocks(plan_path: Path, output: Path, *, executor: Literal["local", "r
 def merge_blocks(plan_path: Path, output_dir: Path, merged: Path, *, ratio: float = 0.875, evaluate_run: bool = True,
                  device: str = "cpu") -> dict:  # fmt: skip
     """Merge the block runs of ``output_dir`` (what :func:`train_blocks` wrote for the plan at
-    ``plan_path``) into the run folder ``merged``; returns ``{"blocks": [{"id", "kept",
-    "trained"}], "num_gaussians", "ply", "metrics"}``.
+    ``plan_path``) into the run folder ``merged`` (built beside it, then renamed into place: an
+    error leaves no half-written folder and an earlier one as it was); returns ``{"blocks":
+    [{"id", "kept", "trained"}], "num_gaussians", "ply", "metrics"}``.
 
     Raises:
         DataFormatError: a block's run is missing (train it first) or the blocks' SH degrees
             differ.
     """
+    from splatforge._fs import staging_dir
     from splatforge.io import cameras_json, write_cameras_json, write_ply
     from splatforge.model import Splats
     from splatforge.train import Run
@@ -133,17 +135,18 @@ def merge_blocks(plan_path: Path, output_dir: Path, merged: Path, *, ratio: floa
     all_splats = Splats.from_mapping({k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].keys()})
     merged = Path(merged)
     out_cfg = dataclasses.replace(cfg, output=merged, block_plan=None, block_id=None, steps=step, device=device)
-    save_config(out_cfg, merged / "cfg.yml")
-    ply = merged / "point_cloud" / f"iteration_{step}" / "point_cloud.ply"
-    write_ply(ply, all_splats, rasterize_mode=out_cfg.rasterize_mode)
-    run = Run.open(merged, device=device)
-    run.train_seconds = seconds
-    sc = run.scene
-    write_cameras_json(merged / "cameras.json", cameras_json(sc.image_names, sc.camtoworlds, sc.Ks, sc.widths, sc.heights))
-    result = {"blocks": summary, "num_gaussians": len(all_splats), "ply": str(ply), "step": step,
+    ply = Path("point_cloud") / f"iteration_{step}" / "point_cloud.ply"
+    result = {"blocks": summary, "num_gaussians": len(all_splats), "ply": str(merged / ply), "step": step,
               "train_seconds": round(seconds, 1)}  # fmt: skip
-    if evaluate_run:
-        from splatforge.products import evaluate
+    with staging_dir(merged) as tmp:  # the whole run folder appears at once, or not at all
+        save_config(out_cfg, tmp / "cfg.yml")
+        write_ply(tmp / ply, all_splats, rasterize_mode=out_cfg.rasterize_mode)
+        run = Run.open(tmp, device=device)
+        run.train_seconds = seconds
+        sc = run.scene
+        write_cameras_json(tmp / "cameras.json", cameras_json(sc.image_names, sc.camtoworlds, sc.Ks, sc.widths, sc.heights))
+        if evaluate_run:
+            from splatforge.products import evaluate
 
-        result["metrics"] = evaluate(run)
+            result["metrics"] = evaluate(run)
     return result

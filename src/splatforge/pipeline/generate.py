@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from splatforge._fs import atomic_path
+from splatforge.train.config import TrainFeatures
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.pipeline.job import JobSpec, run_job, stage_order
 
@@ -41,7 +42,7 @@ __all__ = ["GenerateConfig", "discover_scenes", "plan_jobs", "generate", "Slot",
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(TrainFeatures):
     dataset_root: Path
     output_dir: Path
     dataset: Literal["dl3dv", "mipnerf360", "auto"] = "auto"
@@ -170,7 +171,7 @@ def plan_jobs(cfg: GenerateConfig, scenes: list[SceneEntry], device: str = "cpu"
                 subset=s.subset, data_factor=s.data_factor, steps=steps, strategy=strategy, cap_max=cap,
                 seed=cfg.seed, backend=cfg.backend, skip_existing=cfg.skip_existing,
                 cache_dir=str(out / ".cache" / f"{s.subset + '_' if s.subset else ''}{s.name}_f{s.data_factor}"),
-                extra=dict(cfg.train_extra))  # fmt: skip
+                extra={**cfg.train_extra, **cfg.changed()})  # fmt: skip
         for s in ready
         for r in cfg.split_ratio
     ]

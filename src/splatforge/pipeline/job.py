@@ -114,9 +114,11 @@ def train_config(spec: JobSpec):
     factor (products and metadata share its resolution, so no ``max_image_size``), the split of
     the job's ratio, the steps, strategy and cap resolved from the preset when the job was
     planned (schedules scale with the steps), ``extra`` fields on top."""
-    from splatforge.train import TrainConfig
+    from splatforge.train import DensifyConfig, TrainConfig
 
     extra = dict(spec.extra)
+    if isinstance(extra.get("densify"), dict):  # TrainFeatures.changed() of the plan
+        extra["densify"] = DensifyConfig(**extra["densify"])
     if "depth_prior" in spec.stages:
         extra["depth_prior"] = str(spec.out / "depth_prior")
     return TrainConfig(data=Path(spec.scene_root), output=spec.out, data_factor=spec.data_factor, steps=spec.steps,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from splatforge._fs import atomic_path
+from splatforge.train.config import TrainFeatures
 from splatforge.pipeline.prepare import PrepareConfig, prepare
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ __all__ = ["RunConfig", "device_and_preset", "run_pipeline", "run_train_config"]
 
 
 @dataclass
-class RunConfig:
+class RunConfig(TrainFeatures):
     """Options of ``splatforge run``: the capture, the preset and what overrides it."""
 
     inputs: list[Path]
@@ -91,7 +92,7 @@ def run_train_config(cfg: RunConfig):
     train = apply_preset(TrainConfig(data=Path(cfg.output) / "scene", output=Path(cfg.output) / "run",
                                      backend=cfg.backend, device=device, seed=cfg.seed), preset)  # fmt: skip
     overrides = {"steps": cfg.steps, "max_image_size": cfg.max_image_size, "max_gaussians": cfg.cap_max}
-    return dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None})
+    return cfg.apply(dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None}))
 
 
 def run_pipeline(cfg: RunConfig, *, progress: Optional[Callable] = None, on_phase: Optional[Callable[[str], None]] = None,

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from splatforge._fs import atomic_path
+from splatforge.train.config import TrainFeatures
 from splatforge.errors import ConfigError, DataFormatError, SplatforgeError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ ARTIFACTS = (  # (file in OUT_DIR, artifact name before the suffix, data type): 
 
 
 @dataclass
-class SplatterConfig:
+class SplatterConfig(TrainFeatures):
     """Options of ``splatforge splatter``: run.py's own (``job_root_path``, ``domain_id``,
     ``job_id``, ``log_level``) and splatforge's."""
 
@@ -278,7 +279,7 @@ def splatter_train_config(cfg: SplatterConfig):
                                      checkpoint_every=cfg.checkpoint_every, cache_dir=root / OUT_DIR / "cache"),
                          preset)  # fmt: skip
     overrides = {"steps": cfg.steps, "max_gaussians": cfg.max_gaussians, "strategy": cfg.strategy}
-    train = dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None})
+    train = cfg.apply(dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None}))
     if cfg.data_factor is not None:
         if cfg.data_factor < 1:
             raise ConfigError(f"--data-factor must be >= 1, got {cfg.data_factor}")

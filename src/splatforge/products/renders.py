@@ -52,18 +52,23 @@ def split_folder(run, split: str) -> Path:
 
 @torch.no_grad()
 def render_split(run, split: str, *, depth: bool = False, write: bool = True,
-                 lpips: Optional[dict[str, Callable]] = None) -> dict:  # fmt: skip
+                 lpips: Optional[dict[str, Callable]] = None, left_right: Optional[bool] = None) -> dict:  # fmt: skip
     """Render every view of ``split`` ("train" or "test") of ``run`` (a
     :class:`~splatforge.train.Run`), write renders/gt (and depth) PNGs under ``run.path``, and
     return the metrics: ``{"psnr", "ssim", "lpips_vgg", "lpips_alex", "lpips", "num_views",
     "per_view"}`` (``lpips`` = ``lpips_vgg``; ``None`` where LPIPS cannot run). When the run
     trains with masks, also ``psnr_masked`` and ``ssim_masked``: over the kept pixels only (the
     MSE of the kept pixels; SSIM with both images zeroed where masked, ``1 - SSIM`` divided by
-    the kept fraction, as the training loss); the unmasked values are over every pixel."""
+    the kept fraction, as the training loss); the unmasked values are over every pixel. When
+    the run refined its poses (``pose_opt``), test views are drawn from poses aligned to the
+    Gaussians first (``Run.align_test_views``) and each view has ``pose_alignment``.
+    ``left_right``: score the views of a split other than "train" by Inria's ``--train_test_exp``
+    protocol (an affine fitted on the left half, metrics on the right half; default: when the
+    run trained with ``exposure``), e.g. to compare a run without exposure compensation alike."""
     from splatforge.train.exposure import apply_exposure, fit_affine
-    from splatforge.train.trainer import view_mask
 
     lpips = lpips or {}
+    aligned = run.align_test_views() if split != "train" else None
     exposure = getattr(run, "exposure", None) if run.cfg.exposure else None
     folder = split_folder(run, split)
     per_view = []
@@ -72,13 +77,12 @@ def render_split(run, split: str, *, depth: bool = False, write: bool = True,
         rgb = render[..., :3]
         gt = run.image(index)[None]
         half = 0
-        if run.cfg.exposure:  # trained views: their affine; test views: fitted on the left half, scored on the right
-            if split == "train" and exposure is not None:
-                rgb = apply_exposure(rgb, exposure[index : index + 1])
-            elif split != "train":
-                half = rgb.shape[2] // 2
-                rgb = apply_exposure(rgb, fit_affine(rgb[0, :, :half], gt[0, :, :half])[None])
-                rgb, gt = rgb[:, :, half:], gt[:, :, half:]
+        if split == "train" and exposure is not None:  # trained views: their affine
+            rgb = apply_exposure(rgb, exposure[index : index + 1])
+        elif split != "train" and (run.cfg.exposure if left_right is None else left_right):  # fitted on the left half
+            half = rgb.shape[2] // 2
+            rgb = apply_exposure(rgb, fit_affine(rgb[0, :, :half], gt[0, :, :half])[None])
+            rgb, gt = rgb[:, :, half:], gt[:, :, half:]
         if write:
             write_png(rgb[0], folder / "renders" / f"{pos:05d}.png")
             write_png(gt[0], folder / "gt" / f"{pos:05d}.png")
@@ -86,7 +90,7 @@ def render_split(run, split: str, *, depth: bool = False, write: bool = True,
                 write_depth(folder / "depth" / f"{pos:05d}.npy", render[0, ..., 3], alpha[0, ..., 0])
         view = {"index": index, "image_name": run.scene.image_names[index], "psnr": psnr(rgb, gt), "ssim": ssim(rgb, gt)}
         view.update({k: (lpips[k](rgb, gt) if k in lpips else None) for k in LPIPS_KEYS})
-        mask = view_mask(run.scene, index, run.cfg, run.device)
+        mask = run.mask(index)
         if mask is not None:
             mask = mask[:, half:]
             keep = mask[None].expand_as(rgb)
@@ -95,6 +99,8 @@ def render_split(run, split: str, *, depth: bool = False, write: bool = True,
             view["psnr_masked"] = float(-10.0 * np.log10(max(mse, 1e-10)))
             view["ssim_masked"] = 1.0 - (1.0 - ssim(rgb * keep, gt * keep)) * keep.numel() / n
         view["lpips"] = view["lpips_vgg"]
+        if aligned is not None:
+            view["pose_alignment"] = aligned[index]
         per_view.append(view)
 
     def mean(key: str):
@@ -123,6 +129,10 @@ def evaluate(run, splits=("test", "train"), *, depth: bool = False, write_images
         from splatforge.train.exposure import EXPOSURE_PROTOCOL
 
         result["exposure"] = EXPOSURE_PROTOCOL
+    if run.test_alignment is not None:
+        from splatforge.train.poses import POSE_ALIGN_PROTOCOL
+
+        result["test_poses"] = POSE_ALIGN_PROTOCOL.format(steps=cfg.pose_align_steps, lr=cfg.pose_align_lr)
     result["masks"] = (("the images' alpha" if cfg.alpha_mask else "SCENE/masks") + (" (inverted)" if cfg.invert_masks else "")
                        + ": psnr/ssim over every pixel, psnr_masked/ssim_masked over the kept ones") if uses else None  # fmt: skip
     with atomic_path(run.path / "metrics.json") as tmp:

@@ -22,7 +22,7 @@ import yaml
 from splatforge._fs import atomic_path
 from splatforge.errors import ConfigError
 
-__all__ = ["TrainConfig", "LearningRates", "DensifyConfig", "MCMCConfig", "REFERENCE_STEPS", "scaled_iter",
+__all__ = ["TrainConfig", "LearningRates", "DensifyConfig", "MCMCConfig", "TrainFeatures", "REFERENCE_STEPS", "scaled_iter",
            "resolve_device", "default_output", "save_config", "load_config", "to_plain"]  # fmt: skip
 
 #: The run length gsplat's and Inria's schedule defaults are written for.
@@ -146,6 +146,39 @@ _SCHEDULE_DEFAULTS = {
 }
 
 
+@dataclass(kw_only=True)
+class TrainFeatures:
+    """The trainer's optional features as the commands that train for you (``run``,
+    ``generate``, ``splatter``) offer them, with ``train``'s names and defaults
+    (``--densify.absgrad``, ``--exposure``, ``--pose-opt``, ``--rasterize-mode``): see
+    :class:`TrainConfig` for what each does. :meth:`apply` puts them into a config."""
+
+    rasterize_mode: Literal["classic", "antialiased"] = "classic"
+    """classic (3DGS) or antialiased (Mip-Splatting's 2D filter); every product uses it."""
+    exposure: bool = False
+    """Per-image exposure compensation (Inria's 3x4 colour affine per view)."""
+    pose_opt: bool = False
+    """Refine the training views' poses (gsplat's pose_opt); the test views are aligned at evaluation."""
+    densify: DensifyConfig = field(default_factory=DensifyConfig)
+    """The default strategy's options (``--densify.absgrad``: AbsGS gradients, with their own threshold)."""
+
+    def apply(self, cfg: "TrainConfig") -> "TrainConfig":
+        """A copy of ``cfg`` with these features."""
+        return dataclasses.replace(cfg, rasterize_mode=self.rasterize_mode, exposure=self.exposure, pose_opt=self.pose_opt,
+                                   densify=dataclasses.replace(self.densify))  # fmt: skip
+
+    def changed(self) -> dict:
+        """The features that differ from the defaults, as plain ``TrainConfig`` keyword values
+        (``densify`` as a dict of its changed fields): for job specs, whose hash they join."""
+        default = TrainFeatures()
+        out = {k: getattr(self, k) for k in ("rasterize_mode", "exposure", "pose_opt") if getattr(self, k) != getattr(default, k)}
+        dens = {f.name: getattr(self.densify, f.name) for f in dataclasses.fields(DensifyConfig)
+                if getattr(self.densify, f.name) != getattr(default.densify, f.name)}  # fmt: skip
+        if dens:
+            out["densify"] = dens
+        return out
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on."""
@@ -246,6 +279,12 @@ class TrainConfig:
     """Learning rate of the pose corrections (gsplat's pose_opt_lr)."""
     pose_opt_reg: float = 1e-6
     """Their Adam weight decay (gsplat's pose_opt_reg)."""
+    pose_align_steps: int = 200
+    """With pose_opt, evaluation first aligns each test view's pose to the trained Gaussians
+    (the refined training poses are in a slightly moved frame): this many Adam steps per view
+    (0: score the given test poses); metrics.json says so in test_poses."""
+    pose_align_lr: float = 2e-3
+    """Learning rate of that alignment, decaying log-linearly to 1 % of it."""
     rasterize_mode: Literal["classic", "antialiased"] = "classic"
     """classic (3DGS), or antialiased (Mip-Splatting's 2D filter: opacities times the
     compensation factor, Yu et al. 2024): saved in cfg.yml, so render, eval, export and every
@@ -321,6 +360,8 @@ class TrainConfig:
                     setattr(sub, name, scaled_iter(value, self.steps, minimum=floor))
                 elif getattr(sub, name) < 0 or (name != "refine_start_iter" and getattr(sub, name) == 0):
                     raise ConfigError(f"{group}.{name} must be positive, got {getattr(sub, name)}")
+        if self.pose_align_steps < 0 or not self.pose_align_lr > 0:
+            raise ConfigError(f"pose_align_steps must be >= 0 and pose_align_lr > 0, got {self.pose_align_steps} and {self.pose_align_lr}")
         if self.exposure and not (self.exposure_lr_init > 0 and self.exposure_lr_final > 0):
             raise ConfigError(f"exposure learning rates must be positive, got {self.exposure_lr_init} and {self.exposure_lr_final}")
         if self.rasterize_mode not in ("classic", "antialiased"):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ssim", "ssim_torch", "psnr", "psnr_from_mse", "gaussian_window"]
+__all__ = ["ssim", "ssim_torch", "psnr", "psnr_from_mse", "gaussian_window", "masked_loss"]
 
 _WINDOWS: dict[tuple, Tensor] = {}
 
@@ -104,3 +104,19 @@ def psnr_from_mse(mse: float) -> float:
 def psnr(render: Tensor, gt: Tensor) -> float:
     """PSNR in dB of images in [0, 1] (``render`` clamped to [0, 1] first), capped at 100 dB."""
     return psnr_from_mse(torch.mean((render.detach().clamp(0.0, 1.0) - gt) ** 2).item())
+
+
+def masked_loss(render: Tensor, gt: Tensor, mask: Tensor, ssim_lambda: float) -> Tensor:
+    """``(1 - l) L1 + l (1 - SSIM)`` over the kept pixels of ``mask [B, H, W, 1]`` (1 = keep).
+
+    Both images are set to 0 where the mask is 0 before the SSIM, so nothing inside the mask,
+    rendered or captured, reaches the loss or its gradient (tested: a perturbation there
+    changes no gradient); L1 is the mean over the kept pixels, and ``1 - SSIM`` (whose windows
+    are 1 on masked areas) is divided by the kept fraction, so a half-masked image weighs as an
+    unmasked one.
+    """
+    keep = mask.expand_as(render)
+    n = keep.sum().clamp(min=1.0)
+    l1 = ((render - gt).abs() * keep).sum() / n
+    s = ssim(render * keep, gt * keep)
+    return (1.0 - ssim_lambda) * l1 + ssim_lambda * (1.0 - s) * (keep.numel() / n)

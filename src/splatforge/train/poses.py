@@ -10,10 +10,21 @@ in world units). The vectors have their own Adam with weight decay (gsplat's ``p
 
 from __future__ import annotations
 
+import math
+from typing import Callable, Optional, Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["rotation_6d_to_matrix", "PoseRefinement", "ViewTable"]
+__all__ = ["rotation_6d_to_matrix", "pose_corrections", "corrected_camtoworlds", "PoseRefinement", "ViewTable", "align_poses", "pose_change",
+           "POSE_ALIGN_PROTOCOL"]
+
+#: What ``metrics.json`` says (key ``test_poses``) when the test views were aligned first.
+POSE_ALIGN_PROTOCOL = ("test views' poses aligned to the fixed Gaussians before scoring (the run refined its training "
+                       "poses, so the given test poses are in a slightly different frame): per view a fresh pose "
+                       "correction fitted by Adam on the training loss, {steps} steps, learning rate {lr} decaying to 1 %; "
+                       "per_view[i].pose_alignment gives the change")  # fmt: skip
+IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 class ViewTable:
@@ -44,6 +55,68 @@ def rotation_6d_to_matrix(d6: Tensor) -> Tensor:
     return torch.stack((b1, b2, torch.cross(b1, b2, dim=-1)), dim=-2)
 
 
+def pose_corrections(deltas: Tensor) -> Tensor:
+    """``deltas [B, 9]`` (``[dx (3), d6 (6)]``, zero = no change) -> ``[B, 4, 4]`` camera-frame
+    corrections: rotation ``rotation_6d_to_matrix(identity6 + d6)``, translation ``dx``."""
+    out = torch.eye(4, device=deltas.device, dtype=deltas.dtype).repeat(len(deltas), 1, 1)
+    out[:, :3, :3] = rotation_6d_to_matrix(deltas[:, 3:] + torch.tensor(IDENTITY_6D, dtype=deltas.dtype, device=deltas.device))
+    out[:, :3, 3] = deltas[:, :3]
+    return out
+
+
+def corrected_camtoworlds(camtoworlds, deltas: Tensor, views: Sequence[int]):
+    """``camtoworlds [V, 4, 4]`` (numpy, OpenCV axes) as float64 with the corrections
+    ``deltas [V, 9]`` applied to the rows ``views`` (a copy; the other rows as given)."""
+    import numpy as np
+
+    c2w = np.array(camtoworlds, dtype=np.float64)
+    ids = list(views)
+    with torch.no_grad():
+        c2w[ids] = (torch.from_numpy(c2w[ids]) @ pose_corrections(deltas.detach()[ids].double().cpu())).numpy()
+    return c2w
+
+
+def pose_change(before: Tensor, after: Tensor) -> dict[str, float]:
+    """How far camera-to-world ``after [4, 4]`` is from ``before``: ``rotation_deg`` (angle of
+    the relative rotation) and ``translation`` (distance of the camera centres, world units)."""
+    d = torch.linalg.inv(before.double()) @ after.double()
+    cos = max(-1.0, min(1.0, (float(torch.trace(d[:3, :3])) - 1.0) / 2.0))
+    return {"rotation_deg": math.degrees(math.acos(cos)), "translation": float((after[:3, 3] - before[:3, 3]).double().norm())}
+
+
+def align_poses(render: Callable[[Tensor, int], Tensor], camtoworlds: Tensor, images: Sequence[Tensor], *,
+                steps: int, lr: float, ssim_lambda: float,
+                masks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:  # fmt: skip
+    """Test-time pose alignment: for each view ``b``, the camera-to-world that best explains
+    ``images[b] [H, W, 3]`` with the scene held fixed, starting from ``camtoworlds[b]``
+    (``[B, 4, 4]``, OpenCV axes). Each view gets a fresh :class:`PoseRefinement` correction and
+    ``steps`` Adam steps on the training loss (L1 and ``ssim_lambda`` D-SSIM, over the kept
+    pixels of ``masks[b] [H, W, 1]`` when given), the rate decaying log-linearly from ``lr`` to
+    1 % of it. ``render(viewmats [1, 4, 4], b)`` must return the differentiable ``[1, H, W, 3]``
+    render of view ``b``. Returns the aligned ``[B, 4, 4]`` (detached)."""
+    from splatforge.train.losses import masked_loss, ssim
+
+    out = []
+    for b in range(len(camtoworlds)):
+        start = camtoworlds[b : b + 1].detach()
+        refine = PoseRefinement(1, lr, 0.0, start.device)
+        gt = images[b][None]
+        mask = masks[b] if masks is not None else None
+        for step in range(steps):
+            pred = render(torch.linalg.inv(refine.refine(start, [0])), b)
+            if mask is None:
+                loss = (1.0 - ssim_lambda) * (pred - gt).abs().mean() + ssim_lambda * (1.0 - ssim(pred, gt))
+            else:
+                loss = masked_loss(pred, gt, mask[None], ssim_lambda)
+            loss.backward()
+            for group in refine.optimizer.param_groups:
+                group["lr"] = lr * 0.01 ** (step / max(1, steps - 1))
+            refine.step()
+        with torch.no_grad():
+            out.append(refine.refine(start, [0]))
+    return torch.cat(out) if out else camtoworlds.detach().clone()
+
+
 class PoseRefinement(ViewTable):
     """The views' pose corrections ``[V, 9]`` and their Adam."""
 
@@ -51,16 +124,11 @@ class PoseRefinement(ViewTable):
 
     def __init__(self, n_views: int, lr: float, weight_decay: float, device: torch.device):
         self.deltas = torch.nn.Parameter(torch.zeros(n_views, 9, device=device))
-        self.identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=device)
         self.optimizer = torch.optim.Adam([self.deltas], lr=lr, weight_decay=weight_decay)
 
     def transforms(self, views: list[int] | Tensor) -> Tensor:
         """``[B, 4, 4]`` camera-frame corrections of ``views``."""
-        d = self.deltas[views]
-        out = torch.eye(4, device=d.device, dtype=d.dtype).repeat(len(d), 1, 1)
-        out[:, :3, :3] = rotation_6d_to_matrix(d[:, 3:] + self.identity)
-        out[:, :3, 3] = d[:, :3]
-        return out
+        return pose_corrections(self.deltas[views])
 
     def refine(self, camtoworlds: Tensor, views: list[int] | Tensor) -> Tensor:
         """``camtoworlds [B, 4, 4]`` of ``views`` with their corrections (differentiable)."""

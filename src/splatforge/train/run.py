@@ -29,7 +29,7 @@ from splatforge.train.config import TrainConfig, load_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Run", "read_run_config", "latest_ply"]
+__all__ = ["Run", "read_run_config", "latest_ply", "view_mask"]
 
 
 def read_run_config(run: Path) -> TrainConfig:
@@ -77,9 +77,18 @@ class Run:
         self.source = source
         self._scene = scene
         self._images = images if images is not None else {}
+        self._masks: dict[int, Optional[Tensor]] = {}
         self._cams: Optional[tuple[Tensor, Tensor]] = None
+        self._c2w: Optional[np.ndarray] = None
+        self._moved: set[int] = set()  # views drawn from other poses than the scene's
+        #: After :meth:`align_test_views`: per test view, how far its pose moved (``rotation_deg``,
+        #: ``translation`` in world units); None before.
+        self.test_alignment: Optional[dict[int, dict[str, float]]] = None
         #: ``[V, 3, 4]`` the views' trained exposure affines (``cfg.exposure``), or None.
         self.exposure: Optional[Tensor] = None
+        #: ``[V, 9]`` the views' trained pose corrections (``cfg.pose_opt``; see
+        #: :mod:`splatforge.train.poses`), applied to the training views; or None.
+        self.pose_deltas: Optional[Tensor] = None
 
     @classmethod
     def open(cls, path: Path, *, device: Optional[str] = None, backend: Optional[str] = None) -> "Run":
@@ -114,6 +123,8 @@ class Run:
                       device=device, source=ckpt_path)  # fmt: skip
             if "exposure" in ckpt:
                 run.exposure = ckpt["exposure"]["E"].to(run.device)
+            if "poses" in ckpt:
+                run.pose_deltas = ckpt["poses"]["deltas"].to(run.device)
             return run
         ply = latest_ply(path)
         if ply is None:
@@ -142,11 +153,39 @@ class Run:
     def num_gaussians(self) -> int:
         return len(self.splats)
 
+    def camtoworlds(self) -> np.ndarray:
+        """``[N, 4, 4]`` float64 camera-to-world (OpenCV axes) of the scene's views as the run
+        draws them: the scene's, with the trained pose corrections applied to the training
+        views (``pose_opt``) and any poses set by :meth:`set_camtoworlds` (test-time alignment)."""
+        if self._c2w is None:
+            from splatforge.train.poses import corrected_camtoworlds
+
+            self._c2w = np.array(self.scene.camtoworlds, dtype=np.float64)
+            if self.pose_deltas is not None:
+                ids = list(self.scene.split["train"])
+                self._c2w = corrected_camtoworlds(self._c2w, self.pose_deltas, ids)
+                self._moved.update(ids)
+        return self._c2w
+
+    def set_camtoworlds(self, views: list[int], camtoworlds: Any) -> None:
+        """Draw ``views`` from ``camtoworlds [len(views), 4, 4]`` from now on (this object only:
+        nothing is written)."""
+        c2w = self.camtoworlds().copy()
+        c2w[list(views)] = np.asarray(torch.as_tensor(camtoworlds).detach().double().cpu())
+        self._c2w, self._cams = c2w, None
+        self._moved.update(views)
+
     def cameras(self) -> tuple[Tensor, Tensor]:
-        """``(viewmats [N, 4, 4], Ks [N, 3, 3])`` of the scene's views: float32 on ``device``."""
+        """``(viewmats [N, 4, 4], Ks [N, 3, 3])`` of the scene's views as :meth:`camtoworlds`
+        gives them (the scene's own ``viewmats`` for views whose pose is unchanged): float32 on
+        ``device``."""
         if self._cams is None:
-            s = self.scene
-            self._cams = (torch.from_numpy(s.viewmats).float().to(self.device), torch.from_numpy(s.Ks).float().to(self.device))
+            c2w = self.camtoworlds()
+            viewmats = np.array(self.scene.viewmats)
+            moved = sorted(self._moved)
+            if moved:
+                viewmats[moved] = np.linalg.inv(c2w[moved])
+            self._cams = (torch.from_numpy(viewmats).float().to(self.device), torch.from_numpy(self.scene.Ks).float().to(self.device))
         return self._cams
 
     def image_size(self, index: int) -> tuple[int, int]:
@@ -159,6 +198,55 @@ class Run:
             arr = load_image(self.scene.image_paths[index], self.scene.background)
             self._images[index] = torch.from_numpy(arr).to(self.device)
         return self._images[index]
+
+    def mask(self, index: int) -> Optional[Tensor]:
+        """``[H, W, 1]`` float32 mask of view ``index`` (1 = keep; loaded once), or None when the
+        run uses no masks (``cfg.masks``/``alpha_mask``)."""
+        if index not in self._masks:
+            self._masks[index] = view_mask(self.scene, index, self.cfg, self.device)
+        return self._masks[index]
+
+    def align_views(self, views: list[int], camtoworlds: Optional[Any] = None, *, steps: Optional[int] = None,
+                    lr: Optional[float] = None) -> Tensor:  # fmt: skip
+        """Test-time pose alignment (:func:`splatforge.train.poses.align_poses`) of ``views``
+        against this run's fixed Gaussians, from ``camtoworlds [len(views), 4, 4]`` (default:
+        :meth:`camtoworlds`), ``steps`` per view and learning rate ``lr`` (default:
+        ``cfg.pose_align_steps``/``pose_align_lr``). Returns the aligned ``[len(views), 4, 4]``
+        float32; call :meth:`set_camtoworlds` to draw the views from them."""
+        from splatforge.train.poses import align_poses
+
+        views = list(views)
+        start = torch.as_tensor(self.camtoworlds()[views] if camtoworlds is None else camtoworlds).float().to(self.device)
+        splats = self.splats.detach()
+        Ks = self.cameras()[1]
+
+        def render(viewmats: Tensor, b: int) -> Tensor:
+            i = views[b]
+            w, h = self.image_size(i)
+            out, _, _ = splats.rasterize(viewmats, Ks[i : i + 1], w, h, backend=self.cfg.backend, rasterize_mode=self.cfg.rasterize_mode)
+            return out
+
+        with torch.enable_grad():
+            return align_poses(render, start, [self.image(i) for i in views], masks=[self.mask(i) for i in views],
+                               steps=self.cfg.pose_align_steps if steps is None else steps,
+                               lr=self.cfg.pose_align_lr if lr is None else lr, ssim_lambda=self.cfg.ssim_lambda)  # fmt: skip
+
+    def align_test_views(self) -> Optional[dict[int, dict[str, float]]]:
+        """With ``cfg.pose_opt`` (and ``cfg.pose_align_steps > 0``): align the test views' poses
+        (:meth:`align_views`) once and draw them from the aligned poses from then on; returns
+        :attr:`test_alignment`, or None when the run does not refine poses."""
+        if not (self.cfg.pose_opt and self.cfg.pose_align_steps > 0):
+            return None
+        if self.test_alignment is None:
+            from splatforge.train.poses import pose_change
+
+            views = list(self.scene.split["test"])
+            before = torch.from_numpy(self.camtoworlds()[views])
+            after = self.align_views(views)
+            self.set_camtoworlds(views, after)
+            self.test_alignment = {i: pose_change(before[k], after[k]) for k, i in enumerate(views)}
+            log.info("aligned %d test poses (%d steps each)", len(views), self.cfg.pose_align_steps)
+        return self.test_alignment
 
     # ------------------------------------------------------------------ rendering
     @torch.no_grad()
@@ -188,3 +276,21 @@ class Run:
         kwargs.setdefault("backend", self.cfg.backend)
         kwargs.setdefault("rasterize_mode", self.cfg.rasterize_mode)
         return self.splats.rasterize(viewmats, Ks, int(width), int(height), sh_degree=sh_degree, **kwargs)
+
+
+def view_mask(scene: SceneData, index: int, cfg: TrainConfig, device: torch.device) -> Optional[torch.Tensor]:
+    """``[H, W, 1]`` mask of view ``index`` of ``scene`` as ``cfg`` asks for it (the scene's
+    masks folder, or the image's alpha with ``alpha_mask``), on ``device``; None without one."""
+    from splatforge.data.images import load_alpha, load_mask
+
+    h, w = int(scene.heights[index]), int(scene.widths[index])
+    if cfg.alpha_mask:
+        alpha = load_alpha(scene.image_paths[index])
+        m = np.ones((h, w), np.float32) if alpha is None else (alpha > 0.5).astype(np.float32)
+        if cfg.invert_masks:
+            m = 1.0 - m
+    elif cfg.masks and scene.mask_paths is not None:
+        m = load_mask(scene.mask_paths[index], w, h, invert=cfg.invert_masks)
+    else:
+        return None
+    return torch.from_numpy(m)[..., None].to(device)

@@ -36,12 +36,14 @@ import torch
 from splatforge.data import SceneData, load_scene
 from splatforge.data.load import fit_data_factor
 from splatforge.data.images import load_image
-from splatforge.io import cameras_json, write_cameras_json, write_ply
+from splatforge.io import cameras_json, write_cameras_json, write_colmap_model, write_ply
 from splatforge.model import Splats, cap_gaussians, init_from_points, init_random
 from splatforge.raster.collectives import World, all_gather_same
 from splatforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from splatforge.train.config import TrainConfig, save_config, to_plain
-from splatforge.train.losses import psnr_from_mse, ssim
+from splatforge.train.losses import masked_loss, psnr_from_mse, ssim
+from splatforge.train.poses import corrected_camtoworlds
+from splatforge.train.run import view_mask
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +314,7 @@ class Trainer:
         run = Run(self.output, self.cfg, self.full_splats(), self.step, train_seconds=self.train_seconds,
                   scene=self.scene, device=self.device, images=self._images)  # fmt: skip
         run.exposure = self.exposure.E.detach().clone() if self.exposure is not None else None
+        run.pose_deltas = self.poses.deltas.detach().clone() if self.poses is not None else None
         return run
 
     # ---------------------------------------------------------------- state
@@ -652,49 +655,18 @@ class Trainer:
         full = self.full_splats()
         ply = self.export_ply(full)
         if lead:
-            write_cameras_json(self.output / "cameras.json", cameras_json(
-                self.scene.image_names, self.refined_camtoworlds(), self.scene.Ks, self.scene.widths, self.scene.heights))  # fmt: skip
+            s, c2w = self.scene, self.refined_camtoworlds()
+            write_cameras_json(self.output / "cameras.json", cameras_json(s.image_names, c2w, s.Ks, s.widths, s.heights))
+            if self.poses is not None:  # the refined poses as a COLMAP model too
+                write_colmap_model(self.output / "sparse" / "0", s.image_names, c2w, s.Ks, s.widths, s.heights, s.points, s.points_rgb)
         return TrainResult(self.step, len(full), self.train_seconds, ply, float(loss), psnr_from_mse(float(mse)))
-
-    def align_views(self, views: list[int], camtoworlds: Optional[torch.Tensor] = None, steps: int = 200,
-                    lr: float = 1e-3) -> torch.Tensor:  # fmt: skip
-        """Test-time pose alignment: the camera-to-world ``[len(views), 4, 4]`` of ``views`` that
-        best explain their images with the Gaussians held fixed (a fresh :class:`PoseRefinement`
-        of those views, Adam at ``lr`` for ``steps`` steps on the training loss, one view per
-        step in turn, the rate decaying to 1 % of ``lr``). ``camtoworlds``: the starting poses
-        (default: the scene's)."""
-        from splatforge.train.poses import PoseRefinement
-
-        start = (camtoworlds if camtoworlds is not None else torch.from_numpy(self.scene.camtoworlds[views]).float()).to(self.device)
-        refine = PoseRefinement(len(views), lr, 0.0, self.device)
-        frozen = {k: p.detach() for k, p in self.params.items()}
-        splats = Splats.from_mapping(frozen)
-        with self.compute_threads():
-            for step in range(steps):
-                k = step % len(views)
-                i = views[k]
-                vm = torch.linalg.inv(refine.refine(start[k : k + 1], [k]))
-                render, _, _ = splats.rasterize(vm, self.Ks[i : i + 1], int(self.scene.widths[i]), int(self.scene.heights[i]),
-                                                sh_degree=self.cfg.sh_degree, backend=self.cfg.backend,
-                                                rasterize_mode=self.cfg.rasterize_mode)  # fmt: skip
-                gt = self.image(i)[None]
-                loss = (1.0 - self.cfg.ssim_lambda) * (render - gt).abs().mean() + self.cfg.ssim_lambda * (1.0 - ssim(render, gt))
-                loss.backward()
-                for group in refine.optimizer.param_groups:
-                    group["lr"] = lr * 0.01 ** (step / max(1, steps - 1))
-                refine.step()
-        with torch.no_grad():
-            return refine.refine(start, list(range(len(views))))
 
     def refined_camtoworlds(self) -> np.ndarray:
         """``[V, 4, 4]`` float64 camera-to-world of every view: the scene's, with the trained
         corrections applied to the training views under ``pose_opt``."""
-        c2w = np.array(self.scene.camtoworlds, dtype=np.float64)
-        if self.poses is not None:
-            ids = list(self.train_ids)
-            with torch.no_grad():
-                c2w[ids] = (torch.from_numpy(c2w[ids]) @ self.poses.transforms(ids).double().cpu()).numpy()
-        return c2w
+        if self.poses is None:
+            return np.array(self.scene.camtoworlds, dtype=np.float64)
+        return corrected_camtoworlds(self.scene.camtoworlds, self.poses.deltas, self.train_ids)
 
     def export_ply(self, splats: Optional[Splats] = None) -> Path:
         """Write ``point_cloud/iteration_<step>/point_cloud.ply`` (rank 0 only in sharded
@@ -704,40 +676,6 @@ class Trainer:
         if self.world.rank == 0:
             write_ply(path, splats, rasterize_mode=self.cfg.rasterize_mode)
         return path
-
-
-def view_mask(scene: SceneData, index: int, cfg: TrainConfig, device: torch.device) -> Optional[torch.Tensor]:
-    """``[H, W, 1]`` mask of view ``index`` of ``scene`` as ``cfg`` asks for it (the scene's
-    masks folder, or the image's alpha with ``alpha_mask``), on ``device``; None without one."""
-    from splatforge.data.images import load_alpha, load_mask
-
-    h, w = int(scene.heights[index]), int(scene.widths[index])
-    if cfg.alpha_mask:
-        alpha = load_alpha(scene.image_paths[index])
-        m = np.ones((h, w), np.float32) if alpha is None else (alpha > 0.5).astype(np.float32)
-        if cfg.invert_masks:
-            m = 1.0 - m
-    elif cfg.masks and scene.mask_paths is not None:
-        m = load_mask(scene.mask_paths[index], w, h, invert=cfg.invert_masks)
-    else:
-        return None
-    return torch.from_numpy(m)[..., None].to(device)
-
-
-def masked_loss(render: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, ssim_lambda: float) -> torch.Tensor:
-    """``(1 - l) L1 + l (1 - SSIM)`` over the kept pixels of ``mask [B, H, W, 1]`` (1 = keep).
-
-    Both images are set to 0 where the mask is 0 before the SSIM, so nothing inside the mask,
-    rendered or captured, reaches the loss or its gradient (tested: a perturbation there
-    changes no gradient); L1 is the mean over the kept pixels, and ``1 - SSIM`` (whose windows
-    are 1 on masked areas) is divided by the kept fraction, so a half-masked image weighs as an
-    unmasked one.
-    """
-    keep = mask.expand_as(render)
-    n = keep.sum().clamp(min=1.0)
-    l1 = ((render - gt).abs() * keep).sum() / n
-    s = ssim(render * keep, gt * keep)
-    return (1.0 - ssim_lambda) * l1 + ssim_lambda * (1.0 - s) * (keep.numel() / n)
 
 
 class _Clock:

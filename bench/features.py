@@ -11,7 +11,8 @@ captures has masks (their effect is tested, see ``tests/test_train.py``).
 Every row reports wall time and test PSNR/SSIM/LPIPS as the run's own ``metrics.json`` has them
 (the exposure row by Inria's left/right protocol, the pose row after aligning the test views),
 and, so that rows compare alike, ``psnr_lr``/``ssim_lr``: every run's test views scored the
-exposure row's way (an affine fitted on the left half, metrics on the right half), and
+exposure row's way (an affine fitted on the left half, metrics on the right half; the table
+also gives it as dB over the scene's baseline), and
 ``psnr_aligned`` for the baseline: its test views aligned as the pose row's are (what
 test-time alignment alone gives a model trained on the given poses).
 
@@ -120,11 +121,14 @@ def main() -> None:
     save(True)
 
     table = Table(title=f"trainer features, {args.steps} steps each (CPU, load {load_before[0]:.1f})")
-    for col in ("scene/feature", "PSNR", "SSIM", "LPIPS", "PSNR l/r", "SSIM l/r", "PSNR aligned", "#G", "train s", "eval s"):
+    for col in ("scene/feature", "PSNR", "SSIM", "LPIPS", "PSNR l/r", "vs baseline", "SSIM l/r", "PSNR aligned", "#G", "train s",
+                "eval s"):  # fmt: skip
         table.add_column(col, justify="right")
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     for key, r in rows.items():
-        table.add_row(key, f(r["test_psnr"]), f(r["test_ssim"], 3), f(r["test_lpips_vgg"], 3), f(r["psnr_lr"]), f(r["ssim_lr"], 3),
+        base = rows.get(key.split("/")[0] + "/baseline")  # the peer of the same run: dB over the baseline, like for like
+        delta = "-" if base is None else f"{r['psnr_lr'] - base['psnr_lr']:+.2f}"
+        table.add_row(key, f(r["test_psnr"]), f(r["test_ssim"], 3), f(r["test_lpips_vgg"], 3), f(r["psnr_lr"]), delta, f(r["ssim_lr"], 3),
                       f(r["psnr_aligned"]), f"{r['num_gaussians']:,}", f(r["wall_s"], 0), f(r["eval_s"], 0))  # fmt: skip
     Console(width=160).print(table)
 

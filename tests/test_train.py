@@ -536,6 +536,7 @@ def _check_refined_poses_reach_products(trainer, run_dir):
     Run.open draws the training views from them; evaluation aligns the test views and says so."""
     import pycolmap
 
+    from splatforge.products import render_depth_split
     from splatforge.train.poses import POSE_ALIGN_PROTOCOL
 
     refined = trainer.refined_camtoworlds()
@@ -546,6 +547,7 @@ def _check_refined_poses_reach_products(trainer, run_dir):
         assert np.allclose(w2c, np.linalg.inv(refined[i])[:3], atol=1e-9), name
     run = Run.open(run_dir)
     assert np.allclose(run.camtoworlds(), refined, atol=1e-6)
+    assert np.allclose(run.viewmats(), np.linalg.inv(refined), atol=1e-6)  # what the mesh integrates with
     moved = trainer.train_ids[0]
     assert not np.allclose(refined[moved], trainer.scene.camtoworlds[moved], atol=1e-6)
     img_run = run.render(moved)[0]
@@ -560,3 +562,6 @@ def _check_refined_poses_reach_products(trainer, run_dir):
     assert all(v["pose_alignment"]["rotation_deg"] >= 0 for v in metrics["test"]["per_view"])
     test = trainer.scene.split["test"]
     assert not np.allclose(run.camtoworlds()[test], trainer.scene.camtoworlds[test])  # drawn from the aligned poses
+    fresh = Run.open(run_dir)
+    render_depth_split(fresh, "test", png_preview=False)  # depth of test views: from the aligned poses too
+    assert np.allclose(fresh.camtoworlds()[test], run.camtoworlds()[test])

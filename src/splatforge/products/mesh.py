@@ -119,7 +119,9 @@ def extract_mesh(run, cfg: Optional[MeshConfig] = None, progress: Optional[Calla
     integ = o3d.pipelines.integration
     volume = integ.ScalableTSDFVolume(voxel_length=cfg.voxel_size, sdf_trunc=cfg.sdf_trunc,
                                       color_type=integ.TSDFVolumeColorType.RGB8)  # fmt: skip
-    viewmats = scene.viewmats
+    if set(views) & set(scene.split["test"]):
+        run.align_test_views()  # test views drawn as evaluation draws them (pose_opt runs)
+    viewmats = run.viewmats()  # the poses the run renders from (refined ones with pose_opt)
 
     def rendered(index: int) -> tuple[np.ndarray, np.ndarray]:
         render, alpha, _ = run.render(index, render_mode="RGB+ED")

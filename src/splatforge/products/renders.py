@@ -143,7 +143,10 @@ def evaluate(run, splits=("test", "train"), *, depth: bool = False, write_images
 @torch.no_grad()
 def render_depth_split(run, split: str, png_preview: bool = True) -> list[Path]:
     """Write ``{split}/ours_N/depth/NNNNN.npy`` (and ``.png`` previews) for every view of
-    ``split``; returns the written paths."""
+    ``split`` (test views of a ``pose_opt`` run from their aligned poses, as :func:`render_split`);
+    returns the written paths."""
+    if split != "train":
+        run.align_test_views()
     folder = split_folder(run, split) / "depth"
     outputs: list[Path] = []
     for pos, index in enumerate(run.scene.split[split]):

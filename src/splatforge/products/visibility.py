@@ -111,6 +111,7 @@ def visibility_products(run, threshold: float = 0.5) -> tuple[list[Path], dict]:
         raise ConfigError(f"visibility needs one image size per scene, found {sorted(sizes)}")
     ((w, h),) = sizes
     g = run.splats.activated(0)
+    run.align_test_views()  # test views drawn as evaluation draws them (pose_opt runs)
     viewmats, Ks = run.cameras()
     backend, mode = run.cfg.backend, run.cfg.rasterize_mode
     train_ids = scene.split["train"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,8 +68,6 @@ def pose_corrections(deltas: Tensor) -> Tensor:
 def corrected_camtoworlds(camtoworlds, deltas: Tensor, views: Sequence[int]):
     """``camtoworlds [V, 4, 4]`` (numpy, OpenCV axes) as float64 with the corrections
     ``deltas [V, 9]`` applied to the rows ``views`` (a copy; the other rows as given)."""
-    import numpy as np
-
     c2w = np.array(camtoworlds, dtype=np.float64)
     ids = list(views)
     with torch.no_grad():

@@ -175,17 +175,21 @@ class Run:
         self._c2w, self._cams = c2w, None
         self._moved.update(views)
 
+    def viewmats(self) -> np.ndarray:
+        """``[N, 4, 4]`` float64 world-to-camera (OpenCV axes) of the views as :meth:`camtoworlds`
+        gives them: the scene's own ``viewmats`` for views whose pose is unchanged, the inverse
+        of the moved ones' camera-to-world."""
+        c2w = self.camtoworlds()
+        viewmats = np.array(self.scene.viewmats, dtype=np.float64)
+        moved = sorted(self._moved)
+        if moved:
+            viewmats[moved] = np.linalg.inv(c2w[moved])
+        return viewmats
+
     def cameras(self) -> tuple[Tensor, Tensor]:
-        """``(viewmats [N, 4, 4], Ks [N, 3, 3])`` of the scene's views as :meth:`camtoworlds`
-        gives them (the scene's own ``viewmats`` for views whose pose is unchanged): float32 on
-        ``device``."""
+        """``(viewmats [N, 4, 4], Ks [N, 3, 3])`` of :meth:`viewmats`: float32 on ``device``."""
         if self._cams is None:
-            c2w = self.camtoworlds()
-            viewmats = np.array(self.scene.viewmats)
-            moved = sorted(self._moved)
-            if moved:
-                viewmats[moved] = np.linalg.inv(c2w[moved])
-            self._cams = (torch.from_numpy(viewmats).float().to(self.device), torch.from_numpy(self.scene.Ks).float().to(self.device))
+            self._cams = (torch.from_numpy(self.viewmats()).float().to(self.device), torch.from_numpy(self.scene.Ks).float().to(self.device))
         return self._cams
 
     def image_size(self, index: int) -> tuple[int, int]:

@@ -159,3 +159,39 @@ def test_expected_depth_is_open3d_ready():
     pcd = o3d.geometry.PointCloud.create_from_depth_image(o3d.geometry.Image(depth), intr, depth_scale=1.0)
     x, y, z = np.asarray(pcd.points)[0]
     assert z == pytest.approx(2.0) and x == pytest.approx(-0.5 * 2.0 / 100.0) and y == pytest.approx(-0.5 * 2.0 / 100.0)
+
+
+@pytest.mark.slow
+def test_demo_torus_mesh_reaches_the_issues_fscore(tmp_path, capsys):
+    """The demo torus, whose surface is known analytically: its `reference_points.ply` (read by
+    plyfile, an independent reader) lies on the analytic torus; trained through `splatforge
+    train` (3,000 steps from a random start, the default strategy, on CPU), meshed by `splatforge
+    mesh` with its defaults (median depth) and scored by `splatforge mesh-eval` at tau = 2 % of
+    the torus's outer radius: F-score >= 0.9 (the issue's target). Expected depth, fused from the
+    same run, scores lower: why median is the default."""
+    from plyfile import PlyData
+
+    from splatforge.demo import TORUS_RING, TORUS_TUBE, build_demo_scene, torus_sdf
+    from splatforge.products.mesh import MeshConfig, extract_mesh, mesh_metrics
+    from splatforge.train import Run
+
+    scene = build_demo_scene(tmp_path / "scene")
+    v = PlyData.read(str(scene / "reference_points.ply"))["vertex"]
+    ref = np.stack([v["x"], v["y"], v["z"]], -1).astype(np.float64)
+    assert 35_000 < len(ref) < 45_000 and np.abs(torus_sdf(ref)).max() < 1e-6  # ~80 % of the surface is seen
+    run = tmp_path / "run"
+    args = ["train", str(scene), "--output", str(run), "--steps", "3000", "--strategy", "default", "--sh-degree", "1",
+            "--init-random-count", "4000", "--init-extent", "0.5", "--max-gaussians", "12000", "--checkpoint-every", "0",
+            "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+    assert cli_main(["mesh", str(run), "--device", "cpu"]) == 0
+    tau = 0.02 * (TORUS_RING + TORUS_TUBE)
+    assert cli_main(["mesh-eval", str(run / "exports" / "mesh.ply"), str(scene / "reference_points.ply"), "--tau", str(tau)]) == 0
+    capsys.readouterr()
+    median = json.loads((run / "exports" / "mesh.eval.json").read_text())
+    assert median["fscore"] >= 0.9, median
+    mesh, info = extract_mesh(Run.open(run), MeshConfig(depth="expected"))
+    assert info["depth"] == "expected"
+    o3d.utility.random.seed(0)
+    expected = mesh_metrics(np.asarray(mesh.sample_points_uniformly(number_of_points=100_000).points), ref, tau)
+    assert expected["fscore"] < median["fscore"] - 0.05, (expected, median)

@@ -357,6 +357,34 @@ def test_inverse_depth_hand_case(backend):
     assert out["ED"] == pytest.approx((w1 * 2 + w2 * 4) / (w1 + w2), rel=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize(("opacities", "median"), [((0.6, 0.8), 2.0), ((0.3, 0.8), 4.0), ((0.2, 0.3), 0.0)])
+def test_median_depth_hand_case(backend, opacities, median):
+    """The median depth is the depth of the Gaussian that brings the transmittance to 0.5 or
+    below, at the point of the pixel's ray where it peaks: two Gaussians on the optical axis at z = 2 and 4 (the centre pixels' alphas are the
+    opacities to 1e-3): 0.6 in front crosses at once (T = 0.4, median 2); 0.3 then 0.8 crosses at
+    the second (T = 0.7, then 0.14: median 4); 0.2 then 0.3 never does (T = 0.56: 0, no surface).
+    The median has no gradient; the colour channels of RGB+MD are RGB's."""
+    from splatforge.raster import rasterize
+
+    means = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 4.0]])
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2)
+    scales = torch.tensor([[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]], requires_grad=True)
+    colors = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
+    viewmats, Ks = torch.eye(4)[None], torch.tensor([[[50.0, 0.0, 16.0], [0.0, 50.0, 16.0], [0.0, 0.0, 1.0]]])
+    r, a, _ = rasterize(means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32,
+                        render_mode="RGB+MD", backend=backend)  # fmt: skip
+    # isotropic Gaussians peak on a pixel's ray t (dx, dy, 1) at t = z / (1 + dx^2 + dy^2), here
+    # dx = dy = +-0.5 px / 50 px
+    assert r[0, 15:17, 15:17, 3].flatten().tolist() == pytest.approx([median / (1 + 2 * 0.01**2)] * 4, rel=1e-6)
+    rgb, a_rgb, _ = rasterize(means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32, backend=backend)
+    torch.testing.assert_close(r[..., :3], rgb)
+    torch.testing.assert_close(a, a_rgb)
+    only, _, _ = rasterize(means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32, render_mode="MD", backend=backend)
+    torch.testing.assert_close(only[..., 0], r[..., 3])
+    assert not only.requires_grad
+
+
 def test_depth_test_rejects_nan():
     from splatforge.raster._cpu_project import _depth_ok
 

@@ -79,11 +79,11 @@ def test_parity_colors_and_sh(sh_degree, rasterize_mode):
     assert out["alpha"].max() > 0.9
 
 
-@pytest.mark.parametrize("render_mode", ["RGB", "D", "ED", "ID", "RGB+D", "RGB+ED", "RGB+ID"])
+@pytest.mark.parametrize("render_mode", ["RGB", "D", "ED", "ID", "MD", "RGB+D", "RGB+ED", "RGB+ID", "RGB+MD"])
 def test_parity_render_modes(render_mode):
     scene = random_scene(seed=3, n_cameras=2, sh_degree=2)
     out = compare(scene, sh_degree=2, render_mode=render_mode, rel=3e-3, img_atol=5e-4)
-    channels = {"RGB": 3, "D": 1, "ED": 1, "ID": 1, "RGB+D": 4, "RGB+ED": 4, "RGB+ID": 4}[render_mode]
+    channels = {"RGB": 3, "D": 1, "ED": 1, "ID": 1, "MD": 1, "RGB+D": 4, "RGB+ED": 4, "RGB+ID": 4, "RGB+MD": 4}[render_mode]
     assert out["render"].shape == (2, scene.height, scene.width, channels)
 
 

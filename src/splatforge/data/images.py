@@ -15,7 +15,8 @@ from splatforge.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "image_size", "image_folder", "load_image", "list_images", "downscale_into", "write_png"]
+__all__ = ["IMAGE_SUFFIXES", "WHITE", "image_size", "image_folder", "has_alpha", "load_image", "load_rgba", "list_images",
+           "downscale_into", "write_png"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".webp", ".tif", ".tiff")
 
@@ -85,6 +86,25 @@ def load_image(path: Path, background: Optional[tuple[float, float, float]] = No
     Raises:
         DataFormatError: missing or unreadable image.
     """
+    arr = load_rgba(path)
+    if arr.shape[-1] == 3:
+        return arr
+    bg = np.asarray(background if background is not None else WHITE, dtype=np.float32)
+    return np.ascontiguousarray(arr[..., :3] * arr[..., 3:] + bg * (1.0 - arr[..., 3:]))
+
+
+#: What images with an alpha channel are composited on when the scene names no colour (the
+#: NeRF-synthetic habit: nerfstudio's and Inria's white background for Blender scenes).
+WHITE = (1.0, 1.0, 1.0)
+
+
+def load_rgba(path: Path) -> np.ndarray:
+    """``[H, W, 4]`` float32 straight (not premultiplied) RGBA in [0, 1] of an image with an
+    alpha channel, ``[H, W, 3]`` RGB of one without.
+
+    Raises:
+        DataFormatError: missing or unreadable image.
+    """
     try:
         with Image.open(path) as im:
             im.load()
@@ -92,10 +112,20 @@ def load_image(path: Path, background: Optional[tuple[float, float, float]] = No
             arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError) as exc:
         raise DataFormatError(f"{path}: not a readable image: {exc}") from exc
-    if has_alpha:
-        bg = np.asarray(background if background is not None else (1.0, 1.0, 1.0), dtype=np.float32)
-        arr = arr[..., :3] * arr[..., 3:] + bg * (1.0 - arr[..., 3:])
     return np.ascontiguousarray(arr)
+
+
+def has_alpha(path: Path) -> bool:
+    """Whether the image at ``path`` has an alpha channel (reads the header only).
+
+    Raises:
+        DataFormatError: missing or unreadable image.
+    """
+    try:
+        with Image.open(path) as im:
+            return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataFormatError(f"{path}: not a readable image: {exc}") from exc
 
 
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -164,7 +194,8 @@ def load_alpha(path: Path) -> Optional[np.ndarray]:
 
 
 def write_png(image, path: Path) -> None:
-    """Write ``image [H, W, 3]`` (float in [0, 1], numpy or torch) as an 8-bit PNG, atomically."""
+    """Write ``image [H, W, 3]`` (or ``[H, W, 4]`` straight RGBA; float in [0, 1], numpy or torch)
+    as an 8-bit PNG, atomically."""
     from splatforge._fs import atomic_path
 
     arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)

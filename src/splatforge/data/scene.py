@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -57,6 +58,23 @@ class SceneData:
 
     def __len__(self) -> int:
         return len(self.image_names)
+
+    @cached_property
+    def alpha_background(self) -> Optional[tuple[float, float, float]]:
+        """The colour this scene's images are composited on when they have an alpha channel
+        (``background``, white when None; the first image decides), None for opaque images.
+        Renders compared with such images are drawn on that colour, and training composites them
+        on a random one each step (nerfstudio's habit for Blender scenes). None too when the
+        first image cannot be read: drawing a view needs only its camera (loading the image
+        itself then fails, naming the file)."""
+        from splatforge.data.images import WHITE, has_alpha
+
+        try:
+            if not self.image_paths or not has_alpha(self.image_paths[0]):
+                return None
+        except DataFormatError:
+            return None
+        return tuple(float(c) for c in (self.background if self.background is not None else WHITE))  # type: ignore[return-value]
 
     @property
     def viewmats(self) -> np.ndarray:

@@ -20,7 +20,7 @@ from splatforge._fs import atomic_path
 from splatforge.errors import DataFormatError
 from splatforge.model.splats import SPLAT_KEYS, Splats
 
-__all__ = ["write_ply", "read_ply", "ply_rasterize_mode", "SPLAT_KEYS"]
+__all__ = ["write_ply", "read_ply", "write_points_ply", "ply_rasterize_mode", "SPLAT_KEYS"]
 
 #: The header comment that records how a PLY's Gaussians were trained to be drawn (readers that
 #: do not know it ignore comments and draw them classically).
@@ -60,6 +60,24 @@ def write_ply(path: Path, splats: Splats | Mapping, rasterize_mode: str = "class
         with open(tmp, "wb") as f:
             f.write(header.encode("ascii"))
             f.write(data.tobytes())
+
+
+def write_points_ply(path: Path, points) -> None:
+    """Write ``points [M, 3]`` (world units) as a binary little-endian PLY point cloud (``x y z``
+    float32 vertices, no faces), atomically: what Open3D, CloudCompare and ``mesh-eval`` read.
+
+    Raises:
+        DataFormatError: not an ``[M, 3]`` array.
+    """
+    arr = np.ascontiguousarray(np.asarray(points), dtype="<f4")
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise DataFormatError(f"{path}: points must be [M, 3], got {arr.shape}")
+    header = f"ply\nformat binary_little_endian 1.0\nelement vertex {len(arr)}\n"
+    header += "property float x\nproperty float y\nproperty float z\nend_header\n"
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header.encode("ascii"))
+            f.write(arr.tobytes())
 
 
 def ply_rasterize_mode(path: Path) -> str:

@@ -65,8 +65,10 @@ class MeshConfig:
     """Truncation of the signed distance, world units (default 4 voxels)."""
     depth_trunc: Optional[float] = None
     """Depths beyond this (world units, camera z) are not fused (default 2 x the camera radius)."""
-    depth: Literal["expected"] = "expected"
-    """Which rendered depth is fused: expected (sum w z / sum w)."""
+    depth: Literal["expected", "median"] = "median"
+    """Which rendered depth is fused: median (the depth where the transmittance crosses 0.5,
+    2DGS's choice for meshing: the first surface that is at least half opaque) or expected
+    (sum w z / sum w: Gaussians behind a half-transparent front pull it inwards)."""
     alpha_min: float = 0.5
     """Pixels less opaque than this are not fused."""
     keep_clusters: int = 50
@@ -87,8 +89,8 @@ class MeshConfig:
         for name, v in (("depth_trunc", depth_trunc), ("voxel_size", voxel), ("sdf_trunc", sdf)):
             if not v > 0:
                 raise ConfigError(f"{name} must be positive, got {v}")
-        if self.depth != "expected":
-            raise ConfigError(f"depth must be 'expected', got {self.depth!r}")
+        if self.depth not in ("expected", "median"):
+            raise ConfigError(f"depth must be 'expected' or 'median', got {self.depth!r}")
         if not 0.0 <= self.alpha_min < 1.0:
             raise ConfigError(f"alpha_min must be in [0, 1), got {self.alpha_min}")
         if self.filter_px < 0:
@@ -124,7 +126,7 @@ def extract_mesh(run, cfg: Optional[MeshConfig] = None, progress: Optional[Calla
     viewmats = run.viewmats()  # the poses the run renders from (refined ones with pose_opt)
 
     def rendered(index: int) -> tuple[np.ndarray, np.ndarray]:
-        render, alpha, _ = run.render(index, render_mode="RGB+ED")
+        render, alpha, _ = run.render(index, render_mode="RGB+MD" if cfg.depth == "median" else "RGB+ED")
         rgb = (render[0, ..., :3].clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         depth = render[0, ..., 3].float().cpu().numpy().copy()
         depth[(alpha[0, ..., 0].cpu().numpy() < cfg.alpha_min) | ~np.isfinite(depth)] = 0.0

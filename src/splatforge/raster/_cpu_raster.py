@@ -404,3 +404,55 @@ def raster_transmittance(means2d, conics, opacities, radii, offsets, ids, width,
             active -= stops
             isect_T[start + k] = sum_t
             isect_n[start + k] = count
+
+
+@nb.njit(inline="always", **_JIT)
+def _ray_depth(px, py, intr, mu, a, z_centre):
+    """Camera z where a Gaussian (centre ``mu``, inverse covariance ``a``: xx xy xz yy yz zz,
+    camera frame) peaks on the ray through pixel (px, py); ``z_centre`` if not in front."""
+    dx, dy = (px - intr[2]) / intr[0], (py - intr[3]) / intr[1]
+    ax = a[0] * dx + a[1] * dy + a[2]
+    ay = a[1] * dx + a[3] * dy + a[4]
+    az = a[2] * dx + a[4] * dy + a[5]
+    den = ax * dx + ay * dy + az
+    t = (ax * mu[0] + ay * mu[1] + az * mu[2]) / den if den > _ZERO else _ZERO
+    return t if t > _ZERO else z_centre
+
+
+@nb.njit(parallel=True, **_JIT)
+def raster_median(means2d, conics, opacities, radii, depths, offsets, ids, width, height, tiles_x, intr, centres, icov,
+                  median_out, alpha_out):  # fmt: skip
+    """Per pixel into ``median_out [C, H, W]``: for the Gaussian after which the transmittance is
+    first <= 0.5 (the forward pass's tests and early stop), the camera z where its density peaks
+    on the pixel's ray (``d^T A mu / d^T A d``, ``intr [C, 4]`` fx fy cx cy, ``centres [C, N, 3]``
+    and ``icov [C, N, 6]`` in camera coordinates; its centre's z if not in front), 0 for none;
+    ``alpha_out [C, H, W]`` as the forward pass."""
+    C = means2d.shape[0]
+    T = (offsets.shape[0] - 1) // C
+    no_features = np.empty((C, means2d.shape[1], 0), np.float32)
+    for job in nb.prange(C * T):
+        c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
+        g, lanes, _col = _gather(c, start, m, ids, means2d, conics, opacities, radii, no_features, y0, y1)
+        pxc, pyc, live = _pixel_centres(x0, y0, x1, y1)
+        Tr = np.ones(_P, np.float32)
+        med = np.zeros(_P, np.float32)
+        last = np.zeros(_P, np.int32)
+        active = (x1 - x0) * (y1 - y0)
+        for k in range(m):
+            if active == 0:
+                break
+            u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
+            n = ids[start + k]
+            kk = np.int32(k + 1)
+            stops = 0
+            for p in range(np.uint64(lanes[k, 0]), np.uint64(lanes[k, 1])):
+                w, t, stop = _composite(u, v, ca, cb, cc, o, bound, kk, pxc, pyc, Tr, last, live, p)
+                if (t > _HALF) & (t - w <= _HALF):
+                    med[p] = _ray_depth(pxc[p], pyc[p], intr[c], centres[c, n], icov[c, n], depths[c, n])
+                stops += 1 if stop else 0
+            active -= stops
+        for py in range(y0, y1):
+            for px in range(x0, x1):
+                p = (py - y0) * _S + px - x0
+                median_out[c, py, px] = med[p]
+                alpha_out[c, py, px] = _ONE - Tr[p]

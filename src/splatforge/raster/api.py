@@ -14,9 +14,9 @@ from splatforge.geometry.sh import num_sh_bases
 __all__ = ["rasterize", "available_backends", "resolve_backend", "inverse_depths", "BACKENDS", "RENDER_MODES", "DEPTH_MODES"]
 
 BACKENDS = ("auto", "cpu", "gsplat", "reference")
-RENDER_MODES = ("RGB", "D", "ED", "ID", "RGB+D", "RGB+ED", "RGB+ID")
-#: Render modes whose last channel is a depth (``D``/``ED``: camera z; ``ID``: inverse depth).
-DEPTH_MODES = {"D": "D", "ED": "ED", "ID": "ID", "RGB+D": "D", "RGB+ED": "ED", "RGB+ID": "ID"}
+RENDER_MODES = ("RGB", "D", "ED", "ID", "MD", "RGB+D", "RGB+ED", "RGB+ID", "RGB+MD")
+#: Render modes whose last channel is a depth (``D``/``ED``/``MD``: camera z; ``ID``: inverse depth).
+DEPTH_MODES = {"D": "D", "ED": "ED", "ID": "ID", "MD": "MD", "RGB+D": "D", "RGB+ED": "ED", "RGB+ID": "ID", "RGB+MD": "MD"}
 RASTERIZE_MODES = ("classic", "antialiased")
 GSPLAT_VERSION = "1.5.3"
 
@@ -142,7 +142,7 @@ def rasterize(
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     backgrounds: Optional[Tensor] = None,
-    render_mode: Literal["RGB", "D", "ED", "ID", "RGB+D", "RGB+ED", "RGB+ID"] = "RGB",
+    render_mode: Literal["RGB", "D", "ED", "ID", "MD", "RGB+D", "RGB+ED", "RGB+ID", "RGB+MD"] = "RGB",
     rasterize_mode: Literal["classic", "antialiased"] = "classic",
     absgrad: bool = False,
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto",
@@ -174,9 +174,18 @@ def rasterize(
         render_mode: ``RGB``; ``D`` accumulated depth ``sum_i w_i z_i``; ``ED`` expected depth
             ``D / alpha``; ``ID`` accumulated inverse depth ``sum_i w_i / z_i`` (1 / world
             units: what Inria's 2024 depth regularisation renders and compares with an aligned
-            monocular prior; not divided by alpha); ``RGB+D`` / ``RGB+ED`` / ``RGB+ID`` append it
-            as the last channel. Depth is camera z, world units; its background is 0. gsplat has no
-            ``ID`` mode: its backend renders ``1/z`` as a feature channel, the same sum.
+            monocular prior; not divided by alpha); ``MD`` median depth, the camera z of the
+            Gaussian at which the transmittance first drops to 0.5 or below (2DGS's, Huang et al.
+            2024; 0 where alpha stays below 0.5), **no gradient**, composited by the cpu kernel on
+            CPU tensors and by the pure-torch reference on other devices (gsplat has no median
+            mode); the depth is that of the point on the pixel's ray where that Gaussian's 3D
+            density peaks (``t = d^T A mu / d^T A d`` for the ray ``t d``, ``d = K^-1 (x, y, 1)``,
+            ``A`` the inverse covariance, ``mu`` the centre, camera frame: the ray-Gaussian
+            intersection of RaDe-GS/Gaussian Opacity Fields), not the centre's z, so flat
+            Gaussians seen at an angle give the depth of their plane; ``RGB+D`` / ``RGB+ED`` /
+            ``RGB+ID`` / ``RGB+MD`` append it as the last channel.
+            Depth is camera z, world units; its background is 0. gsplat has no ``ID`` mode: its
+            backend renders ``1/z`` as a feature channel, the same sum.
         rasterize_mode: ``classic``, or ``antialiased`` (Mip-Splatting, Yu et al. 2024: opacities
             times ``sqrt(det(cov2d) / det(cov2d + eps2d I))``).
         absgrad: also provide ``info["means2d"].absgrad`` after backward (AbsGS): the sum over
@@ -230,6 +239,19 @@ def rasterize(
 
     name = resolve_backend(backend, device)
     _check_dtypes(name, means, quats, scales, opacities, colors, viewmats, Ks)
+    if DEPTH_MODES.get(render_mode) == "MD":
+        if distributed:
+            raise ConfigError("median depth (MD) is not available in distributed rendering")
+        render, alpha, info = rasterize(
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
+            near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, backgrounds=backgrounds,
+            render_mode="RGB" if render_mode == "RGB+MD" else "D", rasterize_mode=rasterize_mode, absgrad=absgrad,
+            backend=name,
+        )  # fmt: skip
+        with torch.no_grad():
+            median = _median_depth(name, means, quats, scales, opacities, viewmats, Ks, width, height, near_plane=near_plane,
+                                   far_plane=far_plane, eps2d=eps2d, rasterize_mode=rasterize_mode)  # fmt: skip
+        return (torch.cat([render, median.to(render.dtype)], -1) if render_mode == "RGB+MD" else median.to(render.dtype)), alpha, info
     world = _world(distributed, absgrad, device, N, C, width, height)
     if world is not None and sh_degree is None and colors.dim() == 3:
         raise ConfigError("distributed rendering takes colours [N, D] or SH coefficients, not per-camera colours [C, N, D]")
@@ -389,14 +411,50 @@ def transmittance_stats(
     _check_options(rasterize_mode, near_plane, far_plane, eps2d)
     name = resolve_backend(backend, device)
     _check_dtypes(name, means, quats, scales, opacities, viewmats, Ks)
+    impl, proj, opac = _project_for_stats(name, means, quats, scales, opacities, viewmats, Ks, width, height,
+                                          near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, rasterize_mode=rasterize_mode)  # fmt: skip
+    return impl.transmittance_stats(proj.means2d, proj.conics, opac, proj.depths, proj.radii, width, height)
+
+
+@torch.no_grad()
+def _project_for_stats(name: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
+                       width: int, height: int, **options: Any) -> tuple[Any, Any, Tensor]:  # fmt: skip
+    """For the no-gradient per-pixel products (transmittance statistics, median depth): the
+    implementation that computes them (the compiled cpu kernels for ``cpu``, the pure-torch
+    reference on the inputs' device otherwise: gsplat has neither), the projection, and the
+    opacities ``[C, N]`` times any antialiasing compensation."""
     if name == "cpu":
         from splatforge.raster import cpu as impl
     else:
         from splatforge.raster import reference as impl  # type: ignore[no-redef]
-    with torch.no_grad():
-        proj = impl.project(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=eps2d,
-                            near_plane=near_plane, far_plane=far_plane, antialiased=rasterize_mode == "antialiased")  # fmt: skip
-        opac = opacities[None, :].expand(C, N)
-        if proj.compensations is not None:
-            opac = opac * proj.compensations
-        return impl.transmittance_stats(proj.means2d, proj.conics, opac.contiguous(), proj.depths, proj.radii, width, height)
+    proj = impl.project(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=options["eps2d"],
+                        near_plane=options["near_plane"], far_plane=options["far_plane"],
+                        antialiased=options["rasterize_mode"] == "antialiased")  # fmt: skip
+    opac = opacities[None, :].expand(viewmats.shape[0], means.shape[0])
+    if proj.compensations is not None:
+        opac = opac * proj.compensations
+    return impl, proj, opac.contiguous()
+
+
+def _median_depth(name: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
+                  width: int, height: int, **options: Any) -> Tensor:  # fmt: skip
+    """``[C, H, W, 1]`` median depth (see :func:`rasterize`'s ``MD``), on the inputs' device."""
+    means, quats, scales, viewmats, Ks = (t.detach() for t in (means, quats, scales, viewmats, Ks))
+    impl, proj, opac = _project_for_stats(name, means, quats, scales, opacities.detach(), viewmats, Ks, width, height, **options)
+    rays = median_rays(means, quats, scales, viewmats, Ks)
+    return impl.median_depth(proj.means2d, proj.conics, opac, proj.depths, proj.radii, width, height, rays)[0]
+
+
+def median_rays(means: Tensor, quats: Tensor, scales: Tensor, viewmats: Tensor, Ks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What the median depth needs to place a Gaussian's depth on each pixel's ray: the
+    intrinsics ``[C, 4]`` (fx, fy, cx, cy), the centres in camera coordinates ``[C, N, 3]`` and
+    the inverse 3D covariances in camera coordinates ``[C, N, 6]`` (upper triangle xx, xy, xz, yy,
+    yz, zz; ``R diag(1 / s^2) R^T`` with ``s`` clamped at 1e-8 world units), all float32."""
+    from splatforge.geometry.quats import quat_to_rotmat
+
+    R = viewmats[:, :3, :3] @ quat_to_rotmat(quats)[None]  # [C, N, 3, 3]: Gaussian axes in the camera frame
+    inv = (R / scales.clamp_min(1e-8)[None, :, None, :] ** 2) @ R.transpose(-1, -2)
+    centres = torch.einsum("cij,nj->cni", viewmats[:, :3, :3], means) + viewmats[:, None, :3, 3]
+    tri = inv[..., [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]]
+    intr = torch.stack([Ks[:, 0, 0], Ks[:, 1, 1], Ks[:, 0, 2], Ks[:, 1, 2]], -1)
+    return intr.float().contiguous(), centres.float().contiguous(), tri.float().contiguous()

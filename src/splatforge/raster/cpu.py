@@ -207,3 +207,15 @@ def transmittance_stats(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
     sum_T = np.bincount(flat, weights=isect_T, minlength=C * N).reshape(C, N)
     count = np.bincount(flat, weights=isect_n, minlength=C * N).reshape(C, N)
     return torch.from_numpy(sum_T), torch.from_numpy(count.astype(np.int64))
+
+
+def median_depth(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
+                 width: int, height: int, rays: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Compiled version of :func:`splatforge.raster.reference.median_depth`."""
+    C = opacities.shape[0]
+    tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
+    offsets, ids = kr.bin_gaussians(_np(means2d), _np(radii), _np(depths), tiles_x, tiles_y)
+    median, alpha = np.empty((C, height, width), np.float32), np.empty((C, height, width), np.float32)
+    kr.raster_median(_np(means2d), _np(conics), _np(opacities), _np(radii), _np(depths), offsets, ids, int(width), int(height),
+                     tiles_x, *(_np(r) for r in rays), median, alpha)  # fmt: skip
+    return torch.from_numpy(median)[..., None], torch.from_numpy(alpha)[..., None]

@@ -283,16 +283,63 @@ def transmittance_stats(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
     count = torch.zeros((C, N), dtype=torch.int64, device=dev)
     for cam, _, ids, pix in _tiles(means2d, radii, depths, width, height):
         if ids.numel() > 0:
-            delta = means2d[cam, ids][None] - pix[:, None]
-            dx, dy = delta[..., 0], delta[..., 1]
-            conic = conics[cam, ids]
-            sigma = 0.5 * (conic[None, :, 0] * dx * dx + conic[None, :, 2] * dy * dy) + conic[None, :, 1] * dx * dy
-            alpha = torch.clamp(opacities[cam, ids][None] * torch.exp(-sigma), max=ALPHA_MAX)
-            alpha = torch.where((sigma < 0) | (alpha < ALPHA_THRESHOLD), torch.zeros_like(alpha), alpha)
-            keep = torch.cumprod(1.0 - alpha, dim=1) > TRANSMITTANCE_MIN
-            alpha = alpha * keep
-            T_before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
+            alpha, T_before = _tile_alphas(means2d[cam, ids], conics[cam, ids], opacities[cam, ids], pix)
             used = alpha > 0
             sum_T[cam].index_add_(0, ids, (T_before * used).sum(0).double())
             count[cam].index_add_(0, ids, used.sum(0))
     return sum_T, count
+
+
+def _tile_alphas(xy: Tensor, conic: Tensor, opac: Tensor, pix: Tensor) -> tuple[Tensor, Tensor]:
+    """The alphas ``[P, M]`` of M depth-sorted Gaussians at P pixels with the compositing's tests
+    (0 where skipped or behind the early stop) and the transmittance in front of each."""
+    delta = xy[None] - pix[:, None]
+    dx, dy = delta[..., 0], delta[..., 1]
+    sigma = 0.5 * (conic[None, :, 0] * dx * dx + conic[None, :, 2] * dy * dy) + conic[None, :, 1] * dx * dy
+    alpha = torch.clamp(opac[None] * torch.exp(-sigma), max=ALPHA_MAX)
+    alpha = torch.where((sigma < 0) | (alpha < ALPHA_THRESHOLD), torch.zeros_like(alpha), alpha)
+    alpha = alpha * (torch.cumprod(1.0 - alpha, dim=1) > TRANSMITTANCE_MIN)
+    T_before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
+    return alpha, T_before
+
+
+@torch.no_grad()
+def median_depth(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
+                 width: int, height: int, rays: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Per pixel, the depth where the transmittance crosses 0.5: of the first Gaussian (front to
+    back, the compositing's tests) after which ``T <= 0.5`` (2DGS's median depth, Huang et al.
+    2024), the camera z of the point on the pixel's ray where its 3D density peaks (the
+    ray-Gaussian intersection; its centre's z if that point is not in front of the camera); 0
+    where the pixel never gets that opaque.
+
+    Args: as :func:`rasterize_to_pixels` (``opacities`` activated, with any compensation), and
+        ``rays`` from :func:`splatforge.raster.api.median_rays`.
+
+    Returns:
+        ``median [C, H, W, 1]`` (world units, camera z) and ``alpha [C, H, W, 1]``, no gradients.
+    """
+    C = means2d.shape[0]
+    dev, dt = means2d.device, means2d.dtype
+    median = torch.zeros((C, height, width, 1), dtype=dt, device=dev)
+    alpha_out = torch.zeros((C, height, width, 1), dtype=dt, device=dev)
+    for cam, (x0, y0, x1, y1), ids, pix in _tiles(means2d, radii, depths, width, height):
+        if ids.numel() == 0:
+            continue
+        alpha, T_before = _tile_alphas(means2d[cam, ids], conics[cam, ids], opacities[cam, ids], pix)
+        T_after = T_before * (1.0 - alpha)
+        crossed = (alpha > 0) & (T_before > 0.5) & (T_after <= 0.5)  # at most one per pixel
+        z = (crossed * _ray_depths(pix, rays[0][cam], rays[1][cam, ids], rays[2][cam, ids], depths[cam, ids])).sum(1)
+        median[cam, y0:y1, x0:x1, 0] = z.reshape(y1 - y0, x1 - x0)
+        alpha_out[cam, y0:y1, x0:x1, 0] = (1.0 - T_after[:, -1]).reshape(y1 - y0, x1 - x0)
+    return median, alpha_out
+
+
+def _ray_depths(pix: Tensor, intr: Tensor, centres: Tensor, icov: Tensor, depths: Tensor) -> Tensor:
+    """``[P, M]`` camera z where each Gaussian's density peaks on each pixel's ray ``t d``:
+    ``t = d^T A mu / d^T A d`` (``d_z = 1``, so ``t`` is the z); the centre's z where ``t <= 0``."""
+    d = torch.stack([(pix[:, 0] - intr[2]) / intr[0], (pix[:, 1] - intr[3]) / intr[1], torch.ones_like(pix[:, 0])], -1)
+    xx, xy, xz, yy, yz, zz = icov.unbind(-1)
+    A = torch.stack([torch.stack([xx, xy, xz], -1), torch.stack([xy, yy, yz], -1), torch.stack([xz, yz, zz], -1)], -2)
+    Ad = torch.einsum("mij,pj->pmi", A, d)  # [P, M, 3]
+    t = (Ad * centres[None]).sum(-1) / (Ad * d[:, None]).sum(-1)
+    return torch.where(t > 0, t, depths[None].expand_as(t))

@@ -229,9 +229,12 @@ class TrainConfig:
     """Gaussians for random initialisation (scenes without sparse points)."""
     init_extent: float = 3.0
     """Half-size of the random initialisation cube, in scene scales."""
-    random_background: bool = False
-    """Render on a random background colour each step (gsplat's random_bkgd): discourages
-    transparent Gaussians standing in for the background."""
+    random_background: Optional[bool] = None
+    """Render on a random background colour each step (gsplat's random_bkgd), images with alpha
+    composited on the same colour: Gaussians of the background's colour cannot stand in for
+    empty space. None (default): on for scenes whose images have alpha (RGBA, e.g. Blender
+    scenes; their renders are drawn on the colour the images are composited on, white unless
+    the scene says), off otherwise (opaque images carry their background)."""
     checkpoint_every: int = 1000
     """Also checkpoint every this many steps (0: only at the end)."""
     cache_dir: Optional[Path] = None

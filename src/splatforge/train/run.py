@@ -203,6 +203,18 @@ class Run:
             self._images[index] = torch.from_numpy(arr).to(self.device)
         return self._images[index]
 
+    def backgrounds(self, count: int, *, scene_needed: bool = True) -> Optional[Tensor]:
+        """``[count, 3]`` colour renders are drawn on: the scene's ``alpha_background`` when its
+        images have alpha (so renders compare with their ground truth), else None (black). With
+        ``scene_needed=False`` a scene that cannot be read gives None instead of an error."""
+        try:
+            bg = self.scene.alpha_background
+        except DataFormatError:
+            if scene_needed:
+                raise
+            return None
+        return None if bg is None else torch.tensor([bg] * count, dtype=torch.float32, device=self.device)
+
     def mask(self, index: int) -> Optional[Tensor]:
         """``[H, W, 1]`` float32 mask of view ``index`` (1 = keep; loaded once), or None when the
         run uses no masks (``cfg.masks``/``alpha_mask``)."""
@@ -227,7 +239,8 @@ class Run:
         def render(viewmats: Tensor, b: int) -> Tensor:
             i = views[b]
             w, h = self.image_size(i)
-            out, _, _ = splats.rasterize(viewmats, Ks[i : i + 1], w, h, backend=self.cfg.backend, rasterize_mode=self.cfg.rasterize_mode)
+            out, _, _ = splats.rasterize(viewmats, Ks[i : i + 1], w, h, backgrounds=self.backgrounds(1), backend=self.cfg.backend,
+                                         rasterize_mode=self.cfg.rasterize_mode)  # fmt: skip
             return out
 
         with torch.enable_grad():
@@ -279,6 +292,8 @@ class Run:
             viewmats, Ks = viewmats[None], Ks[None]
         kwargs.setdefault("backend", self.cfg.backend)
         kwargs.setdefault("rasterize_mode", self.cfg.rasterize_mode)
+        if "backgrounds" not in kwargs and "RGB" in kwargs.get("render_mode", "RGB"):
+            kwargs["backgrounds"] = self.backgrounds(len(viewmats), scene_needed=index is not None)
         return self.splats.rasterize(viewmats, Ks, int(width), int(height), sh_degree=sh_degree, **kwargs)
 
 

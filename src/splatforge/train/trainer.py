@@ -35,7 +35,7 @@ import torch
 
 from splatforge.data import SceneData, load_scene
 from splatforge.data.load import fit_data_factor
-from splatforge.data.images import load_image
+from splatforge.data.images import WHITE, load_rgba
 from splatforge.io import cameras_json, write_cameras_json, write_colmap_model, write_ply
 from splatforge.model import Splats, cap_gaussians, init_from_points, init_random
 from splatforge.raster.collectives import World, all_gather_same
@@ -124,6 +124,7 @@ class Trainer:
         self.block = self._open_block()
         self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
         self._images: dict[int, torch.Tensor] = {}
+        self._alphas: dict[int, torch.Tensor] = {}  # transparency (1 - alpha) of RGBA views
         self._masks: dict[int, Optional[torch.Tensor]] = {}
         self.viewmats = torch.from_numpy(self.scene.viewmats).float().to(self.device)
         self.Ks = torch.from_numpy(self.scene.Ks).float().to(self.device)
@@ -251,11 +252,34 @@ class Trainer:
         self.schedulers = [torch.optim.lr_scheduler.ExponentialLR(self.optimizers["means"], gamma=gamma)]
 
     def image(self, index: int) -> torch.Tensor:
-        """Ground truth ``[H, W, 3]`` float32 of view ``index`` (loaded once, kept in memory)."""
+        """Ground truth ``[H, W, 3]`` float32 of view ``index`` (loaded once, kept in memory);
+        an RGBA image composited on the scene's ``alpha_background``."""
         if index not in self._images:
-            arr = load_image(self.scene.image_paths[index], self.scene.background)
-            self._images[index] = torch.from_numpy(arr).to(self.device)
+            arr = load_rgba(self.scene.image_paths[index])
+            bg = self.scene.alpha_background
+            if arr.shape[-1] == 4:
+                self._alphas[index] = torch.from_numpy(1.0 - arr[..., 3:]).to(self.device)
+                arr = arr[..., :3] * arr[..., 3:] + np.float32(bg or WHITE) * (1.0 - arr[..., 3:])
+            self._images[index] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device)
         return self._images[index]
+
+    def ground_truth(self, views: list[int], backgrounds: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[B, H, W, 3]`` ground truth of ``views`` as seen on ``backgrounds [B, 3]`` (None:
+        the scene's own): an RGBA view is composited on it (``rgb a + bg (1 - a)``), an opaque one
+        is its image."""
+        gt = torch.stack([self.image(i) for i in views])
+        if backgrounds is None or self.scene.alpha_background is None:
+            return gt
+        own = torch.tensor(self.scene.alpha_background, dtype=gt.dtype, device=gt.device)
+        clear = torch.stack([self._alphas.get(i, torch.zeros_like(gt[0, ..., :1])) for i in views])
+        return gt + (backgrounds[:, None, None, :] - own) * clear
+
+    @property
+    def random_background(self) -> bool:
+        """Whether training draws a random background per step (``cfg.random_background``; by
+        default on for scenes whose images have alpha)."""
+        rb = self.cfg.random_background
+        return rb if rb is not None else self.scene.alpha_background is not None
 
     def mask(self, index: int) -> Optional[torch.Tensor]:
         """``[H, W, 1]`` float32 mask of view ``index`` (1 = keep; loaded once), or None when the
@@ -448,8 +472,12 @@ class Trainer:
     def render(self, index: int | list[int], sh_degree: Optional[int] = None, backgrounds: Optional[torch.Tensor] = None,
                render_mode: str = "RGB"):  # fmt: skip
         """Render view ``index`` (or the views of a list, all of one image size) with the current
-        Gaussians: ``(render [C, H, W, D], alpha [C, H, W, 1], info)``, C = 1 for one view."""
+        Gaussians: ``(render [C, H, W, D], alpha [C, H, W, 1], info)``, C = 1 for one view;
+        colours on ``backgrounds [C, 3]`` (None: the scene's ``alpha_background`` when its
+        images have alpha, else black)."""
         views = [index] if isinstance(index, int) else list(index)
+        if backgrounds is None and "RGB" in render_mode and self.scene.alpha_background is not None:
+            backgrounds = torch.tensor([self.scene.alpha_background] * len(views), device=self.device)
         viewmats = self.viewmats[views]
         if self.poses is not None:  # the refined poses, differentiably
             viewmats = torch.linalg.inv(self.poses.refine(self.camtoworlds[views], views))
@@ -489,7 +517,7 @@ class Trainer:
         the ranks' losses sum to the single-process loss of the world's batch."""
         cfg = self.cfg
         clock = clock or _Clock(None, self.device)
-        gt = torch.stack([self.image(i) for i in views])
+        gt = self.ground_truth(views, backgrounds)
         render, _, info = self.render(views, self.sh_degree_at(step), backgrounds=backgrounds,
                                       render_mode="RGB" if self.depth is None else "RGB+ID")  # fmt: skip
         inv_depth = None
@@ -525,10 +553,10 @@ class Trainer:
         """One optimisation step. Returns the loss and the view's mean squared error, detached
         tensors (read them with ``float()`` only when needed: on a GPU that waits for the step).
         With ``times``, each part of the step is timed into it (this synchronises the device)."""
-        cfg, step = self.cfg, self.step
+        step = self.step
         clock = _Clock(times, self.device)
         views = self.draw_views()
-        bg = torch.rand(len(views), 3, generator=self.generator).to(self.device) if cfg.random_background else None
+        bg = torch.rand(len(views), 3, generator=self.generator).to(self.device) if self.random_background else None
         loss, render, gt, info = self.batch_loss(views, step, bg, clock)
         clock.lap("loss")
         loss.backward()

@@ -452,7 +452,7 @@ def median_rays(means: Tensor, quats: Tensor, scales: Tensor, viewmats: Tensor, 
     yz, zz; ``R diag(1 / s^2) R^T`` with ``s`` clamped at 1e-8 world units), all float32."""
     from splatforge.geometry.quats import quat_to_rotmat
 
-    R = viewmats[:, :3, :3] @ quat_to_rotmat(quats)[None]  # [C, N, 3, 3]: Gaussian axes in the camera frame
+    R = viewmats[:, None, :3, :3] @ quat_to_rotmat(quats)[None]  # [C, N, 3, 3]: Gaussian axes in the camera frame
     inv = (R / scales.clamp_min(1e-8)[None, :, None, :] ** 2) @ R.transpose(-1, -2)
     centres = torch.einsum("cij,nj->cni", viewmats[:, :3, :3], means) + viewmats[:, None, :3, 3]
     tri = inv[..., [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]]

@@ -27,7 +27,7 @@ import math
 import numba as nb
 import numpy as np
 
-from splatforge.raster.constants import ALPHA_MAX, ALPHA_THRESHOLD, FASTMATH, TILE_SIZE, TRANSMITTANCE_MIN
+from splatforge.raster.constants import ALPHA_MAX, ALPHA_THRESHOLD, FASTMATH, FASTMATH_REDUCTIONS, TILE_SIZE, TRANSMITTANCE_MIN
 
 _JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
 # A contribution is certainly below ALPHA_THRESHOLD when sigma > log(o * 255) + margin; the
@@ -266,7 +266,7 @@ def raster_fwd(
                 last_out[c, py, px] = last[p]
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=set(FASTMATH_REDUCTIONS))
 def raster_bwd(
     means2d, conics, colors, opacities, radii, backgrounds, offsets, ids, width, height, tiles_x,
     alpha_out, last_out, v_render, v_alpha,

@@ -17,12 +17,18 @@ TRANSMITTANCE_MIN = 1e-4
 #: ``sqrt(2 ln(opacity / ALPHA_THRESHOLD))`` shrinks it.
 RADIUS_EXTEND = 3.33
 
-#: numba's fast-math flags for every CPU kernel (projection, compositing and the training
-#: kernels alike): LLVM's fast flags except ``nnan`` and ``ninf``, so comparisons with NaN and
-#: infinity keep their IEEE meaning (a NaN depth fails ``near <= z <= far`` and is culled, as the
-#: reference culls it), and except ``reassoc``: with it, a kernel compiled in this process and the
-#: same kernel loaded from numba's on-disk cache round differently (measured: renders differ by
-#: ~1e-6 and gradients by ~1e-4 relative), so a run's numbers would depend on whether its process
-#: compiled the kernels or found them cached. Without it both are bit-identical, at no measured
-#: cost (fwd+bwd at 30k Gaussians, 266x177: 28.3 vs 28.2 ms, median of 20).
+#: numba's fast-math flags for the CPU kernels (projection, compositing and the training kernels
+#: alike): LLVM's fast flags except ``nnan`` and ``ninf``, so comparisons with NaN and infinity
+#: keep their IEEE meaning (a NaN depth fails ``near <= z <= far`` and is culled, as the reference
+#: culls it), and except ``reassoc``: with it, the code numba runs right after compiling a kernel
+#: and the code it loads from its on-disk cache round differently (each is deterministic: two
+#: fresh compiles agree, and two cache loads; measured: renders ~1e-6 and gradients ~1e-4
+#: relative apart), so a run's numbers would depend on whether its process found the cache.
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn"})
+#: The flags of the compositing backward, ``FASTMATH`` plus ``reassoc``: its per-Gaussian sums over
+#: a tile's pixels vectorise only when LLVM may reorder them (without: the backward 2.5x and a
+#: training step 1.45x slower, 176 against 70 ms and 63 against 44 ms on this 2-core machine).
+#: Such a kernel is always run as loaded from the cache (:func:`splatforge.raster.cpu.from_cache`),
+#: so every process runs the same code. (Changing these flags does not invalidate numba's cache of
+#: the kernels' files: clear their ``__pycache__`` before measuring a change.)
+FASTMATH_REDUCTIONS = FASTMATH | {"reassoc"}

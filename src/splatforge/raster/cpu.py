@@ -14,7 +14,11 @@ refinement); not to ``Ks``.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -26,7 +30,55 @@ from splatforge.raster import _cpu_raster as kr
 from splatforge.raster.constants import TILE_SIZE
 from splatforge.raster.types import Projection
 
-__all__ = ["project", "sh_colors", "rasterize_to_pixels"]
+__all__ = ["project", "sh_colors", "rasterize_to_pixels", "from_cache", "warm_kernels"]
+
+log = logging.getLogger(__name__)
+
+
+_FROM_CACHE: dict[tuple[Any, tuple], Any] = {}
+#: Set in the process that compiles the kernels for :func:`from_cache`.
+_WARMUP_ENV = "SPLATFORGE_KERNEL_WARMUP"
+
+
+def from_cache(kernel: Any, args: tuple) -> Any:
+    """``kernel`` (a numba dispatcher with ``cache=True``) for these arguments' types, run as loaded
+    from numba's on-disk cache in every process. The code numba runs in the process that compiled
+    a kernel is not the code it later loads from the cache (the fresh process keeps its own
+    objects), and with ``reassoc`` the two round differently (see
+    ``constants.FASTMATH_REDUCTIONS``). So when the cache lacks the kernel, a child process
+    compiles it (a small render and its backward, :func:`warm_kernels`), and this process loads
+    the result. Where the cache cannot be written, the kernel is compiled here, as in every
+    process on that installation."""
+    import numba as nb
+
+    sig = tuple(nb.typeof(a) for a in args)
+    key = (kernel.py_func, sig)
+    if key not in _FROM_CACHE:
+        if not os.environ.get(_WARMUP_ENV) and kernel._cache.load_overload(sig, kernel.targetctx) is None:
+            log.info("compiling the cpu rasterizer's kernels in a child process (once per installation)")
+            proc = subprocess.run([sys.executable, "-c", "from splatforge.raster.cpu import warm_kernels; warm_kernels()"],
+                                  env={**os.environ, _WARMUP_ENV: "1"}, capture_output=True, text=True)  # fmt: skip
+            if proc.returncode != 0:
+                log.warning("compiling the kernels in a child process failed; compiling here:\n%s", proc.stderr[-2000:])
+        kernel.compile(sig)
+        _FROM_CACHE[key] = kernel
+    return _FROM_CACHE[key]
+
+
+def warm_kernels() -> None:
+    """Compile the kernels :func:`from_cache` runs into numba's cache: one small render and its
+    backward (the argument types are those every render uses)."""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    leaves = [torch.randn(n, 3, generator=g) + torch.tensor([0.0, 0.0, 3.0]), torch.randn(n, 4, generator=g),
+              torch.rand(n, 3, generator=g) * 0.1, torch.rand(n, generator=g), torch.rand(n, 3, generator=g)]  # fmt: skip
+    for t in leaves:
+        t.requires_grad_(True)
+    proj = project(*leaves[:4], torch.eye(4)[None], torch.tensor([[[40.0, 0, 16], [0, 40.0, 16], [0, 0, 1]]]), 32, 32,
+                   eps2d=0.3, near_plane=0.01, far_plane=1e10, antialiased=False)  # fmt: skip
+    render, alpha = rasterize_to_pixels(proj.means2d, proj.conics, leaves[4][None], leaves[3][None], proj.depths,
+                                        proj.radii, 32, 32)  # fmt: skip
+    (render.sum() + alpha.sum()).backward()
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -155,10 +207,9 @@ class _RasterizeFn(torch.autograd.Function):
         g_conic, g_col, g_opac = np.zeros((M, 3), np.float32), np.zeros((M, D), np.float32), np.zeros(M, np.float32)
         v_render_np = _np(v_render) if v_render is not None else np.zeros((C, height, width, D), np.float32)
         v_alpha_np = _np(v_alpha[..., 0]) if v_alpha is not None else np.zeros((C, height, width), np.float32)
-        kr.raster_bwd(
-            _np(means2d), _np(conics), _np(colors), _np(opacities), _np(radii), _np(backgrounds), offsets, ids,
-            width, height, tiles_x, _np(alpha), _np(last), v_render_np, v_alpha_np, g_xy, g_abs, g_conic, g_col, g_opac,
-        )  # fmt: skip
+        args = (_np(means2d), _np(conics), _np(colors), _np(opacities), _np(radii), _np(backgrounds), offsets, ids,
+                width, height, tiles_x, _np(alpha), _np(last), v_render_np, v_alpha_np, g_xy, g_abs, g_conic, g_col, g_opac)  # fmt: skip
+        from_cache(kr.raster_bwd, args)(*args)
         v_means2d, v_abs = np.zeros((C, N, 2), np.float32), np.zeros((C, N, 2), np.float32)
         v_conics, v_colors, v_opac = np.zeros((C, N, 3), np.float32), np.zeros((C, N, D), np.float32), np.zeros((C, N), np.float32)
         kr.reduce_isects(offsets, ids, n_tiles, g_xy, g_abs, g_conic, g_col, g_opac, v_means2d, v_abs, v_conics, v_colors, v_opac)

@@ -27,9 +27,11 @@ import math
 import numba as nb
 import numpy as np
 
-from splatforge.raster.constants import ALPHA_MAX, ALPHA_THRESHOLD, FASTMATH, FASTMATH_REDUCTIONS, TILE_SIZE, TRANSMITTANCE_MIN
+from splatforge.raster.constants import (ALPHA_MAX, ALPHA_THRESHOLD, FASTMATH, FASTMATH_REDUCTIONS, TILE_SIZE,
+                                        TRANSMITTANCE_MIN)  # fmt: skip
 
 _JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
+_JIT_REDUCTIONS = dict(_JIT, fastmath=set(FASTMATH_REDUCTIONS))  # raster_bwd only: see its docstring
 # A contribution is certainly below ALPHA_THRESHOLD when sigma > log(o * 255) + margin; the
 # margin keeps this shortcut from ever disagreeing with the exact test on rounding.
 _SKIP_MARGIN = 1e-3
@@ -266,7 +268,7 @@ def raster_fwd(
                 last_out[c, py, px] = last[p]
 
 
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=set(FASTMATH_REDUCTIONS))
+@nb.njit(parallel=True, **_JIT_REDUCTIONS)
 def raster_bwd(
     means2d, conics, colors, opacities, radii, backgrounds, offsets, ids, width, height, tiles_x,
     alpha_out, last_out, v_render, v_alpha,

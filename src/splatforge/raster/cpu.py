@@ -54,6 +54,8 @@ def from_cache(kernel: Any, args: tuple) -> Any:
     sig = tuple(nb.typeof(a) for a in args)
     key = (kernel.py_func, sig)
     if key not in _FROM_CACHE:
+        # whether the cache holds this signature, without compiling: numba's own look-up
+        # (Dispatcher.compile's first step; ``_cache``/``targetctx`` are not public API)
         if not os.environ.get(_WARMUP_ENV) and kernel._cache.load_overload(sig, kernel.targetctx) is None:
             log.info("compiling the cpu rasterizer's kernels in a child process (once per installation)")
             proc = subprocess.run([sys.executable, "-c", "from splatforge.raster.cpu import warm_kernels; warm_kernels()"],

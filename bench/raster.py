@@ -16,7 +16,6 @@ Run: ``python bench/raster.py`` (about 5 minutes on 2 cores); writes
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import subprocess
@@ -77,9 +76,8 @@ def load_garden(path: Path, n: int, scale: float, device: str):
 def count_isects(params, viewmats, Ks, W, H) -> int:
     with torch.no_grad():
         _, _, info = rasterize(*[p.cpu() for p in params], viewmats.cpu(), Ks.cpu(), W, H, backend="cpu")
-    _, ids = _cpu_raster.bin_gaussians(
-        info["means2d"].numpy(), info["radii"].numpy(), info["depths"].numpy(), math.ceil(W / 16), math.ceil(H / 16)
-    )
+    arrays = [info[k].detach().numpy() for k in ("means2d", "radii", "depths", "conics", "opacities")]
+    _, ids, _ = _cpu_raster.bin_gaussians(*arrays, W, H)
     return int(ids.shape[0])
 
 

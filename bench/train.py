@@ -11,9 +11,10 @@ Three sections, all in one run (``--sections`` picks some), written to
 2. ``breakdown``: one step at 30,000 Gaussians on skull ``images_8`` split into rasterizer
    forward, SSIM, the rest of the loss, backward (rasterizer + SSIM), Adam, strategy and Python
    overhead, median over ``--breakdown-steps`` steps after a warm-up, twice in the same process:
-   *before* (torchmetrics' SSIM, one unfused Adam per parameter and the compositing kernels of git
-   revision ``--baseline-rev``, loaded from git into this process: the previous trainer) and
-   *after* (the compiled separable SSIM, fused Adam, this checkout's kernels).
+   *before* (torchmetrics' SSIM, one unfused Adam per parameter, the compositing kernels of git
+   revision ``--baseline-rev`` and the backend glue of ``--baseline-glue-rev`` that calls them,
+   loaded from git into this process: the previous trainer) and *after* (the compiled separable
+   SSIM, fused Adam, this checkout's rasterizer).
 3. ``opensplat``: OpenSplat 1.1.5's CPU trainer (``--opensplat BINARY``, built by
    ``../shared/peers/opensplat/README.md``) and ours, one after the other, on skull ``images_8``
    at 266x177 from step 1, 3,000 steps, the same 57/9 split, ours with ``--mcmc.cap-max 30000``:
@@ -124,22 +125,46 @@ def _unfused(trainer: Trainer) -> None:
     trainer.optimizers = {k: torch.optim.Adam([trainer.params[k]], lr=lrs[k], eps=1e-15, foreach=False) for k in lrs}
 
 
-def kernels_at(rev: str, tmp: Path):
-    """The module ``splatforge.raster._cpu_raster`` as it was at git revision ``rev``."""
+def _module_at(rev: str, path: str, name: str, tmp: Path, replace: dict[str, str] | None = None):
+    """The file ``path`` of git revision ``rev`` imported as the module ``name`` (its imports
+    rewritten by ``replace``)."""
     import importlib.util
 
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/splatforge/raster/_cpu_raster.py"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    path = tmp / f"cpu_raster_{rev}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"cpu_raster_{rev}", path)
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    for old, new in (replace or {}).items():
+        src = src.replace(old, new)
+    file = tmp / f"{name}.py"
+    file.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
+def backend_at(kernels_rev: str, glue_rev: str, tmp: Path):
+    """A ``splatforge.raster.cpu`` module from the past: its glue (``cpu.py``, ``_cpu_project.py``)
+    at ``glue_rev``, the compositing kernels (``_cpu_raster.py``) at ``kernels_rev``, imported
+    beside this checkout's. Its SH evaluation takes the coefficients concatenated, as the
+    trainer then gave them."""
+    raster = "src/splatforge/raster/"
+    kr = _module_at(kernels_rev, raster + "_cpu_raster.py", f"baseline_cpu_raster_{kernels_rev}", tmp)
+    kp = _module_at(glue_rev, raster + "_cpu_project.py", f"baseline_cpu_project_{glue_rev}", tmp)
+    cpu = _module_at(glue_rev, raster + "cpu.py", f"baseline_cpu_{glue_rev}_{kernels_rev}", tmp, {
+        "from splatforge.raster import _cpu_project as kp": f"import {kp.__name__} as kp",
+        "from splatforge.raster import _cpu_raster as kr": f"import {kr.__name__} as kr",
+    })  # fmt: skip
+    sh_colors = cpu.sh_colors
+
+    def concatenated_sh_colors(means, coeffs, *args):
+        return sh_colors(means, torch.cat(coeffs, dim=1) if isinstance(coeffs, (tuple, list)) else coeffs, *args)
+
+    cpu.sh_colors = concatenated_sh_colors
+    return cpu
+
+
 def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
-    import splatforge.raster.cpu as cpu_module
+    import splatforge.raster as raster_package
     import splatforge.train.trainer as trainer_module
 
     out = {}
@@ -149,13 +174,14 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
     while len(trainer.params["means"]) < 30_000 or trainer.step < 400:  # at the cap, past the JIT compile
         trainer.train_step()
     state = trainer.state_dict()
-    compiled_ssim, kernels = trainer_module.ssim, cpu_module.kr
-    baseline = kernels_at(args.baseline_rev, tmp)
+    compiled_ssim, backend = trainer_module.ssim, raster_package.cpu
+    sys.path.insert(0, str(tmp))
+    baseline = backend_at(args.baseline_rev, args.baseline_glue_rev, tmp)
     for label in ("before", "after"):
         trainer.load_state_dict(state)
         if label == "before":
             trainer_module.ssim = _torchmetrics_ssim
-            cpu_module.kr = baseline
+            raster_package.cpu = sys.modules["splatforge.raster.cpu"] = baseline
             render, _, _ = trainer.render(trainer.train_ids[0])  # compile the baseline kernels outside the timings
             render.sum().backward()
             for p in trainer.params.values():
@@ -168,7 +194,8 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
                 trainer.train_step(times=times)
                 per_step.append(times)
         finally:
-            trainer_module.ssim, cpu_module.kr = compiled_ssim, kernels
+            trainer_module.ssim = compiled_ssim
+            raster_package.cpu = sys.modules["splatforge.raster.cpu"] = backend
         med = {k: statistics.median(getattr(t, k) for t in per_step) for k in ("forward", "ssim", "loss", "backward", "adam", "strategy", "total")}
         med["python_overhead"] = max(0.0, med["total"] - sum(med[k] for k in ("forward", "ssim", "loss", "backward", "adam", "strategy")))
         out[label] = {"ms": {k: round(v * 1000, 2) for k, v in med.items()}, "num_gaussians": len(trainer.params["means"])}
@@ -255,6 +282,8 @@ def main() -> int:
                     choices=["skull_images_8", "fox", "skull_orbit_prepared"], help="the strategies section's scenes")
     ap.add_argument("--breakdown-steps", type=int, default=60)
     ap.add_argument("--baseline-rev", default="a928a54", help="git revision whose compositing kernels the breakdown's 'before' uses")
+    ap.add_argument("--baseline-glue-rev", default="a690dff",
+                    help="git revision whose cpu.py and _cpu_project.py (the glue those kernels fit) the 'before' uses")
     ap.add_argument("--opensplat", type=Path, default=None, help="OpenSplat binary built with the test-split patch")
     ap.add_argument("--strategies", nargs="+", default=["mcmc", "default"], choices=["mcmc", "default"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")

@@ -83,26 +83,170 @@ def test_cpu_kernels_exp_against_float64():
     np.testing.assert_allclose(clamped, [1.0, math.exp(-15.0)], rtol=2e-7)
 
 
+def _box_lists(means2d, radii, depths, width, height):
+    """The tile lists of every Gaussian's whole box (what the kernels took before the ellipse
+    culling), built in numpy: each tile's members in stable depth order and, per entry, the
+    flat pixel range of the box's rows in the tile."""
+    C, N = depths.shape
+    tx_n, ty_n = -(-width // 16), -(-height // 16)
+    u, v = means2d[..., 0].astype(np.float64), means2d[..., 1].astype(np.float64)
+    rx, ry = radii[..., 0].astype(np.float64), radii[..., 1].astype(np.float64)
+    x0, x1 = np.clip(np.floor((u - rx) / 16), 0, tx_n), np.clip(np.ceil((u + rx) / 16), 0, tx_n)
+    y0, y1 = np.clip(np.floor((v - ry) / 16), 0, ty_n), np.clip(np.ceil((v + ry) / 16), 0, ty_n)
+    offsets, ids, lanes = [0], [], []
+    for c in range(C):
+        for ty in range(ty_n):
+            for tx in range(tx_n):
+                inside = (radii[c, :, 0] > 0) & (radii[c, :, 1] > 0)
+                members = np.flatnonzero(inside & (x0[c] <= tx) & (tx < x1[c]) & (y0[c] <= ty) & (ty < y1[c]))
+                members = members[np.argsort(depths[c, members], kind="stable")]
+                top, bottom = ty * 16, min(ty * 16 + 16, height)
+                lo = np.maximum(top, np.ceil(v[c, members] - ry[c, members] - 0.5)) - top
+                hi = np.maximum(lo, np.minimum(bottom, np.floor(v[c, members] + ry[c, members] - 0.5) + 1) - top)
+                ids.extend(members)
+                lanes.extend(zip(lo * 16, hi * 16))
+                offsets.append(len(ids))
+    return np.array(offsets, np.int64), np.array(ids, np.int32), np.array(lanes, np.int32).reshape(-1, 2)
+
+
+def _projected(scene):
+    with torch.no_grad():
+        _, _, info = rasterize(*scene.params(), scene.viewmats, scene.Ks, scene.width, scene.height, backend="cpu")
+    return {k: info[k].detach().numpy() for k in ("means2d", "radii", "depths", "conics", "opacities")}
+
+
 def test_tile_lists_sorted_by_depth_then_index():
     """Each tile's list is its Gaussians in (depth, index) order, what gsplat's stable radix sort
-    gives, with tied and negative depths (near_plane <= 0), against numpy's stable argsort."""
+    gives, with tied and negative depths (near_plane <= 0), against numpy's stable argsort; the
+    ellipse culling only drops members of the box lists, and some."""
     from splatforge.raster import _cpu_raster
 
+    W, H = 70, 45
+    p = _projected(random_scene(seed=3, n=500, width=W, height=H))
     rng = np.random.default_rng(0)
-    n = 400
-    means2d = (rng.random((1, n, 2)) * 64).astype(np.float32)
-    radii = rng.integers(1, 12, (1, n, 2)).astype(np.int32)
-    depths = rng.choice(np.array([-2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 1e-30, 3.0], np.float32), (1, n))
-    offsets, ids = _cpu_raster.bin_gaussians(means2d, radii, depths, 4, 4)
-    x0 = np.clip(np.floor((means2d[0, :, 0] - radii[0, :, 0]) / 16), 0, 4)
-    x1 = np.clip(np.ceil((means2d[0, :, 0] + radii[0, :, 0]) / 16), 0, 4)
-    y0 = np.clip(np.floor((means2d[0, :, 1] - radii[0, :, 1]) / 16), 0, 4)
-    y1 = np.clip(np.ceil((means2d[0, :, 1] + radii[0, :, 1]) / 16), 0, 4)
-    for tile in range(16):
-        tx, ty = tile % 4, tile // 4
-        members = np.flatnonzero((x0 <= tx) & (tx < x1) & (y0 <= ty) & (ty < y1))
-        want = members[np.argsort(depths[0, members], kind="stable")]
-        np.testing.assert_array_equal(ids[offsets[tile]:offsets[tile + 1]], want)
+    depths = rng.choice(np.array([-2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 1e-30, 3.0], np.float32), p["depths"].shape)
+    offsets, ids, lanes = _cpu_raster.bin_gaussians(p["means2d"], p["radii"], depths, p["conics"], p["opacities"], W, H)
+    box_offsets, box_ids, _ = _box_lists(p["means2d"], p["radii"], depths, W, H)
+    assert offsets.shape == box_offsets.shape and ids.shape[0] == lanes.shape[0]
+    C = depths.shape[0]
+    T = (offsets.shape[0] - 1) // C
+    for tile in range(C * T):
+        box = box_ids[box_offsets[tile]:box_offsets[tile + 1]]
+        got = ids[offsets[tile]:offsets[tile + 1]]
+        assert np.isin(got, box).all()
+        want = np.sort(got)
+        want = want[np.argsort(depths[tile // T, want], kind="stable")]
+        np.testing.assert_array_equal(got, want)
+    assert 0.5 * box_ids.shape[0] < ids.shape[0] < 0.95 * box_ids.shape[0]  # culls some, not most
+
+
+def test_culled_tile_lists_cover_every_contributing_pixel():
+    """Every pixel centre where a Gaussian of its box reaches the kernels' contribution test
+    (float32 sigma <= the skip bound, as they compute it) lies in a kept tile and row lane, for
+    tilted, elongated Gaussians: the culling drops only work that composites nothing."""
+    from splatforge.raster import _cpu_raster
+
+    W, H = 70, 45
+    p = _projected(random_scene(seed=5, n=500, width=W, height=H))
+    offsets, ids, lanes = _cpu_raster.bin_gaussians(p["means2d"], p["radii"], p["depths"], p["conics"], p["opacities"], W, H)
+    box_offsets, box_ids, box_lanes = _box_lists(p["means2d"], p["radii"], p["depths"], W, H)
+    C, T = p["depths"].shape[0], (offsets.shape[0] - 1) // p["depths"].shape[0]
+    f32 = np.float32
+    checked = 0
+    for tile in range(C * T):
+        c, t = divmod(tile, T)
+        kept = dict(zip(ids[offsets[tile]:offsets[tile + 1]], lanes[offsets[tile]:offsets[tile + 1]]))
+        x0, y0 = (t % -(-W // 16)) * 16, (t // -(-W // 16)) * 16
+        flat = np.arange(256)
+        px, py = x0 + flat % 16, y0 + flat // 16
+        live = (px < W) & (py < H)
+        pxc, pyc = px.astype(f32) + f32(0.5), py.astype(f32) + f32(0.5)
+        for n, (lo, hi) in zip(box_ids[box_offsets[tile]:box_offsets[tile + 1]], box_lanes[box_offsets[tile]:box_offsets[tile + 1]]):
+            u, v = p["means2d"][c, n]
+            ca, cb, cc = p["conics"][c, n]
+            o = p["opacities"][c, n]
+            dx, dy = u - pxc, v - pyc
+            sigma = f32(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+            bound = f32(math.log(max(float(o), 1e-30) / (1.0 / 255.0)) + 1e-3)
+            hits = flat[live & (sigma >= 0) & (sigma <= bound) & (flat >= lo) & (flat < hi)]
+            if hits.size:
+                checked += 1
+                assert n in kept, (tile, n)
+                assert kept[n][0] <= hits.min() and hits.max() < kept[n][1], (tile, n, kept[n], hits)
+    assert checked > 500
+
+
+def test_culled_lists_render_the_bits_of_the_box_lists():
+    """Forward images, alphas and last contributors are bit-identical with the culled lists and
+    with the whole-box lists (the kernels' own input before the culling); the backward pass's
+    per-Gaussian gradients agree to float32 summation order."""
+    from splatforge.raster import _cpu_raster as kr
+
+    W, H = 70, 45
+    scene = random_scene(seed=7, n=500, width=W, height=H)
+    p = _projected(scene)
+    C, N = p["depths"].shape
+    rng = np.random.default_rng(1)
+    colors = rng.random((C, N, 3), dtype=np.float32)
+    bgs = np.zeros((C, 3), np.float32)
+    culled = kr.bin_gaussians(p["means2d"], p["radii"], p["depths"], p["conics"], p["opacities"], W, H)
+    box = _box_lists(p["means2d"], p["radii"], p["depths"], W, H)
+    assert culled[1].shape[0] < box[1].shape[0]
+    v_render = rng.standard_normal((C, H, W, 3), dtype=np.float32)
+    v_alpha = rng.standard_normal((C, H, W), dtype=np.float32)
+    outs, grads = [], []
+    for offsets, ids, lanes in (culled, box):
+        render, alpha, last = np.empty((C, H, W, 3), np.float32), np.empty((C, H, W), np.float32), np.empty((C, H, W), np.int32)
+        args = (p["means2d"], p["conics"], colors, p["opacities"], bgs, offsets, ids, lanes, W, H, -(-W // 16))
+        kr.raster_fwd(*args, render, alpha, last)
+        T = (offsets.shape[0] - 1) // C
+        tile = (np.arange(H)[:, None] // 16) * -(-W // 16) + np.arange(W)[None, :] // 16
+        who = np.where(last > 0, ids[np.minimum(offsets[np.arange(C)[:, None, None] * T + tile] + last - 1, ids.shape[0] - 1)], -1)
+        outs.append((render, alpha, who))
+        M = ids.shape[0]
+        g = [np.zeros((M, 2), np.float32), np.zeros((M, 2), np.float32), np.zeros((M, 3), np.float32),
+             np.zeros((M, 3), np.float32), np.zeros(M, np.float32)]  # fmt: skip
+        kr.raster_bwd(*args, alpha, last, v_render, v_alpha, *g)
+        cams = np.repeat(np.arange(C), np.diff(offsets[::T]))
+        per = []
+        for arr in g:
+            acc = np.zeros((C * N,) + arr.shape[1:], np.float64)
+            np.add.at(acc, cams * N + ids, arr)
+            per.append(acc)
+        grads.append(per)
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    assert (outs[0][2] >= 0).mean() > 0.3  # the images are mostly covered
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert np.abs(b).max() > 0
+
+
+def test_strip_rows_against_a_dense_sample():
+    """:func:`strip_rows` against the rows found by evaluating sigma densely in float64 over the
+    strip, for random tilted ellipses: never a contributing row less, and at most one row more
+    on each side."""
+    from splatforge.raster import _cpu_raster
+
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        u, v = rng.uniform(0, 64, 2)
+        sx, sy, th = rng.uniform(0.5, 12), rng.uniform(0.5, 12), rng.uniform(0, np.pi)
+        R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+        ca, cb, cc = np.linalg.inv(R @ np.diag([sx * sx, sy * sy]) @ R.T)[[0, 0, 1], [0, 1, 1]]
+        o = rng.uniform(0.01, 1.0)
+        px0 = int(rng.integers(0, 4)) * 16
+        r0, r1 = _cpu_raster.strip_rows(np.float32(u), np.float32(v), np.float32(ca), np.float32(cb), np.float32(cc),
+                                        np.float32(o), px0, px0 + 16)  # fmt: skip
+        ys, xs = np.mgrid[-40:110, px0:px0 + 16] + 0.5
+        dx, dy = u - xs, v - ys
+        sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+        rows = np.flatnonzero((sigma <= math.log(o * 255.0)).any(axis=1)) - 40
+        if rows.size == 0:
+            assert r0 >= r1 or r1 - r0 <= 2
+            continue
+        assert r0 <= rows.min() and rows.max() < r1
+        assert rows.min() - r0 <= 1 and r1 - 1 - rows.max() <= 1
 
 
 def test_gradcheck_reference_float64():
@@ -186,6 +330,29 @@ def test_default_strategy_runs_on_cpu_info():
             p.grad = None
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sh_coefficients_as_parts_match_the_concatenation(backend):
+    """``colors=(sh0, shN)`` renders the bits of ``colors=cat([sh0, shN])`` and gives each part
+    the slice of the concatenation's gradient (the cpu kernels read the parts in place)."""
+    scene = random_scene(seed=9, n=200, n_cameras=2, width=40, height=30, sh_degree=3)
+    g = torch.Generator().manual_seed(3)
+    weights = torch.randn(2, 30, 40, 3, generator=g)
+    results = []
+    for split in (False, True):
+        means, quats, scales, opacities, coeffs = scene.params()
+        sh0, shN = coeffs[:, :1].detach().clone().requires_grad_(True), coeffs[:, 1:].detach().clone().requires_grad_(True)
+        colors = (sh0, shN) if split else torch.cat([sh0, shN], dim=1)
+        render, _, _ = rasterize(means, quats, scales, opacities, colors, scene.viewmats, scene.Ks, 40, 30, sh_degree=2,
+                                 backend=backend)  # fmt: skip
+        (render * weights).sum().backward()
+        results.append([render.detach(), means.grad, sh0.grad, shN.grad])
+    assert results[0][0].abs().sum() > 1.0
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert results[1][3][:, 8:].abs().max() == 0 and results[1][3][:, :8].abs().max() > 0  # degree 2 of 3
+
+
 def test_cpu_render_never_imports_gsplat():
     """Rendering on CPU (auto backend) and probing backends must not import gsplat: on a machine
     with nvcc but no GPU, gsplat would start its JIT build."""
@@ -265,6 +432,10 @@ def test_backend_selection_and_errors():
         (dict(rasterize_mode="mip"), "rasterize_mode must be one of"),
         (dict(sh_degree=3, colors=torch.zeros(4, 9, 3)), "sh_degree=3 needs 16 SH coefficients"),
         (dict(sh_degree=4, colors=torch.zeros(4, 25, 3)), "sh_degree must be 0, 1, 2 or 3"),
+        (dict(sh_degree=1, colors=(torch.zeros(4, 1, 3),)), r"must be the pair \(sh0, shN\)"),
+        (dict(sh_degree=1, colors=(torch.zeros(4, 2, 3), torch.zeros(4, 3, 3))), r"colors\[0\] \(sh0\) must have shape \[4, 1, 3\]"),
+        (dict(sh_degree=2, colors=(torch.zeros(4, 1, 3), torch.zeros(4, 3, 3))), "sh_degree=2 needs 9 SH coefficients per channel, colors has 4"),
+        (dict(sh_degree=1, colors=(torch.zeros(4, 1, 3), torch.zeros(4, 3, 3, dtype=torch.float64))), "cpu backend needs float32"),
         (dict(means=torch.zeros(4, 3, dtype=torch.float64)), "cpu backend needs float32"),
         (dict(width=0), "width and height must be positive"),
         (dict(backgrounds=torch.zeros(1, 4)), r"backgrounds must have shape \[1, 3\]"),

@@ -46,13 +46,14 @@ class Activated:
     """The activated values :func:`splatforge.raster.rasterize` takes: ``means [N, 3]`` (world),
     ``quats [N, 4]`` (wxyz, as stored), ``scales [N, 3]`` (``exp``: world units), ``opacities
     [N]`` (``sigmoid``: in [0, 1]), ``colors [N, K, 3]`` (SH coefficients, the first
-    ``(sh_degree + 1)^2``) and ``sh_degree``."""
+    ``(sh_degree + 1)^2``; or the pair ``(sh0, shN)``, see :meth:`Splats.activated`) and
+    ``sh_degree``."""
 
     means: Array
     quats: Array
     scales: Array
     opacities: Array
-    colors: Array
+    colors: Union[Array, tuple[Tensor, Tensor]]
     sh_degree: int
 
     def __getitem__(self, key: str) -> Array:
@@ -182,13 +183,17 @@ class Splats:
         """``[N]`` activated opacities, ``sigmoid(opacities)``, in [0, 1]."""
         return torch.sigmoid(self.opacities) if self.is_torch else expit(np.asarray(self.opacities, np.float64))
 
-    def activated(self, sh_degree: Optional[int] = None) -> Activated:
+    def activated(self, sh_degree: Optional[int] = None, sh_parts: bool = False) -> Activated:
         """Activated values (see :class:`Activated`); ``sh_degree`` keeps the first
-        ``(sh_degree + 1)^2`` coefficients (default: all). Differentiable for tensors."""
+        ``(sh_degree + 1)^2`` coefficients (default: all). Differentiable for tensors.
+        ``sh_parts`` (tensors only): ``colors`` is the pair ``(sh0 [N, 1, 3], shN [N, K - 1, 3])``
+        instead of their concatenation, which :func:`splatforge.raster.rasterize` also takes
+        (the cpu kernels read the parts in place: no copy, no split of the gradient)."""
         deg = self.sh_degree if sh_degree is None else min(int(sh_degree), self.sh_degree)
         k = num_sh_bases(deg)
         if self.is_torch:
-            colors = torch.cat([self.sh0, self.shN[:, : k - 1]], dim=1)
+            parts = (self.sh0, self.shN[:, : k - 1])
+            colors = parts if sh_parts else torch.cat(parts, dim=1)
             return Activated(self.means, self.quats, torch.exp(self.scales), torch.sigmoid(self.opacities), colors, deg)
         colors = np.concatenate([np.asarray(self.sh0), np.asarray(self.shN)[:, : k - 1]], axis=1)
         return Activated(np.asarray(self.means), np.asarray(self.quats), np.exp(np.asarray(self.scales, np.float64)),
@@ -206,6 +211,6 @@ class Splats:
         from splatforge.raster import rasterize
 
         s = self if self.is_torch else self.torch(viewmats.device)
-        a = s.activated(sh_degree)
+        a = s.activated(sh_degree, sh_parts=True)
         return rasterize(a.means, a.quats, a.scales, a.opacities, a.colors, viewmats, Ks, width, height,
                          sh_degree=a.sh_degree, **kwargs)  # fmt: skip

@@ -301,41 +301,33 @@ def _sh_basis(degree, x, y, z, b):
 
 
 @nb.njit(inline="always", **_JIT)
-def _sh_basis_grad(degree, x, y, z, db):
-    """Write d basis_k / d(x, y, z) into ``db [16, 3]`` (rows k >= 1; row 0 is constant)."""
-    db[:, :] = 0.0
-    if degree >= 1:
-        db[1, 1] = -SH_C1
-        db[2, 2] = SH_C1
-        db[3, 0] = -SH_C1
+def _sh_dir_grad(degree, x, y, z, vb):
+    """``sum_k vb[k] d basis_k / d(x, y, z)`` at the unit direction (x, y, z) (``vb [16]``: the
+    loss' gradient per basis function; entry 0 unused, the constant band)."""
+    ux, uy, uz = -SH_C1 * vb[3], -SH_C1 * vb[1], SH_C1 * vb[2]
     if degree >= 2:
         c = SH_C2
-        db[4, 0], db[4, 1] = c[0] * y, c[0] * x
-        db[5, 1], db[5, 2] = c[1] * z, c[1] * y
-        db[6, 0], db[6, 1], db[6, 2] = -2.0 * c[2] * x, -2.0 * c[2] * y, 4.0 * c[2] * z
-        db[7, 0], db[7, 2] = c[3] * z, c[3] * x
-        db[8, 0], db[8, 1] = 2.0 * c[4] * x, -2.0 * c[4] * y
+        ux += c[0] * y * vb[4] - 2.0 * c[2] * x * vb[6] + c[3] * z * vb[7] + 2.0 * c[4] * x * vb[8]
+        uy += c[0] * x * vb[4] + c[1] * z * vb[5] - 2.0 * c[2] * y * vb[6] - 2.0 * c[4] * y * vb[8]
+        uz += c[1] * y * vb[5] + 4.0 * c[2] * z * vb[6] + c[3] * x * vb[7]
         if degree >= 3:
             d = SH_C3
             xx, yy, zz = x * x, y * y, z * z
-            db[9, 0], db[9, 1] = d[0] * 6.0 * x * y, d[0] * (3.0 * xx - 3.0 * yy)
-            db[10, 0], db[10, 1], db[10, 2] = d[1] * y * z, d[1] * x * z, d[1] * x * y
-            db[11, 0] = d[2] * (-2.0 * x * y)
-            db[11, 1] = d[2] * (4.0 * zz - xx - 3.0 * yy)
-            db[11, 2] = d[2] * 8.0 * y * z
-            db[12, 0] = d[3] * (-6.0 * x * z)
-            db[12, 1] = d[3] * (-6.0 * y * z)
-            db[12, 2] = d[3] * (6.0 * zz - 3.0 * xx - 3.0 * yy)
-            db[13, 0] = d[4] * (4.0 * zz - 3.0 * xx - yy)
-            db[13, 1] = d[4] * (-2.0 * x * y)
-            db[13, 2] = d[4] * 8.0 * x * z
-            db[14, 0], db[14, 1], db[14, 2] = d[5] * 2.0 * x * z, d[5] * (-2.0 * y * z), d[5] * (xx - yy)
-            db[15, 0], db[15, 1] = d[6] * (3.0 * xx - 3.0 * yy), d[6] * (-6.0 * x * y)
+            ux += (d[0] * 6.0 * x * y * vb[9] + d[1] * y * z * vb[10] - d[2] * 2.0 * x * y * vb[11]
+                   - d[3] * 6.0 * x * z * vb[12] + d[4] * (4.0 * zz - 3.0 * xx - yy) * vb[13]
+                   + d[5] * 2.0 * x * z * vb[14] + d[6] * (3.0 * xx - 3.0 * yy) * vb[15])  # fmt: skip
+            uy += (d[0] * (3.0 * xx - 3.0 * yy) * vb[9] + d[1] * x * z * vb[10]
+                   + d[2] * (4.0 * zz - xx - 3.0 * yy) * vb[11] - d[3] * 6.0 * y * z * vb[12]
+                   - d[4] * 2.0 * x * y * vb[13] - d[5] * 2.0 * y * z * vb[14] - d[6] * 6.0 * x * y * vb[15])  # fmt: skip
+            uz += (d[1] * x * y * vb[10] + d[2] * 8.0 * y * z * vb[11] + d[3] * (6.0 * zz - 3.0 * xx - 3.0 * yy) * vb[12]
+                   + d[4] * 8.0 * x * z * vb[13] + d[5] * (xx - yy) * vb[14])  # fmt: skip
+    return ux, uy, uz
 
 
 @nb.njit(parallel=True, **_JIT)
-def sh_fwd(means, coeffs, campos, degree, radii, colors):
-    """``colors [C, N, 3]`` (zero-initialised) from ``coeffs [N, K, 3]`` seen from ``campos [C, 3]``."""
+def sh_fwd(means, sh0, shN, campos, degree, radii, colors):
+    """``colors [C, N, 3]`` (zero-initialised) from the coefficients ``sh0 [N, 1, 3]`` and
+    ``shN [N, K - 1, 3]`` (the first ``(degree + 1)^2 - 1`` used) seen from ``campos [C, 3]``."""
     C, N = campos.shape[0], means.shape[0]
     nb_ = (degree + 1) * (degree + 1)
     n_chunks = (N + _CHUNK - 1) // _CHUNK
@@ -349,24 +341,24 @@ def sh_fwd(means, coeffs, campos, degree, radii, colors):
             inv = 1.0 / max(math.sqrt(dx * dx + dy * dy + dz * dz), 1e-12)
             _sh_basis(degree, dx * inv, dy * inv, dz * inv, b)
             for ch in range(3):
-                acc = 0.0
-                for k in range(nb_):
-                    acc += b[k] * coeffs[n, k, ch]
+                acc = b[0] * sh0[n, 0, ch]
+                for k in range(1, nb_):
+                    acc += b[k] * shN[n, k - 1, ch]
                 colors[c, n, ch] = acc
 
 
 @nb.njit(parallel=True, **_JIT)
-def sh_bwd(means, coeffs, campos, degree, radii, v_colors, v_coeffs, v_means, v_campos):
-    """Gradients w.r.t. ``coeffs [N, K, 3]`` and, through the view direction, ``means [N, 3]``
-    (both zero-initialised, accumulated over cameras) and the camera centres: ``v_campos
-    [n_chunks, C, 3]`` per work item (the caller sums them; the direction is ``mean - campos``,
-    so each is minus the means' share)."""
+def sh_bwd(means, sh0, shN, campos, degree, radii, v_colors, v_sh0, v_shN, v_means, v_campos):
+    """Gradients w.r.t. ``sh0 [N, 1, 3]``, ``shN [N, K - 1, 3]`` and, through the view
+    direction, ``means [N, 3]`` (all zero-initialised, accumulated over cameras) and the camera
+    centres: ``v_campos [n_chunks, C, 3]`` per work item (the caller sums them; the direction is
+    ``mean - campos``, so each is minus the means' share)."""
     C, N = campos.shape[0], means.shape[0]
     nb_ = (degree + 1) * (degree + 1)
     n_chunks = (N + _CHUNK - 1) // _CHUNK
     for job in nb.prange(n_chunks):
         b = np.empty(16)
-        db = np.empty((16, 3))
+        vb = np.zeros(16)
         for n in range(job * _CHUNK, min(N, (job + 1) * _CHUNK)):
             for c in range(C):
                 if radii[c, n, 0] <= 0 or radii[c, n, 1] <= 0:
@@ -376,19 +368,17 @@ def sh_bwd(means, coeffs, campos, degree, radii, v_colors, v_coeffs, v_means, v_
                 x, y, z = dx / norm, dy / norm, dz / norm
                 _sh_basis(degree, x, y, z, b)
                 g0, g1, g2 = v_colors[c, n, 0], v_colors[c, n, 1], v_colors[c, n, 2]
-                for k in range(nb_):
-                    v_coeffs[n, k, 0] += b[k] * g0
-                    v_coeffs[n, k, 1] += b[k] * g1
-                    v_coeffs[n, k, 2] += b[k] * g2
+                v_sh0[n, 0, 0] += b[0] * g0
+                v_sh0[n, 0, 1] += b[0] * g1
+                v_sh0[n, 0, 2] += b[0] * g2
+                for k in range(1, nb_):
+                    v_shN[n, k - 1, 0] += b[k] * g0
+                    v_shN[n, k - 1, 1] += b[k] * g1
+                    v_shN[n, k - 1, 2] += b[k] * g2
+                    vb[k] = shN[n, k - 1, 0] * g0 + shN[n, k - 1, 1] * g1 + shN[n, k - 1, 2] * g2
                 if degree == 0:
                     continue
-                _sh_basis_grad(degree, x, y, z, db)
-                ux = uy = uz = 0.0
-                for k in range(1, nb_):
-                    vb = coeffs[n, k, 0] * g0 + coeffs[n, k, 1] * g1 + coeffs[n, k, 2] * g2
-                    ux += vb * db[k, 0]
-                    uy += vb * db[k, 1]
-                    uz += vb * db[k, 2]
+                ux, uy, uz = _sh_dir_grad(degree, x, y, z, vb)
                 dot = x * ux + y * uy + z * uz  # through the normalisation
                 ax, ay, az = (ux - x * dot) / norm, (uy - y * dot) / norm, (uz - z * dot) / norm
                 v_means[n, 0] += ax

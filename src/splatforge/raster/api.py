@@ -162,7 +162,10 @@ def rasterize(
         opacities: ``[N]`` **activated** opacities in [0, 1] (not logits).
         colors: ``[N, D]`` or ``[C, N, D]`` features when ``sh_degree`` is None, else SH
             coefficients ``[N, K, 3]`` with ``K >= (sh_degree + 1) ** 2`` (rendered as
-            ``max(SH(dir) + 0.5, 0)`` with ``dir`` from the camera centre to the Gaussian).
+            ``max(SH(dir) + 0.5, 0)`` with ``dir`` from the camera centre to the Gaussian), or
+            those coefficients as the pair ``(sh0 [N, 1, 3], shN [N, K - 1, 3])``, the
+            parameters as trainers hold them: the cpu backend reads them in place (no
+            concatenated copy, and each gets its own gradient), the others concatenate them.
         viewmats: ``[C, 4, 4]`` world-to-camera matrices, OpenCV axes (+x right, +y down, +z
             forward).
         Ks: ``[C, 3, 3]`` intrinsics in pixels; pixel centres are at integer + 0.5.
@@ -222,23 +225,29 @@ def rasterize(
         raise ConfigError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
     _check_options(rasterize_mode, near_plane, far_plane, eps2d)
     if sh_degree is None:
-        if colors.dim() == 2:
-            _check("colors", colors, (N, None), device)
-        else:
-            _check("colors", colors, (C, N, None), device)
+        _check("colors", colors, (N, None) if isinstance(colors, Tensor) and colors.dim() == 2 else (C, N, None), device)
+    elif isinstance(colors, (tuple, list)):
+        if len(colors) != 2:
+            raise ConfigError(f"colors as SH coefficients in parts must be the pair (sh0, shN), got {len(colors)} tensors")
+        _check("colors[0] (sh0)", colors[0], (N, 1, 3), device)
+        _check("colors[1] (shN)", colors[1], (N, None, 3), device)
+        n_coeffs = 1 + colors[1].shape[1]
     else:
         _check("colors", colors, (N, None, 3), device)
-        if colors.shape[1] < num_sh_bases(sh_degree):
-            raise ConfigError(
-                f"sh_degree={sh_degree} needs {num_sh_bases(sh_degree)} SH coefficients per channel, "
-                f"colors has {colors.shape[1]}"
-            )
+        n_coeffs = colors.shape[1]
+    if sh_degree is not None and n_coeffs < num_sh_bases(sh_degree):
+        raise ConfigError(
+            f"sh_degree={sh_degree} needs {num_sh_bases(sh_degree)} SH coefficients per channel, colors has {n_coeffs}"
+        )
     D_in = 3 if sh_degree is not None else colors.shape[-1]
     if backgrounds is not None:
         _check("backgrounds", backgrounds, (C, D_in if "RGB" in render_mode else None), device)
 
     name = resolve_backend(backend, device)
-    _check_dtypes(name, means, quats, scales, opacities, colors, viewmats, Ks)
+    parts = list(colors) if isinstance(colors, (tuple, list)) else [colors]
+    _check_dtypes(name, means, quats, scales, opacities, *parts, viewmats, Ks)
+    if len(parts) == 2 and name != "cpu":  # only the cpu kernels read the parts in place
+        colors = torch.cat(parts, dim=1)
     if DEPTH_MODES.get(render_mode) == "MD":
         if distributed:
             raise ConfigError("median depth (MD) is not available in distributed rendering")

@@ -152,56 +152,67 @@ def project(
     return Projection(means2d, conics, depths, radii, comps if antialiased else None)
 
 
+def _bin(means2d, radii, depths, conics, opacities, width, height) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_cpu_raster.bin_gaussians` on tensors: ``(offsets, ids, lanes)``."""
+    return kr.bin_gaussians(_np(means2d), _np(radii), _np(depths), _np(conics), _np(opacities), int(width), int(height))
+
+
 class _SHFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, means, coeffs, campos, radii, degree):  # type: ignore[override]
+    def forward(ctx: Any, means, sh0, shN, campos, radii, degree):  # type: ignore[override]
         colors = np.zeros((campos.shape[0], means.shape[0], 3), np.float32)
-        kp.sh_fwd(_np(means), _np(coeffs), _np(campos), degree, _np(radii), colors)
+        kp.sh_fwd(_np(means), _np(sh0), _np(shN), _np(campos), degree, _np(radii), colors)
         ctx.degree = degree
-        ctx.save_for_backward(means, coeffs, campos, radii)
+        ctx.save_for_backward(means, sh0, shN, campos, radii)
         return torch.from_numpy(colors)
 
     @staticmethod
     def backward(ctx: Any, v_colors):  # type: ignore[override]
-        means, coeffs, campos, radii = ctx.saved_tensors
-        v_coeffs = np.zeros(coeffs.shape, np.float32)
+        means, sh0, shN, campos, radii = ctx.saved_tensors
+        v_sh0, v_shN = np.zeros(sh0.shape, np.float32), np.zeros(shN.shape, np.float32)
         v_means = np.zeros(means.shape, np.float32)
         v_campos = np.zeros(((means.shape[0] + kp._CHUNK - 1) // kp._CHUNK, campos.shape[0], 3), np.float32)
-        kp.sh_bwd(_np(means), _np(coeffs), _np(campos), ctx.degree, _np(radii), _np(v_colors), v_coeffs, v_means, v_campos)
-        v_cam = torch.from_numpy(v_campos.sum(axis=0, dtype=np.float64).astype(np.float32)) if ctx.needs_input_grad[2] else None
-        return torch.from_numpy(v_means), torch.from_numpy(v_coeffs), v_cam, None, None
+        kp.sh_bwd(_np(means), _np(sh0), _np(shN), _np(campos), ctx.degree, _np(radii), _np(v_colors), v_sh0, v_shN, v_means,
+                  v_campos)  # fmt: skip
+        v_cam = torch.from_numpy(v_campos.sum(axis=0, dtype=np.float64).astype(np.float32)) if ctx.needs_input_grad[3] else None
+        return torch.from_numpy(v_means), torch.from_numpy(v_sh0), torch.from_numpy(v_shN), v_cam, None, None
 
 
-def sh_colors(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int, radii: Tensor) -> Tensor:
-    """Compiled SH evaluation; same contract as :func:`splatforge.raster.reference.sh_colors`."""
+def sh_colors(means: Tensor, coeffs: Tensor | tuple[Tensor, Tensor], viewmats: Tensor, sh_degree: int,
+              radii: Tensor) -> Tensor:  # fmt: skip
+    """Compiled SH evaluation; same contract as :func:`splatforge.raster.reference.sh_colors`,
+    and ``coeffs`` may also be the pair ``(sh0 [N, 1, 3], shN [N, K - 1, 3])``, read in place
+    (no concatenated copy, gradients written to each)."""
+    sh0, shN = (coeffs[:, :1], coeffs[:, 1:]) if isinstance(coeffs, Tensor) else coeffs
     # camera centres, world, differentiable (pose refinement) and through the inverse as gsplat and
     # the reference take them: -R^T t has the same value but another gradient off the rotations
     campos = torch.linalg.inv(viewmats)[:, :3, 3]
-    return _SHFn.apply(means, coeffs, campos.contiguous(), radii, int(sh_degree))
+    return _SHFn.apply(means, sh0.contiguous(), shN.contiguous(), campos.contiguous(), radii, int(sh_degree))
 
 
 class _RasterizeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, means2d, conics, colors, opacities, backgrounds, radii, depths, width, height, absgrad):  # type: ignore[override]
         C, _N, D = colors.shape
-        tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
-        offsets, ids = kr.bin_gaussians(_np(means2d), _np(radii), _np(depths), tiles_x, tiles_y)
+        tiles_x = math.ceil(width / TILE_SIZE)
+        offsets, ids, lanes = _bin(means2d, radii, depths, conics, opacities, width, height)
         render = np.empty((C, height, width, D), np.float32)
         alpha = np.empty((C, height, width), np.float32)
         last = np.empty((C, height, width), np.int32)
         bgs = _np(backgrounds)
-        kr.raster_fwd(_np(means2d), _np(conics), _np(colors), _np(opacities), _np(radii), bgs, offsets, ids, width, height, tiles_x, render, alpha, last)
-        ctx.isect = (offsets, ids, tiles_x * tiles_y)
+        kr.raster_fwd(_np(means2d), _np(conics), _np(colors), _np(opacities), bgs, offsets, ids, lanes, width, height, tiles_x,
+                      render, alpha, last)  # fmt: skip
+        ctx.isect = (offsets, ids, lanes, (offsets.shape[0] - 1) // C)
         ctx.dims = (width, height, tiles_x, absgrad)
         ctx.means2d = means2d if absgrad else None  # absgrad is attached to this very tensor
         render_t, alpha_t = torch.from_numpy(render), torch.from_numpy(alpha)
-        ctx.save_for_backward(means2d, conics, colors, opacities, radii, backgrounds, alpha_t, torch.from_numpy(last))
+        ctx.save_for_backward(means2d, conics, colors, opacities, backgrounds, alpha_t, torch.from_numpy(last))
         return render_t, alpha_t[..., None]
 
     @staticmethod
     def backward(ctx: Any, v_render, v_alpha):  # type: ignore[override]
-        means2d, conics, colors, opacities, radii, backgrounds, alpha, last = ctx.saved_tensors
-        offsets, ids, n_tiles = ctx.isect
+        means2d, conics, colors, opacities, backgrounds, alpha, last = ctx.saved_tensors
+        offsets, ids, lanes, n_tiles = ctx.isect
         width, height, tiles_x, absgrad = ctx.dims
         C, N, D = colors.shape
         M = ids.shape[0]
@@ -209,7 +220,7 @@ class _RasterizeFn(torch.autograd.Function):
         g_conic, g_col, g_opac = np.zeros((M, 3), np.float32), np.zeros((M, D), np.float32), np.zeros(M, np.float32)
         v_render_np = _np(v_render) if v_render is not None else np.zeros((C, height, width, D), np.float32)
         v_alpha_np = _np(v_alpha[..., 0]) if v_alpha is not None else np.zeros((C, height, width), np.float32)
-        args = (_np(means2d), _np(conics), _np(colors), _np(opacities), _np(radii), _np(backgrounds), offsets, ids,
+        args = (_np(means2d), _np(conics), _np(colors), _np(opacities), _np(backgrounds), offsets, ids, lanes,
                 width, height, tiles_x, _np(alpha), _np(last), v_render_np, v_alpha_np, g_xy, g_abs, g_conic, g_col, g_opac)  # fmt: skip
         from_cache(kr.raster_bwd, args)(*args)
         v_means2d, v_abs = np.zeros((C, N, 2), np.float32), np.zeros((C, N, 2), np.float32)
@@ -250,12 +261,12 @@ def transmittance_stats(means2d: Tensor, conics: Tensor, opacities: Tensor, dept
                         width: int, height: int) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Compiled version of :func:`splatforge.raster.reference.transmittance_stats`."""
     C, N = opacities.shape
-    tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
-    offsets, ids = kr.bin_gaussians(_np(means2d), _np(radii), _np(depths), tiles_x, tiles_y)
+    tiles_x = math.ceil(width / TILE_SIZE)
+    offsets, ids, lanes = _bin(means2d, radii, depths, conics, opacities, width, height)
     isect_T, isect_n = np.zeros(ids.shape[0], np.float64), np.zeros(ids.shape[0], np.int64)
-    kr.raster_transmittance(_np(means2d), _np(conics), _np(opacities), _np(radii), offsets, ids, int(width), int(height),
+    kr.raster_transmittance(_np(means2d), _np(conics), _np(opacities), offsets, ids, lanes, int(width), int(height),
                             tiles_x, isect_T, isect_n)  # fmt: skip
-    cams = np.repeat(np.arange(C), np.diff(offsets[:: tiles_x * tiles_y]))
+    cams = np.repeat(np.arange(C), np.diff(offsets[:: (offsets.shape[0] - 1) // C]))
     flat = cams * N + ids
     sum_T = np.bincount(flat, weights=isect_T, minlength=C * N).reshape(C, N)
     count = np.bincount(flat, weights=isect_n, minlength=C * N).reshape(C, N)
@@ -266,9 +277,9 @@ def median_depth(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Ten
                  width: int, height: int, rays: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Compiled version of :func:`splatforge.raster.reference.median_depth`."""
     C = opacities.shape[0]
-    tiles_x, tiles_y = math.ceil(width / TILE_SIZE), math.ceil(height / TILE_SIZE)
-    offsets, ids = kr.bin_gaussians(_np(means2d), _np(radii), _np(depths), tiles_x, tiles_y)
+    tiles_x = math.ceil(width / TILE_SIZE)
+    offsets, ids, lanes = _bin(means2d, radii, depths, conics, opacities, width, height)
     median, alpha = np.empty((C, height, width), np.float32), np.empty((C, height, width), np.float32)
-    kr.raster_median(_np(means2d), _np(conics), _np(opacities), _np(radii), _np(depths), offsets, ids, int(width), int(height),
+    kr.raster_median(_np(means2d), _np(conics), _np(opacities), _np(depths), offsets, ids, lanes, int(width), int(height),
                      tiles_x, *(_np(r) for r in rays), median, alpha)  # fmt: skip
     return torch.from_numpy(median)[..., None], torch.from_numpy(alpha)[..., None]

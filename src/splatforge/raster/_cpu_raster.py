@@ -40,6 +40,9 @@ _SKIP_MARGIN = 1e-3
 # float32 constants: a Python float in a kernel would promote the lane arithmetic to float64.
 _F = np.float32
 _S = TILE_SIZE
+#: Runs of Gaussians that :func:`bin_gaussians` counts and fills in parallel (fixed, so that
+#: nothing depends on the thread count).
+_BIN_CHUNKS = 64
 _P = TILE_SIZE * TILE_SIZE
 _AMAX, _THR, _TMIN = _F(ALPHA_MAX), _F(ALPHA_THRESHOLD), _F(TRANSMITTANCE_MIN)
 _ZERO, _HALF, _ONE = _F(0.0), _F(0.5), _F(1.0)
@@ -162,8 +165,8 @@ def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
     about 20 % fewer intersections and 30 % fewer rows).
 
     Each list is sorted by depth, ties by index (what gsplat's stable radix sort of (tile, depth)
-    keys gives): the kept tiles are found in parallel over Gaussians, the lists filled in
-    index order, then each list is sorted in parallel over tiles by one 63-bit key per entry: the
+    keys gives): the kept tiles are found in parallel over Gaussians, the lists counted and
+    filled in index order (in parallel over runs of Gaussians), then each list is sorted in parallel over tiles by one 63-bit key per entry: the
     depth's float32 bits mapped so that unsigned order is float order (negative depths included,
     for ``near_plane <= 0``), then the index (below 2^31).
     """
@@ -197,22 +200,34 @@ def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
                 pair[i] = ty * tiles_x + tx if lo < hi else -1
                 pair_rows[i, 0], pair_rows[i, 1] = (lo - y0) * _S, (hi - y0) * _S
                 i += 1
-    counts = np.zeros(C * T + 1, np.int64)
-    for job in range(C * N):
-        for i in range(box[job], box[job + 1]):
-            if pair[i] >= 0:
-                counts[(job // N) * T + pair[i] + 1] += 1
-    offsets = np.cumsum(counts)
+    # counted and filled in parallel over _BIN_CHUNKS runs of Gaussians; chunk k's entries of a
+    # tile go after those of chunks < k, so each list is in index order whatever the threads
+    n_jobs = C * N
+    per = max(1, (n_jobs + _BIN_CHUNKS - 1) // _BIN_CHUNKS)
+    n_chunks = (n_jobs + per - 1) // per
+    counts = np.zeros((n_chunks, C * T), np.int64)
+    for k in nb.prange(n_chunks):
+        for job in range(k * per, min(n_jobs, (k + 1) * per)):
+            for i in range(box[job], box[job + 1]):
+                if pair[i] >= 0:
+                    counts[k, (job // N) * T + pair[i]] += 1
+    offsets = np.zeros(C * T + 1, np.int64)
+    for t in range(C * T):
+        run = offsets[t]
+        for k in range(n_chunks):
+            run, counts[k, t] = run + counts[k, t], run  # counts becomes each chunk's cursor
+        offsets[t + 1] = run
     ids = np.empty(offsets[-1], np.int32)
     rows = np.empty((offsets[-1], 2), np.int32)
-    cursor = offsets[:-1].copy()
-    for job in range(C * N):
-        for i in range(box[job], box[job + 1]):
-            if pair[i] >= 0:
-                t = (job // N) * T + pair[i]
-                ids[cursor[t]] = job % N
-                rows[cursor[t], 0], rows[cursor[t], 1] = pair_rows[i, 0], pair_rows[i, 1]
-                cursor[t] += 1
+    for k in nb.prange(n_chunks):
+        for job in range(k * per, min(n_jobs, (k + 1) * per)):
+            for i in range(box[job], box[job + 1]):
+                if pair[i] >= 0:
+                    t = (job // N) * T + pair[i]
+                    at = counts[k, t]
+                    ids[at] = job % N
+                    rows[at, 0], rows[at, 1] = pair_rows[i, 0], pair_rows[i, 1]
+                    counts[k, t] = at + 1
     bits = depths.view(np.uint32)
     lanes = np.empty((offsets[-1], 2), np.int32)
     for job in nb.prange(C * T):

@@ -361,6 +361,16 @@ def raster_fwd(
             kk = np.int32(k + 1)
             lo, hi = np.uint64(lanes[k, 0]), np.uint64(lanes[k, 1])  # unsigned: no wrap-around checks
             stops = 0
+            if D == 3:  # RGB: the features accumulated in the same pass (the same operations)
+                c0, c1, c2 = col[k, 0], col[k, 1], col[k, 2]
+                for p in range(lo, hi):
+                    wp, _t, stop = _composite(u, v, ca, cb, cc, o, bound, kk, pxc, pyc, Tr, last, live, p)
+                    stops += 1 if stop else 0
+                    acc[0, p] += c0 * wp
+                    acc[1, p] += c1 * wp
+                    acc[2, p] += c2 * wp
+                active -= stops
+                continue
             for p in range(lo, hi):
                 w[p], _t, stop = _composite(u, v, ca, cb, cc, o, bound, kk, pxc, pyc, Tr, last, live, p)
                 stops += 1 if stop else 0
@@ -384,11 +394,14 @@ def raster_bwd(
     alpha_out, last_out, v_render, v_alpha,
     g_xy, g_abs, g_conic, g_col, g_opac,
 ):  # fmt: skip
-    """Per-intersection gradients (outputs ``[n_isects, ...]``, each row written once): ``g_xy``
+    """Per-intersection gradients (outputs ``[n_isects, ...]``, each row written once, need not
+    be initialised): ``g_xy``
     and ``g_abs`` (sum of absolute per-pixel values) w.r.t. means2d, ``g_conic``, ``g_col [.., D]``
     and ``g_opac``. Gaussians are visited back to front; each pixel recovers its transmittance
     by division, as gsplat does. Three passes over a Gaussian's pixels: its alpha and the
-    transmittance behind it, the features' terms (per channel), the sigma chain."""
+    transmittance behind it, the features' terms (per channel), the sigma chain; for three
+    features (RGB) they are one pass with the channels unrolled (the same operations per pixel:
+    the per-pixel values need not go through memory)."""
     C, D = colors.shape[0], colors.shape[2]
     T = (offsets.shape[0] - 1) // C
     for job in nb.prange(C * T):
@@ -419,9 +432,57 @@ def raster_bwd(
                     vc[d, p] = v_render[c, py, px, d]
                     bg_dot += backgrounds[c, d] * vc[d, p]
                 va[p] = v_alpha[c, py, px] - bg_dot
+        for i in range(start + kmax, start + m):  # behind every pixel's last contributor: no gradient
+            g_xy[i, 0] = g_xy[i, 1] = g_abs[i, 0] = g_abs[i, 1] = g_opac[i] = _ZERO
+            g_conic[i, 0] = g_conic[i, 1] = g_conic[i, 2] = _ZERO
+            for d in range(D):
+                g_col[i, d] = _ZERO
         for k in range(kmax - 1, -1, -1):
             u, v, ca, cb, cc, o, bound = g[k, 0], g[k, 1], g[k, 2], g[k, 3], g[k, 4], g[k, 5], g[k, 6]
             lo, hi = np.uint64(lanes[k, 0]), np.uint64(lanes[k, 1])
+            i = start + k
+            if D == 3:  # RGB, the training case: the three passes below as one, per pixel
+                c0, c1, c2 = col[k, 0], col[k, 1], col[k, 2]
+                g0 = g1 = g2 = gx = gy = ax = ay = ga = gb = gcc = go = _ZERO
+                for p in range(lo, hi):
+                    sigma, dx, dy = _sigma(u, v, ca, cb, cc, pxc, pyc, p)
+                    vis = _exp_neg(sigma)
+                    alpha = min(_AMAX, o * vis)
+                    ok = (k < last[p]) & (sigma >= _ZERO) & (sigma <= bound) & (alpha >= _THR)
+                    ra = _ONE / (_ONE - alpha)
+                    t = Tr[p] * ra
+                    Tr[p] = t if ok else Tr[p]
+                    okf = _ONE if ok else _ZERO
+                    fac = okf * alpha * t
+                    w0, w1, w2 = vc[0, p], vc[1, p], vc[2, p]
+                    g0 += fac * w0
+                    g1 += fac * w1
+                    g2 += fac * w2
+                    a_p = okf * T_final[p] * ra * va[p]
+                    a_p += okf * (c0 * t - buf[0, p] * ra) * w0
+                    a_p += okf * (c1 * t - buf[1, p] * ra) * w1
+                    a_p += okf * (c2 * t - buf[2, p] * ra) * w2
+                    buf[0, p] += c0 * fac
+                    buf[1, p] += c1 * fac
+                    buf[2, p] += c2 * fac
+                    vis_p = vis if (ok & (o * vis <= _AMAX)) else _ZERO
+                    v_sigma = -o * vis_p * a_p
+                    ga += v_sigma * dx * dx
+                    gb += v_sigma * dx * dy
+                    gcc += v_sigma * dy * dy
+                    ex = v_sigma * (ca * dx + cb * dy)
+                    ey = v_sigma * (cb * dx + cc * dy)
+                    gx += ex
+                    gy += ey
+                    ax += abs(ex)
+                    ay += abs(ey)
+                    go += vis_p * a_p
+                g_col[i, 0], g_col[i, 1], g_col[i, 2] = g0, g1, g2
+                g_xy[i, 0], g_xy[i, 1] = gx, gy
+                g_abs[i, 0], g_abs[i, 1] = ax, ay
+                g_conic[i, 0], g_conic[i, 1], g_conic[i, 2] = _HALF * ga, gb, _HALF * gcc
+                g_opac[i] = go
+                continue
             for p in range(lo, hi):
                 sigma, _dx, _dy = _sigma(u, v, ca, cb, cc, pxc, pyc, p)
                 vis = _exp_neg(sigma)
@@ -437,7 +498,6 @@ def raster_bwd(
                 t_[p] = t
                 vis_[p] = vis if (ok & (o * vis <= _AMAX)) else _ZERO  # alpha's clamp has no gradient
                 v_a[p] = okf * T_final[p] * ra * va[p]
-            i = start + k
             for d in range(D):
                 cd = col[k, d]
                 gcd = _ZERO

@@ -216,8 +216,8 @@ class _RasterizeFn(torch.autograd.Function):
         width, height, tiles_x, absgrad = ctx.dims
         C, N, D = colors.shape
         M = ids.shape[0]
-        g_xy, g_abs = np.zeros((M, 2), np.float32), np.zeros((M, 2), np.float32)
-        g_conic, g_col, g_opac = np.zeros((M, 3), np.float32), np.zeros((M, D), np.float32), np.zeros(M, np.float32)
+        g_xy, g_abs = np.empty((M, 2), np.float32), np.empty((M, 2), np.float32)  # every row written by raster_bwd
+        g_conic, g_col, g_opac = np.empty((M, 3), np.float32), np.empty((M, D), np.float32), np.empty(M, np.float32)
         v_render_np = _np(v_render) if v_render is not None else np.zeros((C, height, width, D), np.float32)
         v_alpha_np = _np(v_alpha[..., 0]) if v_alpha is not None else np.zeros((C, height, width), np.float32)
         args = (_np(means2d), _np(conics), _np(colors), _np(opacities), _np(backgrounds), offsets, ids, lanes,

@@ -108,30 +108,48 @@ def _strip_rows(u, v, ca, cb, cc, o, px0, px1):
     Float64; the bound is widened by the float32 error of ``sigma`` (which grows with the
     ellipse's eccentricity) and the strip and rows by 0.01 px, so rounding can only add a row.
     A degenerate conic returns every row."""
-    big = 1 << 30
+    return _cut(_ellipse(ca, cb, cc, o), u, v, px0, px1)
+
+
+_BIG = 1 << 30
+
+
+@nb.njit(inline="always", **_JIT)
+def _ellipse(ca, cb, cc, o):
+    """The per-Gaussian part of :func:`_strip_rows`: ``(kind, a, b, c, det, s, half_x, dx_t, dy_t)``
+    with ``kind`` 0 for no contributing pixel, 1 for a degenerate conic (every row), 2 else."""
     a, b, c = float(ca), float(cb), float(cc)
     det = a * c - b * b
     if not (a > 0.0 and c > 0.0 and det > 1e-9 * a * c):
-        return -big, big
+        return 1, a, b, c, det, 0.0, 0.0, 0.0, 0.0
     bound = _skip_bound(o)
     if bound < 0.0:
-        return 0, 0
+        return 0, a, b, c, det, 0.0, 0.0, 0.0, 0.0
     ecc = abs(b) / math.sqrt(a * c)  # < 1
     s = 2.0 * bound * (1.0 + 1e-5 * (1.0 + ecc) / (1.0 - ecc)) + 1e-6
-    half_x = math.sqrt(c * s / det)
+    dy_t = math.sqrt(a * s / det)
+    return 2, a, b, c, det, s, math.sqrt(c * s / det), -b * dy_t / a, dy_t
+
+
+@nb.njit(inline="always", **_JIT)
+def _cut(e, u, v, px0, px1):
+    """The per-strip part of :func:`_strip_rows`, for the ellipse ``e`` of :func:`_ellipse`."""
+    kind, a, b, c, det, s, half_x, dx_t, _dy_t = e
+    if kind == 1:
+        return -_BIG, _BIG
+    if kind == 0:
+        return 0, 0
     lo = max(u - (px1 - 0.5) - 0.01, -half_x)  # the strip, as dx = u - x of its pixel centres
     hi = min(u - (px0 + 0.5) + 0.01, half_x)
     if lo > hi:
         return 0, 0
-    dy_t = math.sqrt(a * s / det)
-    dx_t = -b * dy_t / a
     x = min(max(dx_t, lo), hi)
     dy_max = (-b * x + math.sqrt(max(0.0, c * s - det * x * x))) / c
     x = min(max(-dx_t, lo), hi)
     dy_min = (-b * x - math.sqrt(max(0.0, c * s - det * x * x))) / c
     # rows whose centre y + 0.5 = v - dy has dy in [dy_min, dy_max]
-    top = min(max(v - dy_max - 0.5 - 0.01, -float(big)), float(big))
-    bottom = min(max(v - dy_min - 0.5 + 0.01, -float(big)), float(big))
+    top = min(max(v - dy_max - 0.5 - 0.01, -float(_BIG)), float(_BIG))
+    bottom = min(max(v - dy_min - 0.5 + 0.01, -float(_BIG)), float(_BIG))
     return int(math.ceil(top)), int(math.floor(bottom)) + 1
 
 
@@ -189,10 +207,12 @@ def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
         c, n = job // N, job % N
         u, v, ry = means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 1]
         i = box[job]
+        if i == box[job + 1]:
+            continue
+        e = _ellipse(conics[c, n, 0], conics[c, n, 1], conics[c, n, 2], opacities[c, n])
         for tx in range(rects[job, 0], rects[job, 2]):
             px0 = tx * _S
-            r0, r1 = _strip_rows(u, v, conics[c, n, 0], conics[c, n, 1], conics[c, n, 2], opacities[c, n], px0,
-                                 min(px0 + _S, width))  # fmt: skip
+            r0, r1 = _cut(e, u, v, px0, min(px0 + _S, width))
             for ty in range(rects[job, 1], rects[job, 3]):
                 y0 = ty * _S
                 lo, hi = _box_rows(v, ry, y0, min(y0 + _S, height))

@@ -30,6 +30,7 @@ before believing a difference under ~20 %.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -171,8 +172,9 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
     cfg = TrainConfig(data=DATASETS / "skull", output=tmp / "breakdown", data_factor=8, steps=3000, device="cpu",
                       checkpoint_every=0, mcmc=MCMCConfig(cap_max=30_000))  # fmt: skip
     trainer = Trainer(cfg)
-    while len(trainer.params["means"]) < 30_000 or trainer.step < 400:  # at the cap, past the JIT compile
-        trainer.train_step()
+    with trainer.compute_threads():
+        while len(trainer.params["means"]) < 30_000 or trainer.step < 400:  # at the cap, past the JIT compile
+            trainer.train_step()
     state = trainer.state_dict()
     compiled_ssim, backend = trainer_module.ssim, raster_package.cpu
     sys.path.insert(0, str(tmp))
@@ -187,19 +189,21 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
             for p in trainer.params.values():
                 p.grad = None
             _unfused(trainer)
-        try:
-            per_step = []
-            for _ in range(args.breakdown_steps):
-                times = StepTimes()
-                trainer.train_step(times=times)
-                per_step.append(times)
+        try:  # 'after' as train() runs it: torch's own ops on one thread, the cores left to the kernels
+            with contextlib.nullcontext() if label == "before" else trainer.compute_threads():
+                per_step = []
+                for _ in range(args.breakdown_steps):
+                    times = StepTimes()
+                    trainer.train_step(times=times)
+                    per_step.append(times)
         finally:
             trainer_module.ssim = compiled_ssim
             raster_package.cpu = sys.modules["splatforge.raster.cpu"] = backend
         med = {k: statistics.median(getattr(t, k) for t in per_step) for k in ("forward", "ssim", "loss", "backward", "adam", "strategy", "total")}
         med["python_overhead"] = max(0.0, med["total"] - sum(med[k] for k in ("forward", "ssim", "loss", "backward", "adam", "strategy")))
         out[label] = {"ms": {k: round(v * 1000, 2) for k, v in med.items()}, "num_gaussians": len(trainer.params["means"])}
-    out["raster_share_after"] = _raster_share(trainer)
+    with trainer.compute_threads():
+        out["raster_share_after"] = _raster_share(trainer)
     return out
 
 

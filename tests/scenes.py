@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor
 
@@ -16,6 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 def datasets_dir() -> Path:
     """``$SPLATFORGE_DATASETS`` or ``../shared/datasets`` beside the repository."""
     return Path(os.environ.get("SPLATFORGE_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def needs_datasets(*paths: str) -> pytest.MarkDecorator:
+    """Skip marker for a test that reads ``paths`` (relative to :func:`datasets_dir`, e.g.
+    ``"skull/images_8"``): skipped, naming what is missing, where the shared datasets are absent
+    (a clone outside the team's workspace), so that the suite passes or skips but never errors."""
+    missing = [p for p in paths if not (datasets_dir() / p).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} under {datasets_dir()}")
 
 
 def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, -1.0, 0.0)) -> Tensor:

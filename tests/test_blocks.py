@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scenes import datasets_dir
+from scenes import datasets_dir, needs_datasets
 from splatforge.data import SceneData
 from splatforge.data.blocks import in_box, load_plan, plan_blocks, plane_coords, write_plan
 from splatforge.errors import ConfigError, DataFormatError
 
 SKULL = datasets_dir() / "skull"
+needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 
 
 def _ground_scene(tmp_path: Path) -> SceneData:
@@ -91,7 +92,7 @@ def test_plan_rejects_bad_input(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SKULL / "images_8").is_dir(), reason="needs ../shared/datasets/skull")
+@needs_skull
 def test_skull_two_blocks_merge_close_to_one_model_local_and_ray(tmp_path):
     """Skull images_8 as 2 blocks of 250 steps through the local pool: the merged run's test
     PSNR is within 0.5 dB of one model trained as long as a block (250 steps) on the same split:
@@ -156,7 +157,7 @@ def test_blocks_commands_report_bad_input(tmp_path, capsys):
     assert not (tmp_path / "merged").exists()
 
 
-@pytest.mark.skipif(not (SKULL / "images_8").is_dir(), reason="needs ../shared/datasets/skull")
+@needs_skull
 def test_a_failing_block_is_reported_alone_and_a_rerun_skips_finished_blocks(tmp_path, capsys):
     """A block without training views fails alone (its error line in the results, the CLI
     exits 1 naming it); the other block's run is complete, and a rerun skips it."""

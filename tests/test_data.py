@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import datasets_dir
+from scenes import datasets_dir, needs_datasets
 from splatforge import DataFormatError
 from splatforge.data import load_scene, make_split
 from splatforge.errors import ConfigError
@@ -19,6 +19,8 @@ from splatforge.io import read_ply, write_ply
 
 SKULL = datasets_dir() / "skull"
 FOX = datasets_dir() / "fox"
+needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
+needs_fox = needs_datasets("fox/transforms.json")
 
 
 def snapshot(folder: Path) -> dict:
@@ -26,6 +28,7 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+@needs_skull
 def test_skull_colmap_reader_projects_points_onto_observations(tmp_path):
     import pycolmap
 
@@ -54,6 +57,7 @@ def test_skull_colmap_reader_projects_points_onto_observations(tmp_path):
     assert snapshot(SKULL) == before
 
 
+@needs_fox
 def test_fox_transforms_reader(tmp_path):
     before = snapshot(FOX)
     scene = load_scene(FOX, cache_dir=tmp_path / "cache")
@@ -135,6 +139,7 @@ def _truncate(path: Path) -> None:
         f.truncate(path.stat().st_size // 2)
 
 
+@needs_skull
 @pytest.mark.parametrize(
     "breakage, message",
     [
@@ -224,6 +229,7 @@ def test_ply_bad_files(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp files left behind
 
 
+@needs_skull
 def test_distorted_colmap_model_is_undistorted_into_the_cache(tmp_path):
     """A SIMPLE_RADIAL copy of skull (calibrated at full size, images_8 on disk) is undistorted
     with pycolmap into the cache, at the images' size, never into the input."""

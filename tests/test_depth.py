@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import datasets_dir
+from scenes import datasets_dir, needs_datasets
 from splatforge.cli import main as cli_main
 from splatforge.data.depth import (DepthFit, PNG_SCALE, fit_depth_scale, read_inverse_depth, reliable_views,
                                    sfm_inverse_depths, write_inverse_depth_png)  # fmt: skip
 
 SKULL = datasets_dir() / "skull"
-needs_skull = pytest.mark.skipif(not (SKULL / "images_8").is_dir(), reason="needs ../shared/datasets/skull")
+needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 
 
 def test_fit_recovers_an_exact_affine_map():
@@ -152,12 +152,11 @@ def test_depth_prior_command_with_a_local_model(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["images"] == len(scene)
 
 
+@needs_skull
 def test_missing_model_offline_is_one_clear_error(tmp_path, monkeypatch, capsys):
     """Offline without the weights: exit 1, one line naming the model id and how to fetch it,
     nothing written."""
     pytest.importorskip("transformers")
-    if not (SKULL / "images_8").is_dir():
-        pytest.skip("needs ../shared/datasets/skull")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "priors"
     code = cli_main(["depth-prior", str(SKULL), "--data-factor", "8", "--output", str(out),

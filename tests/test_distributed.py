@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from scenes import REPO, datasets_dir
+from scenes import REPO, datasets_dir, needs_datasets
 from splatforge.train.distributed import even_sizes
 
 SKULL = datasets_dir() / "skull"
-needs_skull = pytest.mark.skipif(not (SKULL / "images_8").is_dir(), reason="needs ../shared/datasets/skull")
+needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import datasets_dir, intrinsics, look_at
+from scenes import datasets_dir, intrinsics, look_at, needs_datasets
 
 from splatforge.cli import main
 from splatforge.pipeline.generate import GenerateConfig, generate
@@ -26,7 +26,7 @@ from splatforge.products.visibility import gaussian_scores, score_maps, second_p
 from splatforge.raster import transmittance_stats
 
 DATA = datasets_dir()
-needs_data = pytest.mark.skipif(not (DATA / "skull").is_dir() or not (DATA / "fox").is_dir(), reason="../shared/datasets not found")
+needs_data = needs_datasets("skull", "fox")
 
 
 # --- accumulators and visibility -------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from scenes import datasets_dir
+from scenes import datasets_dir, needs_datasets
 from splatforge import DataFormatError
 from splatforge.data.frames import extract_video_frames, import_photos, is_near_duplicate, select_windows, sharpness
 from splatforge.errors import ConfigError
@@ -41,6 +41,7 @@ def test_near_duplicates():
     assert not is_near_duplicate(a, np.roll(a, 5, axis=1))
 
 
+@needs_datasets("skull/skull_orbit.mp4")
 def test_video_frames_are_sharp_spread_and_named(tmp_path):
     stats = extract_video_frames(VIDEO, tmp_path, target=11)
     names = sorted(p.name for p in tmp_path.iterdir())
@@ -94,7 +95,7 @@ def test_prepare_bad_inputs_leave_nothing_behind(tmp_path):
 
 
 SKULL = datasets_dir() / "skull"
-needs_skull = pytest.mark.skipif(not VIDEO.exists(), reason="../shared/datasets/skull not found")
+needs_skull = needs_datasets("skull/skull_orbit.mp4", "skull/images_4", "skull/images_8", "skull/sparse/0")
 
 
 def _relative_rotation_errors(scene_dir, reference_dir) -> list[float]:

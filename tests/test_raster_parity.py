@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scenes import Scene, garden_subset, look_at, random_scene
+from scenes import Scene, garden_subset, look_at, needs_datasets, random_scene
 from splatforge.raster import rasterize
 
 PARAM_NAMES = ("means", "quats", "scales", "opacities", "colors")
@@ -136,6 +136,7 @@ def test_parity_tile_borders():
     assert (out["info"]["radii"] > 16).any()  # some span several tiles
 
 
+@needs_datasets("garden/test_garden.npz")
 def test_parity_garden_real_density():
     """Real garden centres (dense, wide depth range) at 1/4 resolution."""
     scene = garden_subset(6000, 0.25)

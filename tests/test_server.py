@@ -17,13 +17,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from scenes import datasets_dir
+from scenes import datasets_dir, needs_datasets
 
 from splatforge.server.client import Client, ServerError, zip_job_root
 
 JOB = datasets_dir() / "skull_splatter_job"
 TOKEN = "s3cret-token"
-needs_job = pytest.mark.skipif(not (JOB / "datasets").exists(), reason="../shared/datasets/skull_splatter_job not found")
+needs_job = needs_datasets("skull_splatter_job/datasets")
 SMALL = {"steps": 300, "data_factor": 2, "checkpoint_every": 50, "preview_size": 128}
 
 

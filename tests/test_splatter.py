@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scenes import datasets_dir
+from scenes import datasets_dir, needs_datasets
 
 from splatforge.cli import main
 from splatforge.io import read_ply
@@ -25,7 +25,7 @@ JOB = datasets_dir() / "skull_splatter_job"
 DATASET = "2024-05-14_10-21-33"
 VIDEO = JOB / "datasets" / DATASET / "Frames.mp4"
 MODEL = JOB / "refined" / "global" / "refined_sfm_combined"
-needs_job = pytest.mark.skipif(not VIDEO.exists(), reason="../shared/datasets/skull_splatter_job not found")
+needs_job = needs_datasets(str(VIDEO.relative_to(datasets_dir())))
 
 
 def job_root(tmp: Path, *, second: str | None = None, rename: dict[str, str] | None = None) -> Path:

@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from scenes import datasets_dir
+from scenes import datasets_dir, needs_datasets
 
 REPO_DATA = datasets_dir() / "skull"  # only named by configs that are resolved, never read
+needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 from splatforge.demo import build_demo_scene
 from splatforge.io import read_ply
 from splatforge.products import evaluate
@@ -44,6 +45,7 @@ def skull_400(tmp_path_factory):
     return trainer, trainer.train()
 
 
+@needs_skull
 def test_skull_short_training_beats_floor(skull_400):
     """400 steps on the real skull photos (images_8): held-out PSNR well above the ~12 dB of
     the initialisation, and every promised output in the run folder. (400, not 300: at 300 steps
@@ -468,7 +470,7 @@ def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO_DATA / "images_8").is_dir(), reason="needs ../shared/datasets/skull")
+@needs_skull
 def test_exposure_compensation_recovers_the_unscaled_quality_on_skull(tmp_path):
     """The issue's criterion on real photos: skull images_8 whose training images are scaled by
     per-image gains in [0.7, 1.3] trains (500 steps, --exposure) no worse than 0.3 dB under the
@@ -531,7 +533,7 @@ def _rotation(axis, degrees: float) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REPO_DATA / "images_8").is_dir(), reason="needs ../shared/datasets/skull")
+@needs_skull
 def test_pose_alignment_recovers_a_perturbed_pose(demo_scene, skull_400, tmp_path):
     """Skull images_8 trained 400 steps; one view's pose perturbed by 1 degree and 2 % of the
     scene scale: the alignment (pose corrections through the cpu backend's viewmats gradient,

@@ -40,8 +40,8 @@ _SKIP_MARGIN = 1e-3
 # float32 constants: a Python float in a kernel would promote the lane arithmetic to float64.
 _F = np.float32
 _S = TILE_SIZE
-#: Runs of Gaussians that :func:`bin_gaussians` counts and fills in parallel (fixed, so that
-#: nothing depends on the thread count).
+#: Runs of depth-sorted Gaussians that :func:`bin_gaussians` counts and fills in parallel (fixed,
+#: so that nothing depends on the thread count).
 _BIN_CHUNKS = 64
 _P = TILE_SIZE * TILE_SIZE
 _AMAX, _THR, _TMIN = _F(ALPHA_MAX), _F(ALPHA_THRESHOLD), _F(TRANSMITTANCE_MIN)
@@ -166,6 +166,56 @@ def strip_rows(u, v, ca, cb, cc, o, px0, px1):
     return _strip_rows(u, v, ca, cb, cc, o, px0, px1)
 
 
+@nb.njit(**_JIT)
+def _depth_order(depths, area):
+    """The jobs ``c * N + n`` whose tile box is not empty (``area[job + 1] > 0``), camera by
+    camera, each camera's sorted by depth, ties by index: ``int64 [n_visible]``.
+
+    An LSD radix sort (8-bit digits, stable, so index order breaks ties) of one 32-bit key per
+    Gaussian: the depth's float32 bits mapped so that unsigned order is float order (negative
+    depths included, for ``near_plane <= 0``; -0.0 ties with 0.0 as in a float comparison);
+    digits every key shares are skipped. Jobs are taken in index order, so the camera stays the
+    major key when each camera's run is sorted on its own."""
+    C, N = depths.shape
+    bits = depths.view(np.uint32)
+    seq = np.empty(C * N, np.int64)
+    keys = np.empty(C * N, np.uint32)
+    m = 0
+    for job in range(C * N):
+        if area[job + 1] > 0:
+            b = np.int64(bits[job // N, job % N])
+            b = 0 if b == 0x80000000 else b
+            keys[m] = np.uint32(b ^ 0x80000000 if b < 0x80000000 else 0xFFFFFFFF - b)
+            seq[m] = job
+            m += 1
+    tmp_seq, tmp_keys = np.empty(m, np.int64), np.empty(m, np.uint32)
+    hist = np.empty((4, 256), np.int64)
+    start = 0
+    for c in range(C):
+        stop = start
+        while stop < m and seq[stop] < (c + 1) * N:
+            stop += 1
+        hist[:] = 0
+        for i in range(start, stop):
+            for d in range(4):
+                hist[d, (keys[i] >> np.uint32(8 * d)) & np.uint32(255)] += 1
+        for d in range(4):
+            if hist[d].max() == stop - start:  # one value of this digit: the pass would not move anything
+                continue
+            at = np.empty(256, np.int64)
+            run = start
+            for b in range(256):
+                at[b] = run
+                run += hist[d, b]
+            for i in range(start, stop):
+                b = (keys[i] >> np.uint32(8 * d)) & np.uint32(255)
+                tmp_seq[at[b]], tmp_keys[at[b]] = seq[i], keys[i]
+                at[b] += 1
+            seq[start:stop], keys[start:stop] = tmp_seq[start:stop], tmp_keys[start:stop]
+        start = stop
+    return seq[:m]
+
+
 @nb.njit(parallel=True, **_JIT)
 def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
     """Per-tile, depth-sorted lists of the Gaussians that can contribute to each tile.
@@ -183,33 +233,37 @@ def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
     about 20 % fewer intersections and 30 % fewer rows).
 
     Each list is sorted by depth, ties by index (what gsplat's stable radix sort of (tile, depth)
-    keys gives): the kept tiles are found in parallel over Gaussians, the lists counted and
-    filled in index order (in parallel over runs of Gaussians), then each list is sorted in parallel over tiles by one 63-bit key per entry: the
-    depth's float32 bits mapped so that unsigned order is float order (negative depths included,
-    for ``near_plane <= 0``), then the index (below 2^31).
+    keys gives). Rather than sorting every tile's list, the visible Gaussians are sorted once
+    (:func:`_depth_order`) and the lists filled in that order: the kept tiles and rows are found
+    in parallel over the sorted Gaussians, then the lists counted and filled in parallel over
+    :data:`_BIN_CHUNKS` runs of them, run ``k``'s entries of a tile after those of runs ``< k``,
+    so the order does not depend on the thread count.
     """
     C, N = depths.shape
     tiles_x, tiles_y = (width + TILE_SIZE - 1) // TILE_SIZE, (height + TILE_SIZE - 1) // TILE_SIZE
     T = tiles_x * tiles_y
     rects = np.zeros((C * N, 4), np.int32)
+    area = np.zeros(C * N + 1, np.int64)  # area[job + 1]: the box's tile count (0: not visible)
     for job in nb.prange(C * N):
         c, n = job // N, job % N
         if radii[c, n, 0] > 0 and radii[c, n, 1] > 0:
             x0, y0, x1, y1 = _tile_rect(means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 0], radii[c, n, 1], tiles_x, tiles_y)
             rects[job, 0], rects[job, 1], rects[job, 2], rects[job, 3] = x0, y0, x1, y1
-    box = np.zeros(C * N + 1, np.int64)
-    for job in range(C * N):
-        box[job + 1] = box[job] + (rects[job, 2] - rects[job, 0]) * (rects[job, 3] - rects[job, 1])
-    # per (Gaussian, box tile): the tile, or -1 when dropped, and its rows
+            area[job + 1] = (x1 - x0) * (y1 - y0)
+    seq = _depth_order(depths, area)
+    n_seq = seq.shape[0]
+    box = np.zeros(n_seq + 1, np.int64)  # the s-th sorted Gaussian's box tiles: [box[s], box[s + 1])
+    for s in range(n_seq):
+        box[s + 1] = box[s] + area[seq[s] + 1]
+    # per (Gaussian, box tile), in sorted order: the list c * T + tile, or -1 when dropped, and its rows
     pair = np.empty(box[-1], np.int32)
     pair_rows = np.empty((box[-1], 2), np.int32)
-    for job in nb.prange(C * N):
+    for s in nb.prange(n_seq):
+        job = seq[s]
         c, n = job // N, job % N
         u, v, ry = means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 1]
-        i = box[job]
-        if i == box[job + 1]:
-            continue
         e = _ellipse(conics[c, n, 0], conics[c, n, 1], conics[c, n, 2], opacities[c, n])
+        i = box[s]
         for tx in range(rects[job, 0], rects[job, 2]):
             px0 = tx * _S
             r0, r1 = _cut(e, u, v, px0, min(px0 + _S, width))
@@ -217,58 +271,34 @@ def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
                 y0 = ty * _S
                 lo, hi = _box_rows(v, ry, y0, min(y0 + _S, height))
                 lo, hi = max(lo, r0), min(hi, r1)
-                pair[i] = ty * tiles_x + tx if lo < hi else -1
+                pair[i] = c * T + ty * tiles_x + tx if lo < hi else -1
                 pair_rows[i, 0], pair_rows[i, 1] = (lo - y0) * _S, (hi - y0) * _S
                 i += 1
-    # counted and filled in parallel over _BIN_CHUNKS runs of Gaussians; chunk k's entries of a
-    # tile go after those of chunks < k, so each list is in index order whatever the threads
-    n_jobs = C * N
-    per = max(1, (n_jobs + _BIN_CHUNKS - 1) // _BIN_CHUNKS)
-    n_chunks = (n_jobs + per - 1) // per
-    counts = np.zeros((n_chunks, C * T), np.int64)
-    for k in nb.prange(n_chunks):
-        for job in range(k * per, min(n_jobs, (k + 1) * per)):
-            for i in range(box[job], box[job + 1]):
-                if pair[i] >= 0:
-                    counts[k, (job // N) * T + pair[i]] += 1
+    per = max(1, (n_seq + _BIN_CHUNKS - 1) // _BIN_CHUNKS)
+    n_runs = (n_seq + per - 1) // per
+    counts = np.zeros((n_runs, C * T), np.int64)
+    for k in nb.prange(n_runs):
+        for i in range(box[k * per], box[min(n_seq, (k + 1) * per)]):
+            if pair[i] >= 0:
+                counts[k, pair[i]] += 1
     offsets = np.zeros(C * T + 1, np.int64)
     for t in range(C * T):
         run = offsets[t]
-        for k in range(n_chunks):
-            run, counts[k, t] = run + counts[k, t], run  # counts becomes each chunk's cursor
+        for k in range(n_runs):
+            run, counts[k, t] = run + counts[k, t], run  # counts becomes each run's cursor
         offsets[t + 1] = run
     ids = np.empty(offsets[-1], np.int32)
-    rows = np.empty((offsets[-1], 2), np.int32)
-    for k in nb.prange(n_chunks):
-        for job in range(k * per, min(n_jobs, (k + 1) * per)):
-            for i in range(box[job], box[job + 1]):
-                if pair[i] >= 0:
-                    t = (job // N) * T + pair[i]
-                    at = counts[k, t]
-                    ids[at] = job % N
-                    rows[at, 0], rows[at, 1] = pair_rows[i, 0], pair_rows[i, 1]
-                    counts[k, t] = at + 1
-    bits = depths.view(np.uint32)
     lanes = np.empty((offsets[-1], 2), np.int32)
-    for job in nb.prange(C * T):
-        c, start, stop = job // T, offsets[job], offsets[job + 1]
-        # (depth bits, position in the list) keys are distinct, so any sort gives the stable
-        # order; the position (the index order of the fill) carries each entry's rows along
-        keys = np.empty(stop - start, np.int64)
-        for i in range(stop - start):
-            b = np.int64(bits[c, ids[start + i]])
-            b = 0 if b == 0x80000000 else b  # -0.0 ties with 0.0, as in a float comparison
-            b = b ^ 0x80000000 if b < 0x80000000 else 0xFFFFFFFF - b  # float order as unsigned order
-            keys[i] = (b << 31) | np.int64(i)
-        keys.sort()
-        order = np.empty(stop - start, np.int32)
-        for i in range(stop - start):
-            order[i] = np.int32(keys[i] & 0x7FFFFFFF)
-        for i in range(stop - start):
-            lanes[start + i, 0], lanes[start + i, 1] = rows[start + order[i], 0], rows[start + order[i], 1]
-            order[i] = ids[start + order[i]]
-        for i in range(stop - start):
-            ids[start + i] = order[i]
+    for k in nb.prange(n_runs):
+        for s in range(k * per, min(n_seq, (k + 1) * per)):
+            n = np.int32(seq[s] % N)
+            for i in range(box[s], box[s + 1]):
+                t = pair[i]
+                if t >= 0:
+                    at = counts[k, t]
+                    ids[at] = n
+                    lanes[at, 0], lanes[at, 1] = pair_rows[i, 0], pair_rows[i, 1]
+                    counts[k, t] = at + 1
     return offsets, ids, lanes
 
 

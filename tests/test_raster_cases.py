@@ -140,6 +140,28 @@ def test_tile_lists_sorted_by_depth_then_index():
     assert 0.5 * box_ids.shape[0] < ids.shape[0] < 0.95 * box_ids.shape[0]  # culls some, not most
 
 
+def test_depth_order_is_numpys_stable_sort_per_camera():
+    """The radix sort behind the tile lists against numpy's stable lexsort of (camera, depth):
+    invisible Gaussians left out, a camera with none visible, depths sharing their high bytes
+    (the skipped digits), negative and tied depths, -0.0 tied with 0.0."""
+    from splatforge.raster._cpu_raster import _depth_order
+
+    rng = np.random.default_rng(4)
+    C, N = 3, 4000
+    depths = (2.0 + rng.random((C, N)) * 1e-3).astype(np.float32)  # one exponent: top digits all equal
+    depths[1] = rng.choice(np.array([-3.0, -1e-20, -0.0, 0.0, 1e-30, 2.0, 7.5], np.float32), N)
+    depths[1, ::7] = rng.standard_normal(len(depths[1, ::7])).astype(np.float32) * 100
+    visible = rng.random((C, N)) < 0.8
+    visible[2] = False
+    area = np.concatenate([[0], visible.ravel().astype(np.int64)])
+    got = _depth_order(depths, area)
+    jobs = np.flatnonzero(visible.ravel())
+    key = depths.ravel()[jobs] + np.float32(0.0)  # -0.0 -> 0.0, as a float comparison sees it
+    want = jobs[np.lexsort((jobs, key, jobs // N))]
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.int64 and (got // N != 2).all()
+
+
 def test_culled_tile_lists_cover_every_contributing_pixel():
     """Every pixel centre where a Gaussian of its box reaches the kernels' contribution test
     (float32 sigma <= the skip bound, as they compute it) lies in a kept tile and row lane, for

@@ -1,4 +1,4 @@
-"""Seeded test scenes for the rasterizer tests (plain helpers, no pytest magic)."""
+"""Seeded test scenes for the rasterizer tests, and where the shared datasets are (plain helpers and one skip marker)."""
 
 from __future__ import annotations
 

@@ -27,6 +27,10 @@ def needs_datasets(*paths: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} under {datasets_dir()}")
 
 
+#: The skull scene as the training tests read it (COLMAP model and the 1/8 images).
+needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
+
+
 def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, -1.0, 0.0)) -> Tensor:
     """World-to-camera ``[4, 4]`` (OpenCV axes: +z forward, +y down) looking from eye to target."""
     eye, target, up = (torch.tensor(v, dtype=torch.float64) for v in (eye, target, up))

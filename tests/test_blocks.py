@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scenes import datasets_dir, needs_datasets
+from scenes import datasets_dir, needs_skull
 from splatforge.data import SceneData
 from splatforge.data.blocks import in_box, load_plan, plan_blocks, plane_coords, write_plan
 from splatforge.errors import ConfigError, DataFormatError
 
 SKULL = datasets_dir() / "skull"
-needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 
 
 def _ground_scene(tmp_path: Path) -> SceneData:

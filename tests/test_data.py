@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import datasets_dir, needs_datasets
+from scenes import datasets_dir, needs_datasets, needs_skull
 from splatforge import DataFormatError
 from splatforge.data import load_scene, make_split
 from splatforge.errors import ConfigError
@@ -19,7 +19,6 @@ from splatforge.io import read_ply, write_ply
 
 SKULL = datasets_dir() / "skull"
 FOX = datasets_dir() / "fox"
-needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 needs_fox = needs_datasets("fox/transforms.json")
 
 

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import datasets_dir, needs_datasets
+from scenes import datasets_dir, needs_skull
 from splatforge.cli import main as cli_main
 from splatforge.data.depth import (DepthFit, PNG_SCALE, fit_depth_scale, read_inverse_depth, reliable_views,
                                    sfm_inverse_depths, write_inverse_depth_png)  # fmt: skip
 
 SKULL = datasets_dir() / "skull"
-needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 
 
 def test_fit_recovers_an_exact_affine_map():

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scenes import REPO, datasets_dir, needs_datasets
+from scenes import REPO, datasets_dir, needs_skull
 from splatforge.train.distributed import even_sizes
 
 SKULL = datasets_dir() / "skull"
-needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 

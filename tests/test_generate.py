@@ -113,8 +113,6 @@ FAST = {"steps": 40, "data_factor": 8, "cap_max": 20_000, "train_extra": {"init_
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    if not (DATA / "skull").is_dir() or not (DATA / "fox").is_dir():
-        pytest.skip("../shared/datasets not found")
     tmp = tmp_path_factory.mktemp("gen")
     root = _root(tmp, broken=True)
     out = tmp / "out"

@@ -153,7 +153,7 @@ def test_depth_order_is_numpys_stable_sort_per_camera():
     depths[1, ::7] = rng.standard_normal(len(depths[1, ::7])).astype(np.float32) * 100
     visible = rng.random((C, N)) < 0.8
     visible[2] = False
-    area = np.concatenate([[0], visible.ravel().astype(np.int64)])
+    area = visible.ravel().astype(np.int64)
     got = _depth_order(depths, area)
     jobs = np.flatnonzero(visible.ravel())
     key = depths.ravel()[jobs] + np.float32(0.0)  # -0.0 -> 0.0, as a float comparison sees it

@@ -11,10 +11,9 @@ import pytest
 import torch
 import yaml
 
-from scenes import datasets_dir, needs_datasets
+from scenes import datasets_dir, needs_skull
 
 REPO_DATA = datasets_dir() / "skull"  # only named by configs that are resolved, never read
-needs_skull = needs_datasets("skull/images_8", "skull/sparse/0")
 from splatforge.demo import build_demo_scene
 from splatforge.io import read_ply
 from splatforge.products import evaluate

@@ -168,7 +168,7 @@ def strip_rows(u, v, ca, cb, cc, o, px0, px1):
 
 @nb.njit(**_JIT)
 def _depth_order(depths, area):
-    """The jobs ``c * N + n`` whose tile box is not empty (``area[job + 1] > 0``), camera by
+    """The jobs ``c * N + n`` whose tile box is not empty (``area[job] > 0``), camera by
     camera, each camera's sorted by depth, ties by index: ``int64 [n_visible]``.
 
     An LSD radix sort (8-bit digits, stable, so index order breaks ties) of one 32-bit key per
@@ -182,7 +182,7 @@ def _depth_order(depths, area):
     keys = np.empty(C * N, np.uint32)
     m = 0
     for job in range(C * N):
-        if area[job + 1] > 0:
+        if area[job] > 0:
             b = np.int64(bits[job // N, job % N])
             b = 0 if b == 0x80000000 else b
             keys[m] = np.uint32(b ^ 0x80000000 if b < 0x80000000 else 0xFFFFFFFF - b)
@@ -243,18 +243,18 @@ def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
     tiles_x, tiles_y = (width + TILE_SIZE - 1) // TILE_SIZE, (height + TILE_SIZE - 1) // TILE_SIZE
     T = tiles_x * tiles_y
     rects = np.zeros((C * N, 4), np.int32)
-    area = np.zeros(C * N + 1, np.int64)  # area[job + 1]: the box's tile count (0: not visible)
+    area = np.zeros(C * N, np.int64)  # the box's tile count (0: not visible)
     for job in nb.prange(C * N):
         c, n = job // N, job % N
         if radii[c, n, 0] > 0 and radii[c, n, 1] > 0:
             x0, y0, x1, y1 = _tile_rect(means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 0], radii[c, n, 1], tiles_x, tiles_y)
             rects[job, 0], rects[job, 1], rects[job, 2], rects[job, 3] = x0, y0, x1, y1
-            area[job + 1] = (x1 - x0) * (y1 - y0)
+            area[job] = (x1 - x0) * (y1 - y0)
     seq = _depth_order(depths, area)
     n_seq = seq.shape[0]
     box = np.zeros(n_seq + 1, np.int64)  # the s-th sorted Gaussian's box tiles: [box[s], box[s + 1])
     for s in range(n_seq):
-        box[s + 1] = box[s] + area[seq[s] + 1]
+        box[s + 1] = box[s] + area[seq[s]]
     # per (Gaussian, box tile), in sorted order: the list c * T + tile, or -1 when dropped, and its rows
     pair = np.empty(box[-1], np.int32)
     pair_rows = np.empty((box[-1], 2), np.int32)

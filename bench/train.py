@@ -51,7 +51,7 @@ from splatforge.products import evaluate
 from splatforge.train import MCMCConfig, StepTimes, TrainConfig, Trainer, apply_preset, resolve_preset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import module_at, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets"))
@@ -126,32 +126,15 @@ def _unfused(trainer: Trainer) -> None:
     trainer.optimizers = {k: torch.optim.Adam([trainer.params[k]], lr=lrs[k], eps=1e-15, foreach=False) for k in lrs}
 
 
-def _module_at(rev: str, path: str, name: str, tmp: Path, replace: dict[str, str] | None = None):
-    """The file ``path`` of git revision ``rev`` imported as the module ``name`` (its imports
-    rewritten by ``replace``)."""
-    import importlib.util
-
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
-    for old, new in (replace or {}).items():
-        src = src.replace(old, new)
-    file = tmp / f"{name}.py"
-    file.write_text(src)
-    spec = importlib.util.spec_from_file_location(name, file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def backend_at(kernels_rev: str, glue_rev: str, tmp: Path):
     """A ``splatforge.raster.cpu`` module from the past: its glue (``cpu.py``, ``_cpu_project.py``)
     at ``glue_rev``, the compositing kernels (``_cpu_raster.py``) at ``kernels_rev``, imported
     beside this checkout's. Its SH evaluation takes the coefficients concatenated, as the
     trainer then gave them."""
     raster = "src/splatforge/raster/"
-    kr = _module_at(kernels_rev, raster + "_cpu_raster.py", f"baseline_cpu_raster_{kernels_rev}", tmp)
-    kp = _module_at(glue_rev, raster + "_cpu_project.py", f"baseline_cpu_project_{glue_rev}", tmp)
-    cpu = _module_at(glue_rev, raster + "cpu.py", f"baseline_cpu_{glue_rev}_{kernels_rev}", tmp, {
+    kr = module_at(kernels_rev, raster + "_cpu_raster.py", f"baseline_cpu_raster_{kernels_rev}", tmp)
+    kp = module_at(glue_rev, raster + "_cpu_project.py", f"baseline_cpu_project_{glue_rev}", tmp)
+    cpu = module_at(glue_rev, raster + "cpu.py", f"baseline_cpu_{glue_rev}_{kernels_rev}", tmp, {
         "from splatforge.raster import _cpu_project as kp": f"import {kp.__name__} as kp",
         "from splatforge.raster import _cpu_raster as kr": f"import {kr.__name__} as kr",
     })  # fmt: skip
@@ -164,17 +147,24 @@ def backend_at(kernels_rev: str, glue_rev: str, tmp: Path):
     return cpu
 
 
+def trainer_at_cap(out: Path) -> Trainer:
+    """The breakdown's state: skull ``images_8`` trained with MCMC (cap 30,000) until it holds
+    30,000 Gaussians and has taken 400 steps (past the kernels' compilation)."""
+    cfg = TrainConfig(data=DATASETS / "skull", output=out, data_factor=8, steps=3000, device="cpu",
+                      checkpoint_every=0, mcmc=MCMCConfig(cap_max=30_000))  # fmt: skip
+    trainer = Trainer(cfg)
+    with trainer.compute_threads():
+        while len(trainer.params["means"]) < 30_000 or trainer.step < 400:
+            trainer.train_step()
+    return trainer
+
+
 def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
     import splatforge.raster as raster_package
     import splatforge.train.trainer as trainer_module
 
     out = {}
-    cfg = TrainConfig(data=DATASETS / "skull", output=tmp / "breakdown", data_factor=8, steps=3000, device="cpu",
-                      checkpoint_every=0, mcmc=MCMCConfig(cap_max=30_000))  # fmt: skip
-    trainer = Trainer(cfg)
-    with trainer.compute_threads():
-        while len(trainer.params["means"]) < 30_000 or trainer.step < 400:  # at the cap, past the JIT compile
-            trainer.train_step()
+    trainer = trainer_at_cap(tmp / "breakdown")
     state = trainer.state_dict()
     compiled_ssim, backend = trainer_module.ssim, raster_package.cpu
     sys.path.insert(0, str(tmp))

@@ -162,6 +162,29 @@ def test_depth_order_is_numpys_stable_sort_per_camera():
     assert got.dtype == np.int64 and (got // N != 2).all()
 
 
+def test_isect_gradients_summed_per_gaussian():
+    """The per-intersection gradients summed per (camera, Gaussian) against numpy's unbuffered
+    ``np.add.at`` in float64, over two cameras with repeated, missing and boundary indices."""
+    from splatforge.raster._cpu_raster import reduce_isects
+
+    rng = np.random.default_rng(5)
+    C, N, T, D = 2, 101, 7, 3
+    counts = rng.integers(0, 40, C * T)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    M = int(offsets[-1])
+    ids = rng.integers(0, N, M).astype(np.int32)
+    ids[:3], ids[-3:] = 0, N - 1
+    grads = [rng.standard_normal(s).astype(np.float32) for s in ((M, 2), (M, 2), (M, 3), (M, D), (M,))]
+    cams = np.repeat(np.arange(C), [counts[c * T:(c + 1) * T].sum() for c in range(C)])
+    outs = [np.zeros((C, N) + g.shape[1:], np.float32) for g in grads]
+    reduce_isects(offsets, ids, T, *grads, *outs)
+    for g, got in zip(grads, outs):
+        want = np.zeros(got.shape, np.float64)
+        np.add.at(want, (cams, ids), g.astype(np.float64))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.count_nonzero(want) > 0.5 * want.size
+
+
 def test_culled_tile_lists_cover_every_contributing_pixel():
     """Every pixel centre where a Gaussian of its box reaches the kernels' contribution test
     (float32 sigma <= the skip bound, as they compute it) lies in a kept tile and row lane, for

@@ -11,10 +11,10 @@ is called with the captured arguments it takes, one that did not exist is left o
 
 For each kernel the two versions alternate ``--repeats`` times on fresh copies of the arguments
 (copied outside the timing), medians reported with their ratio; "same bits" compares every
-output (returned arrays and arrays written in place; of the arguments, those both versions take). Numba's code compiled in the running
-process is not what it later loads from its cache (``splatforge.raster.cpu.from_cache``) and can
-read up to 30 % slower, so a first child process compiles both versions into the cache and a
-second one times them. Re-measure before believing a ratio under ~1.2.
+output (returned arrays and arrays written in place; of the arguments, those both versions
+take). Numba's code compiled in the running process is not what it later loads from its cache
+(``splatforge.raster.cpu.from_cache``) and can read up to 30 % slower, so a first child process
+compiles both versions into the cache and a second one times them. Re-measure before believing a ratio under ~1.2.
 
 Run: ``python bench/kernels.py --rev 425023d`` (about 2 minutes on 2 cores); writes
 ``bench/results/kernels.json``.
@@ -23,6 +23,7 @@ Run: ``python bench/kernels.py --rev 425023d`` (about 2 minutes on 2 cores); wri
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -41,6 +42,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import ROOT, module_at, write_result  # noqa: E402
+from train import DATASETS, trainer_at_cap  # noqa: E402
 
 #: Kernel files and the kernels of theirs that a training step calls, in the step's order.
 KERNELS = {
@@ -56,10 +58,6 @@ def _module_name(path: str) -> str:
 
 def capture(out: Path, tmp: Path) -> None:
     """Pickle ``{kernel: args}`` of the first call of each kernel in a training step at the cap."""
-    import importlib
-
-    from train import trainer_at_cap
-
     from splatforge.raster import cpu
 
     trainer = trainer_at_cap(tmp / "capture")
@@ -125,8 +123,6 @@ def _call(kernel, args: list) -> tuple[float, list]:
 
 def measure(captured: Path, rev: str, folder: Path, repeats: int, only_compile: bool) -> dict:
     """Time every captured kernel against its version at ``rev`` (alternating calls)."""
-    import importlib
-
     data = pickle.loads(captured.read_bytes())
     rows = {}
     for path, names in KERNELS.items():
@@ -177,9 +173,8 @@ def main() -> int:
         if args.result:
             args.result.write_text(json.dumps(result))
         return 0
-    datasets = Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets"))
-    if not (datasets / "skull").is_dir():
-        print(f"error: {datasets} not found (set SPLATFORGE_DATASETS)", file=sys.stderr)
+    if not (DATASETS / "skull").is_dir():
+        print(f"error: {DATASETS} not found (set SPLATFORGE_DATASETS)", file=sys.stderr)
         return 2
     load_before = os.getloadavg()
     console = Console(width=140, stderr=True)

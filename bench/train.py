@@ -51,9 +51,8 @@ from splatforge.products import evaluate
 from splatforge.train import MCMCConfig, StepTimes, TrainConfig, Trainer, apply_preset, resolve_preset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import module_at, write_result  # noqa: E402
+from _common import ROOT, module_at, write_result  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 

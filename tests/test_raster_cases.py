@@ -527,7 +527,8 @@ def test_cpu_matches_gsplat_on_cuda(sh_degree, rasterize_mode):
 @pytest.mark.parametrize("render_mode", ["ID", "RGB+ID"])
 def test_inverse_depth_cpu_matches_gsplat_on_cuda(render_mode):
     """gsplat has no inverse-depth mode: its backend renders 1/z as a feature channel. Same
-    image and gradients as the cpu backend's ID mode."""
+    image and gradients as the cpu backend's ID mode; in ``ID`` alone the colours take no part,
+    so neither backend gives them a gradient."""
     pytest.importorskip("gsplat")
     scene = random_scene(seed=13, n=2000, n_cameras=2, width=160, height=120, sh_degree=3)
     outs = {}
@@ -536,11 +537,13 @@ def test_inverse_depth_cpu_matches_gsplat_on_cuda(render_mode):
         render, alpha, _ = rasterize(*params, scene.viewmats.to(device), scene.Ks.to(device), scene.width,
                                      scene.height, sh_degree=3, render_mode=render_mode, backend=backend)  # fmt: skip
         (render.sum() + alpha.sum()).backward()
-        outs[backend] = (render.detach().cpu(), [p.grad.cpu() for p in params])
+        outs[backend] = (render.detach().cpu(), [None if p.grad is None else p.grad.cpu() for p in params])
     (r0, g0), (r1, g1) = outs["cpu"], outs["gsplat"]
     assert r0.shape == r1.shape
     torch.testing.assert_close(r0, r1, atol=1e-3, rtol=1e-3)
-    for got, want in zip(g0, g1):
+    colors_used = render_mode == "RGB+ID"
+    assert (g0[-1] is not None, g1[-1] is not None) == (colors_used, colors_used)
+    for got, want in zip(g0[:-1] + g0[-1:] * colors_used, g1[:-1] + g1[-1:] * colors_used):
         assert (got - want).abs().max() <= 1e-2 * want.abs().max() + 1e-5
 
 

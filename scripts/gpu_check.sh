@@ -5,10 +5,10 @@
 #   3. the README's skull command trained on CUDA (seconds per step, test PSNR);
 #   4. bench/backends.py: that run's test views rendered by the cpu backend and by gsplat;
 #   5. bench/raster.py: cpu backend against gsplat in the same run;
-#   6. test files run with device "auto" meaning CUDA ($SUITE, default the training, MCMC, metrics,
-#      raster, depth, blocks and distributed files; SUITE= skips it): per-test lines in suite.log,
-#      each failure's text in suite_failures.log as it happens (SPLATFORGE_FAILURES_LOG), in
-#      parallel when pytest-xdist is installed.
+#   6. test files with every test allowed the GPU (SPLATFORGE_TEST_DEVICE=auto: device "auto"
+#      means CUDA; $SUITE, default the training, MCMC, metrics, raster, depth, blocks and
+#      distributed files; SUITE= skips it): per-test lines in suite.log, each failure's text in
+#      suite_failures.log as it happens (SPLATFORGE_FAILURES_LOG), in parallel with pytest-xdist.
 # Usage: scripts/gpu_check.sh OUT_DIR [DATASETS_DIR]
 # DATASETS_DIR defaults to ../shared/datasets (needs skull/ and garden/). Each part has its own
 # time limit, writes its log to OUT_DIR and the summary lines go to OUT_DIR/summary.txt.
@@ -63,7 +63,7 @@ if [ -n "$suite" ]; then
     xdist=$($py -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) < 12 ? $(nproc) : 12 ))")
     t0=$(date +%s)
     # shellcheck disable=SC2086  # the file list and the xdist option are words on purpose
-    SPLATFORGE_FAILURES_LOG=$out/suite_failures.log timeout "${SUITE_TIMEOUT:-900}" $py -m pytest $xdist -v \
+    SPLATFORGE_TEST_DEVICE=auto SPLATFORGE_FAILURES_LOG=$out/suite_failures.log timeout "${SUITE_TIMEOUT:-900}" $py -m pytest $xdist -v \
         --tb=short -p no:cacheprovider $suite > "$out/suite.log" 2>&1
     note "suite on the GPU machine: rc=$? in $(($(date +%s) - t0)) s: $(grep -c ' PASSED' "$out/suite.log") passed, $(grep -c ' FAILED' "$out/suite.log") failed"
 fi

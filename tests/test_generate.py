@@ -313,3 +313,62 @@ def test_remove_stale_temps_only_touches_atomic_temp_files(tmp_path):
         tmp.write_text("{}")
     assert remove_stale_temps(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["00000.png", "notes.tmp.txt", "x.json"]
+
+
+# --- GPU slots --------------------------------------------------------------------------------
+
+
+def fake_nvml(free_gib: list[float], uuids: list[str]):
+    """A stand-in for ``pynvml`` reporting GPUs with ``free_gib`` free and ``uuids``, counting
+    its init calls (the real one needs a driver)."""
+    import types
+
+    class NVMLError(Exception):
+        pass
+
+    calls = {"init": 0}
+
+    def init():
+        calls["init"] += 1
+
+    mod = types.SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=init, nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: len(free_gib), nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: uuids[h].encode() if h % 2 else uuids[h],  # old pynvml gives bytes
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(free=free_gib[h] * 2**30),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=0),
+    )  # fmt: skip
+    return mod, calls
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [
+        (None, ["gpu2", "gpu0", "gpu1"]),  # unset: every GPU, most free memory first
+        ("2,0", ["gpu2", "gpu0"]),
+        ("1,-1,2", ["gpu1"]),  # CUDA stops reading at the first negative entry
+        ("", []),
+        ("-1", []),
+        ("GPU-bbbb", ["gpu1"]),  # a UUID prefix
+        ("GPU-cccc-0003, 0", ["gpu2", "gpu0"]),
+        ("MIG-aaaa", []),  # MIG devices are not used: the CPU
+        ("7", []),  # no such GPU
+    ],
+)
+def test_gpu_slots_follow_cuda_visible_devices(monkeypatch, visible, expected):
+    from splatforge.pipeline.generate import Slot, gpu_slots, slot_env
+
+    nvml, calls = fake_nvml([20.0, 10.0, 30.0], ["GPU-aaaa-0001", "GPU-bbbb-0002", "GPU-cccc-0003"])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    slots = gpu_slots([], "1")
+    assert [s.label for s in slots] == expected
+    assert calls["init"] == (0 if visible in ("", "-1") else 1)  # hidden GPUs: NVML not even asked
+    if visible is None:
+        assert [s.label for s in gpu_slots([2], "2")] == ["gpu0", "gpu0", "gpu1", "gpu1"]  # excluded, 2 per GPU
+        assert [s.label for s in gpu_slots([], "auto")] == ["gpu2"] * 4 + ["gpu0"] * 3 + ["gpu1"]  # 6 GiB a job, 1-4
+    env = slot_env(Slot("gpu2", gpu=2), {"CUDA_VISIBLE_DEVICES": "0,2"})
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == ("2", "PCI_BUS_ID")

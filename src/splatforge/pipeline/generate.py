@@ -37,7 +37,7 @@ from splatforge.pipeline.job import JobSpec, run_job, stage_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerateConfig", "discover_scenes", "plan_jobs", "generate", "Slot", "gpu_slots", "cpu_slots", "local_slots", "slot_env",
+__all__ = ["GenerateConfig", "discover_scenes", "plan_jobs", "generate", "Slot", "gpu_slots", "visible_gpu_entries", "cpu_slots", "local_slots", "slot_env",
            "LocalExecutor", "RayExecutor"]
 
 
@@ -189,12 +189,41 @@ class Slot:
     threads: int = 1
 
 
+def visible_gpu_entries(env: Optional[dict] = None) -> Optional[list[str]]:
+    """The entries of ``CUDA_VISIBLE_DEVICES`` the CUDA runtime would use, or None when it is
+    unset (every GPU visible). As CUDA does, the list ends at the first empty or negative entry,
+    so ``""`` and ``"-1"`` hide every GPU."""
+    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    entries = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
+
+
+def _is_visible(index: int, uuid: str, entries: Optional[list[str]]) -> bool:
+    """Whether NVML's GPU ``index`` (with ``uuid``, ``GPU-...``) is among ``entries``: an index
+    (NVML's numbering, i.e. PCI bus order, as with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) or a UUID or
+    a prefix of one, as CUDA takes them."""
+    if entries is None:
+        return True
+    return any(e == str(index) or (e.startswith("GPU-") and uuid.startswith(e)) for e in entries)
+
+
 def gpu_slots(excluded: list[int], jobs_per_gpu: str, gib_per_job: float = 6.0) -> list[Slot]:
-    """Job slots on the NVIDIA GPUs NVML reports (nvidia-ml-py), most free memory and least load
-    first; ``[]`` without NVML or GPUs."""
+    """Job slots on the NVIDIA GPUs NVML reports (nvidia-ml-py) and ``CUDA_VISIBLE_DEVICES``
+    lets this process use (indices in NVML's numbering, or UUIDs; unset: all, ``""``/``-1``:
+    none), minus ``excluded`` (NVML indices); most free memory and least load first; ``[]``
+    without NVML or GPUs."""
     try:
         import pynvml
     except ImportError:
+        return []
+    entries = visible_gpu_entries()
+    if entries == []:
         return []
     try:
         pynvml.nvmlInit()
@@ -206,11 +235,18 @@ def gpu_slots(excluded: list[int], jobs_per_gpu: str, gib_per_job: float = 6.0) 
             if i in excluded:
                 continue
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            if not _is_visible(i, uuid.decode() if isinstance(uuid, bytes) else str(uuid), entries):
+                continue
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             util = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
             gpus.append((i, mem.free / 2**30, util))
     finally:
         pynvml.nvmlShutdown()
+    if entries and not gpus:
+        log.warning("CUDA_VISIBLE_DEVICES=%s names none of the GPUs NVML reports (indices in NVML's "
+                    "numbering or GPU-... UUIDs; MIG devices are not used): running on the CPU",
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
     gpus.sort(key=lambda g: (-g[1], g[2]))
     slots = []
     for i, free_gib, _ in gpus:
@@ -232,11 +268,14 @@ def local_slots(workers: Optional[int] = None, excluded: Optional[list[int]] = N
 
 def slot_env(slot: Slot, base: Optional[dict] = None) -> dict[str, str]:
     """The environment of a job process on ``slot``: its share of the cores (torch/numba/OpenMP
-    thread counts) and, on a GPU slot, only that GPU (``CUDA_VISIBLE_DEVICES``)."""
+    thread counts) and, on a GPU slot, only that GPU (``CUDA_VISIBLE_DEVICES``, NVML's index with
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers the GPUs as NVML does: its default order,
+    fastest first, differs on machines with mixed GPUs)."""
     env = dict(os.environ if base is None else base, SPLATFORGE_THREADS=str(slot.threads), NUMBA_NUM_THREADS=str(slot.threads),
                OMP_NUM_THREADS=str(slot.threads))  # fmt: skip
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     return env
 
 

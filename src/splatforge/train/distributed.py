@@ -89,10 +89,17 @@ SHARD_ALIGN = 64
 
 def finish(world: World) -> None:
     """Leave the process group (after the last collective of every rank): a gloo group left to
-    the interpreter's exit can abort the process (SIGABRT) after point-to-point exchanges."""
+    the interpreter's exit can abort the process (SIGABRT) after point-to-point exchanges.
+
+    A barrier first: gloo's worker threads drop a finished collective's tensors only after the
+    caller has moved on, and when a tensor's Python object goes with them the thread takes the
+    GIL, which an exiting interpreter no longer gives (SIGABRT from the ``AsyncAllgatherWork``
+    destructor in ``ProcessGroupGloo::runLoop``, seen in CI right after training). The barrier's
+    round trip outlasts that release, and its own work holds no Python tensors."""
     import torch.distributed as dist
 
     if world.distributed and dist.is_initialized():
+        dist.barrier(group=world.group)
         dist.destroy_process_group(world.group)
 
 

@@ -37,8 +37,8 @@ from splatforge.pipeline.job import JobSpec, run_job, stage_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerateConfig", "discover_scenes", "plan_jobs", "generate", "Slot", "gpu_slots", "visible_gpu_entries", "cpu_slots", "local_slots", "slot_env",
-           "LocalExecutor", "RayExecutor"]
+__all__ = ["GenerateConfig", "discover_scenes", "plan_jobs", "generate", "Slot", "gpu_slots", "visible_gpu_entries",
+           "cpu_slots", "local_slots", "slot_env", "LocalExecutor", "RayExecutor"]
 
 
 @dataclass

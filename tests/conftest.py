@@ -45,8 +45,13 @@ def _no_gpu_by_default():
 
 @pytest.fixture(autouse=True)
 def _gpu_when_marked(request, monkeypatch):
-    """A test marked ``gpu`` sees the machine's GPUs (the environment as it was)."""
-    if request.node.get_closest_marker("gpu") and torch.cuda.is_available is not _REAL_CUDA_AVAILABLE:
+    """A test marked ``gpu`` is skipped without a CUDA device, and otherwise sees the machine's
+    GPUs (the environment as it was)."""
+    if not request.node.get_closest_marker("gpu"):
+        return
+    if not _REAL_CUDA_AVAILABLE():
+        pytest.skip("needs an NVIDIA GPU")
+    if torch.cuda.is_available is not _REAL_CUDA_AVAILABLE:
         monkeypatch.setattr(torch.cuda, "is_available", _REAL_CUDA_AVAILABLE)
         if _ORIGINAL_VISIBLE is None:
             monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -235,8 +235,6 @@ def test_schedules_scale_with_steps_unless_given():
 
 @pytest.mark.gpu
 def test_resume_on_cuda_puts_strategy_state_on_the_device(demo_scene, tmp_path):
-    if not torch.cuda.is_available():
-        pytest.skip("needs an NVIDIA GPU")
     for strategy in ("default", "mcmc"):
         cfg = small_cfg(demo_scene, tmp_path / strategy, device="cuda", backend="auto", strategy=strategy)
         first = Trainer(cfg)

@@ -189,11 +189,11 @@ class Slot:
     threads: int = 1
 
 
-def visible_gpu_entries(env: Optional[dict] = None) -> Optional[list[str]]:
-    """The entries of ``CUDA_VISIBLE_DEVICES`` the CUDA runtime would use, or None when it is
-    unset (every GPU visible). As CUDA does, the list ends at the first empty or negative entry,
-    so ``""`` and ``"-1"`` hide every GPU."""
-    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+def visible_gpu_entries() -> Optional[list[str]]:
+    """The entries of this process's ``CUDA_VISIBLE_DEVICES`` the CUDA runtime would use, or
+    None when it is unset (every GPU visible). As CUDA does, the list ends at the first empty or
+    negative entry, so ``""`` and ``"-1"`` hide every GPU."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
     if value is None:
         return None
     entries = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,68 @@ def test_compiled_noise_matches_the_torch_path():
     moved = (b["means"] - base["means"]).abs().max()
     assert moved > 0.05  # transparent Gaussians do move
     torch.testing.assert_close(a["means"], b["means"], atol=1e-6 * float(moved) + 1e-7, rtol=1e-5)
+
+
+def _orbit_scene(k: float = 1.0):
+    """Nine cameras looking at the origin: eight on a circle of radius 2 (z = 0) and one at distance
+    5 on the +z axis, world scaled by ``k``; no images (only the geometry is read)."""
+    import numpy as np
+
+    from splatforge.data.scene import SceneData
+
+    c2w = []
+    for i in range(9):
+        if i < 8:
+            a = 2 * math.pi * i / 8
+            pos = np.array([2 * math.cos(a), 2 * math.sin(a), 0.0])
+        else:
+            pos = np.array([0.0, 0.0, 5.0])
+        z = -pos / np.linalg.norm(pos)  # OpenCV +z forward, towards the origin
+        x = np.cross([0.3, 0.4, 0.866], z)
+        x /= np.linalg.norm(x)
+        m = np.eye(4)
+        m[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
+        m[:3, 3] = pos * k
+        c2w.append(m)
+    n = len(c2w)
+    names = [f"{i}.png" for i in range(n)]
+    return SceneData(root=Path("."), source="test", image_names=names, image_paths=[Path(m) for m in names],
+                     camtoworlds=np.stack(c2w), Ks=np.tile(np.eye(3), (n, 1, 1)), widths=np.full(n, 8),
+                     heights=np.full(n, 8), points=np.zeros((0, 3), np.float32), points_rgb=np.zeros((0, 3), np.uint8))  # fmt: skip
+
+
+def test_world_unit_is_gsplats_normalisation_length():
+    """Every optical axis passes through the origin, so the focus is the origin and the unit is
+    the median camera distance: 2 (eight cameras), not the far one's 5 nor the mean 2.33; it
+    scales with the world."""
+    assert _orbit_scene().world_unit() == pytest.approx(2.0, rel=1e-12)
+    assert _orbit_scene(0.37).world_unit() == pytest.approx(0.74, rel=1e-12)
+
+
+def test_mcmc_noise_and_scale_regulariser_are_gsplats_in_its_normalised_world():
+    """The same Gaussians in a world k times larger (means and scales times k, the means' learning
+    rate times k as the trainer scales it by the scene scale, ``world_unit`` times k) move k times
+    as far under MCMC's noise and have the same regulariser: what gsplat computes after
+    normalising the world. Without ``world_unit`` the noise would move them k^3 times as far."""
+    from splatforge.train.mcmc import MCMCStrategy
+
+    k, n, lr = 6.0, 4000, 1e-3
+    g = torch.Generator().manual_seed(0)
+    small = {"means": torch.randn(n, 3, generator=g), "quats": torch.randn(n, 4, generator=g),
+             "scales": torch.randn(n, 3, generator=g) * 0.5 - 2.5, "opacities": torch.randn(n, generator=g) * 3 - 4,
+             "sh0": torch.zeros(n, 1, 3), "shN": torch.zeros(n, 0, 3)}  # fmt: skip
+    large = dict(small, means=small["means"] * k, scales=small["scales"] + math.log(k))
+    moved = []
+    regs = []
+    for params, unit, rate in ((small, 1.0, lr), (large, k, lr * k)):
+        params = {key: torch.nn.Parameter(v.clone()) for key, v in params.items()}
+        before = params["means"].detach().clone()
+        strategy = MCMCStrategy(cap_max=n, refine_start_iter=100, refine_stop_iter=200, refine_every=10,
+                                world_unit=unit)  # fmt: skip
+        regs.append(float(strategy.regularization(params).detach()))
+        torch.manual_seed(5)  # step 0 is outside the refine window: noise only
+        strategy.step_post_backward(params, {}, strategy.initialize_state(), step=0, info={}, lr=rate)
+        moved.append(params["means"].detach() - before)
+    assert moved[0].abs().max() > 1e-3  # transparent Gaussians do move
+    torch.testing.assert_close(moved[1], moved[0] * k, rtol=1e-4, atol=1e-6 * k)
+    assert regs[1] == pytest.approx(regs[0], rel=1e-6)

@@ -97,18 +97,20 @@ def cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.Com
 def test_cli_demo_trains_and_evaluates(tmp_path):
     """The README's main job, short: build the offline scene, train, render test views, metrics."""
     out = tmp_path / "demo"
-    res = cli("demo", "--output", str(out), "--steps", "150")
+    res = cli("demo", "--output", str(out))  # the README's demo: 300 steps
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout[res.stdout.index("{") :])
-    assert summary["steps"] == 150 and summary["test_psnr"] > 15.0  # random init renders ~10 dB
+    # random init renders ~10 dB; 300 steps reach 23.5-24.1 dB over seeds 0-3 (150 steps gave
+    # 13.0-15.2, too close to the start for a bound)
+    assert summary["steps"] == 300 and summary["test_psnr"] > 20.0
     run = out / "run"
-    for rel in ("cfg.yml", "cameras.json", "metrics.json", "point_cloud/iteration_150/point_cloud.ply",
-                "test/ours_150/renders/00000.png", "test/ours_150/gt/00000.png"):  # fmt: skip
+    for rel in ("cfg.yml", "cameras.json", "metrics.json", "point_cloud/iteration_300/point_cloud.ply",
+                "test/ours_300/renders/00000.png", "test/ours_300/gt/00000.png"):  # fmt: skip
         assert (run / rel).is_file(), rel
     # the same run folder, reopened by `render` and `eval`
     res = cli("render", str(run), "--split", "train", "--depth")
     assert res.returncode == 0, res.stderr
-    depth = np.load(run / "train" / "ours_150" / "depth" / "00000.npy")
+    depth = np.load(run / "train" / "ours_300" / "depth" / "00000.npy")
     assert depth.dtype == np.float32 and depth.shape == (120, 160)
     assert 1.0 < np.median(depth[depth > 0]) < 6.0  # the torus is ~3.5 units from the cameras
     # no LPIPS backbone weights in this torch hub cache: null values, and metrics.json says why

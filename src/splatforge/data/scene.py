@@ -87,6 +87,19 @@ class SceneData:
         centers = self.camtoworlds[:, :3, 3]
         return float(np.linalg.norm(centers - centers.mean(0), axis=1).max() * 1.1) or 1.0
 
+    def world_unit(self) -> float:
+        """The length, in world units, that gsplat's trainer rescales to 1 (its default
+        ``normalize_world_space``: ``similarity_from_cameras`` of ``examples/datasets/normalize.py``,
+        after nerf-factory): the median distance of the camera centres from the scene's focus,
+        the median over the cameras of the point of each optical axis (+z) nearest the world
+        origin. Rotations and uniform scalings of the world change it as they change lengths;
+        1.0 when it is zero or not finite (a single camera, all on one point)."""
+        centers = self.camtoworlds[:, :3, 3]
+        axes = self.camtoworlds[:, :3, 2]
+        nearest = centers - np.sum(axes * centers, axis=1, keepdims=True) * axes
+        unit = float(np.median(np.linalg.norm(centers - np.median(nearest, axis=0), axis=1)))
+        return unit if np.isfinite(unit) and unit > 0.0 else 1.0
+
 
 def make_split(
     names: Sequence[str],

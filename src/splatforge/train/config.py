@@ -229,6 +229,13 @@ class TrainConfig:
     """Gaussians for random initialisation (scenes without sparse points)."""
     init_extent: float = 3.0
     """Half-size of the random initialisation cube, in scene scales."""
+    world_unit: Optional[float] = None
+    """The length (world units) that MCMC's position noise and scale regulariser and the pose
+    corrections' translations are measured in, as gsplat's trainer measures them in its normalised
+    world (``normalize_world_space``), so that they do not depend on the arbitrary scale of an SfM
+    reconstruction. None (default): the scene's :meth:`~splatforge.data.scene.SceneData.world_unit`
+    (the cameras' median distance from their focus point), written resolved to ``cfg.yml``. Runs
+    whose ``cfg.yml`` predates the field read 1.0: the scene's own units, as they were trained."""
     random_background: Optional[bool] = None
     """Render on a random background colour each step (gsplat's random_bkgd), images with alpha
     composited on the same colour: Gaussians of the background's colour cannot stand in for
@@ -344,6 +351,8 @@ class TrainConfig:
             raise ConfigError(f"init_opacity must be in (0, 1), got {self.init_opacity}")
         if self.init_scale is not None and not self.init_scale > 0.0:
             raise ConfigError(f"init_scale must be positive, got {self.init_scale}")
+        if self.world_unit is not None and not 0.0 < self.world_unit < float("inf"):
+            raise ConfigError(f"world_unit must be a positive length, got {self.world_unit}")
         if self.sh_degree_interval is None:
             self.sh_degree_interval = scaled_iter(1000, self.steps)
         m = self.mcmc
@@ -415,7 +424,8 @@ _RENAMED = {"refine_start": "refine_start_iter", "refine_stop": "refine_stop_ite
 
 def load_config(path: Path) -> TrainConfig:
     """Read a ``cfg.yml`` back into a :class:`TrainConfig` (also one written by earlier
-    versions, whose schedule fields were ``refine_start``/``refine_stop``).
+    versions, whose schedule fields were ``refine_start``/``refine_stop`` and which had no
+    ``world_unit``: 1.0, the units they were trained in).
 
     Raises:
         ConfigError: unreadable file or unknown keys.
@@ -431,6 +441,7 @@ def load_config(path: Path) -> TrainConfig:
         for key in ("data", "output", "partition", "cache_dir", "block_plan"):
             if raw.get(key) is not None:
                 raw[key] = Path(raw[key])
+        raw.setdefault("world_unit", 1.0)  # written before the field: trained in the scene's own units
         return TrainConfig(**raw, **subs)
     except (OSError, yaml.YAMLError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path}: not a readable splatforge config: {exc}") from exc

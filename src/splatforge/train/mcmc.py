@@ -137,6 +137,9 @@ class MCMCStrategy(_GsplatMCMC):
 
     opacity_reg: float = 0.01
     scale_reg: float = 0.01
+    world_unit: float = 1.0
+    """The length (world units) gsplat's normalised world has as 1 (``TrainConfig.world_unit``):
+    the noise and the scale regulariser are gsplat's in that world, whatever the scene's scale."""
     absgrad: bool = False  # the rasterizer need not accumulate absolute gradients for MCMC
 
     def initialize_state(self, scene_scale: float = 1.0) -> dict[str, Any]:
@@ -144,14 +147,21 @@ class MCMCStrategy(_GsplatMCMC):
         return super().initialize_state()
 
     def regularization(self, params) -> Tensor:
-        """``opacity_reg * mean(sigmoid(opacities)) + scale_reg * mean(exp(scales))``, added to the
-        loss (Kheradmand et al. 2024, sec. 4.3; gsplat's ``simple_trainer``)."""
-        return self.opacity_reg * torch.sigmoid(params["opacities"]).mean() + self.scale_reg * torch.exp(params["scales"]).mean()
+        """``opacity_reg * mean(sigmoid(opacities)) + scale_reg * mean(exp(scales)) / world_unit``,
+        added to the loss (Kheradmand et al. 2024, sec. 4.3; gsplat's ``simple_trainer``, whose
+        scales are in its normalised world)."""
+        opacities = self.opacity_reg * torch.sigmoid(params["opacities"]).mean()
+        return opacities + self.scale_reg * torch.exp(params["scales"]).mean() / self.world_unit
 
     def step_post_backward(self, params, optimizers, state: dict[str, Any], step: int, info: dict[str, Any], lr: float) -> None:
         """Relocate dead Gaussians and grow by 5 % (to ``cap_max``) every ``refine_every`` steps
         inside the refine window, then perturb the means by noise scaled by ``lr * noise_lr``
-        (``lr``: the means' learning rate of this step)."""
+        (``lr``: the means' learning rate of this step, world units) over ``world_unit ** 2``.
+
+        gsplat's noise is a covariance (length^2) times that scaler (a length), so in world units
+        it grows as the cube of the scene's scale; gsplat applies it in a world normalised to
+        ``world_unit`` = 1. Dividing by ``world_unit ** 2`` gives that noise in any scene's units
+        (one ``world_unit`` turns the normalised displacement back into world units)."""
         binoms = state["binoms"]
         if self.refine_start_iter < step < self.refine_stop_iter and step % self.refine_every == 0:
             dead = torch.sigmoid(params["opacities"].flatten()) <= self.min_opacity
@@ -160,4 +170,4 @@ class MCMCStrategy(_GsplatMCMC):
             n_new = max(0, min(self.cap_max, int(1.05 * len(params["means"]))) - len(params["means"]))
             if n_new:
                 sample_add(params, optimizers, n_new, binoms, self.min_opacity)
-        inject_noise(params, lr * self.noise_lr)
+        inject_noise(params, lr / self.world_unit**2 * self.noise_lr)

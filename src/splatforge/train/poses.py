@@ -4,8 +4,10 @@ Each view ``i`` has a 9-vector ``[dx (3), d6 (6)]``, zero at the start: its refi
 camera-to-world is ``camtoworld_i @ [[R(identity6 + d6), dx], [0, 1]]``, the rotation from the 6D
 representation of Zhou et al. 2019 (Gram-Schmidt of two rows, gsplat's/pytorch3d's
 ``rotation_6d_to_matrix``), so the correction is in the camera's own frame (OpenCV axes; ``dx``
-in world units). The vectors have their own Adam with weight decay (gsplat's ``pose_opt_lr``
-1e-5, ``pose_opt_reg`` 1e-6); gradients reach them through ``viewmats`` in every backend.
+in ``world_unit`` lengths: gsplat's module works in its normalised world, so its learning rate
+and weight decay mean the same on a scene of any scale; see ``TrainConfig.world_unit``). The
+vectors have their own Adam with weight decay (gsplat's ``pose_opt_lr`` 1e-5, ``pose_opt_reg``
+1e-6); gradients reach them through ``viewmats`` in every backend.
 """
 
 from __future__ import annotations
@@ -56,22 +58,24 @@ def rotation_6d_to_matrix(d6: Tensor) -> Tensor:
     return torch.stack((b1, b2, torch.cross(b1, b2, dim=-1)), dim=-2)
 
 
-def pose_corrections(deltas: Tensor) -> Tensor:
+def pose_corrections(deltas: Tensor, unit: float = 1.0) -> Tensor:
     """``deltas [B, 9]`` (``[dx (3), d6 (6)]``, zero = no change) -> ``[B, 4, 4]`` camera-frame
-    corrections: rotation ``rotation_6d_to_matrix(identity6 + d6)``, translation ``dx``."""
+    corrections: rotation ``rotation_6d_to_matrix(identity6 + d6)``, translation ``dx * unit``
+    (world units; ``unit``: the run's ``world_unit``)."""
     out = torch.eye(4, device=deltas.device, dtype=deltas.dtype).repeat(len(deltas), 1, 1)
     out[:, :3, :3] = rotation_6d_to_matrix(deltas[:, 3:] + torch.tensor(IDENTITY_6D, dtype=deltas.dtype, device=deltas.device))
-    out[:, :3, 3] = deltas[:, :3]
+    out[:, :3, 3] = deltas[:, :3] * unit
     return out
 
 
-def corrected_camtoworlds(camtoworlds, deltas: Tensor, views: Sequence[int]):
+def corrected_camtoworlds(camtoworlds, deltas: Tensor, views: Sequence[int], unit: float = 1.0):
     """``camtoworlds [V, 4, 4]`` (numpy, OpenCV axes) as float64 with the corrections
-    ``deltas [V, 9]`` applied to the rows ``views`` (a copy; the other rows as given)."""
+    ``deltas [V, 9]`` (translations in ``unit`` lengths) applied to the rows ``views`` (a copy;
+    the other rows as given)."""
     c2w = np.array(camtoworlds, dtype=np.float64)
     ids = list(views)
     with torch.no_grad():
-        c2w[ids] = (torch.from_numpy(c2w[ids]) @ pose_corrections(deltas.detach()[ids].double().cpu())).numpy()
+        c2w[ids] = (torch.from_numpy(c2w[ids]) @ pose_corrections(deltas.detach()[ids].double().cpu(), unit)).numpy()
     return c2w
 
 
@@ -84,21 +88,22 @@ def pose_change(before: Tensor, after: Tensor) -> dict[str, float]:
 
 
 def align_poses(render: Callable[[Tensor, int], Tensor], camtoworlds: Tensor, images: Sequence[Tensor], *,
-                steps: int, lr: float, ssim_lambda: float,
-                masks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:  # fmt: skip
+                steps: int, lr: float, ssim_lambda: float, masks: Optional[Sequence[Optional[Tensor]]] = None,
+                unit: float = 1.0) -> Tensor:  # fmt: skip
     """Test-time pose alignment: for each view ``b``, the camera-to-world that best explains
     ``images[b] [H, W, 3]`` with the scene held fixed, starting from ``camtoworlds[b]``
     (``[B, 4, 4]``, OpenCV axes). Each view gets a fresh :class:`PoseRefinement` correction and
     ``steps`` Adam steps on the training loss (L1 and ``ssim_lambda`` D-SSIM, over the kept
     pixels of ``masks[b] [H, W, 1]`` when given), the rate decaying log-linearly from ``lr`` to
-    1 % of it. ``render(viewmats [1, 4, 4], b)`` must return the differentiable ``[1, H, W, 3]``
-    render of view ``b``. Returns the aligned ``[B, 4, 4]`` (detached)."""
+    1 % of it, translations in ``unit`` lengths (the run's ``world_unit``). ``render(viewmats
+    [1, 4, 4], b)`` must return the differentiable ``[1, H, W, 3]`` render of view ``b``.
+    Returns the aligned ``[B, 4, 4]`` (detached)."""
     from splatforge.train.losses import masked_loss, ssim
 
     out = []
     for b in range(len(camtoworlds)):
         start = camtoworlds[b : b + 1].detach()
-        refine = PoseRefinement(1, lr, 0.0, start.device)
+        refine = PoseRefinement(1, lr, 0.0, start.device, unit=unit)
         gt = images[b][None]
         mask = masks[b] if masks is not None else None
         for step in range(steps):
@@ -117,17 +122,19 @@ def align_poses(render: Callable[[Tensor, int], Tensor], camtoworlds: Tensor, im
 
 
 class PoseRefinement(ViewTable):
-    """The views' pose corrections ``[V, 9]`` and their Adam."""
+    """The views' pose corrections ``[V, 9]`` and their Adam; translations in ``unit`` lengths
+    (the run's ``world_unit``)."""
 
     name = "deltas"
 
-    def __init__(self, n_views: int, lr: float, weight_decay: float, device: torch.device):
+    def __init__(self, n_views: int, lr: float, weight_decay: float, device: torch.device, unit: float = 1.0):
+        self.unit = float(unit)
         self.deltas = torch.nn.Parameter(torch.zeros(n_views, 9, device=device))
         self.optimizer = torch.optim.Adam([self.deltas], lr=lr, weight_decay=weight_decay)
 
     def transforms(self, views: list[int] | Tensor) -> Tensor:
         """``[B, 4, 4]`` camera-frame corrections of ``views``."""
-        return pose_corrections(self.deltas[views])
+        return pose_corrections(self.deltas[views], self.unit)
 
     def refine(self, camtoworlds: Tensor, views: list[int] | Tensor) -> Tensor:
         """``camtoworlds [B, 4, 4]`` of ``views`` with their corrections (differentiable)."""

@@ -153,6 +153,12 @@ class Run:
     def num_gaussians(self) -> int:
         return len(self.splats)
 
+    @property
+    def world_unit(self) -> float:
+        """The length the run's pose corrections are measured in (``cfg.world_unit``; the scene's
+        own when the config left it unresolved)."""
+        return self.cfg.world_unit if self.cfg.world_unit is not None else self.scene.world_unit()
+
     def camtoworlds(self) -> np.ndarray:
         """``[N, 4, 4]`` float64 camera-to-world (OpenCV axes) of the scene's views as the run
         draws them: the scene's, with the trained pose corrections applied to the training
@@ -163,7 +169,7 @@ class Run:
             self._c2w = np.array(self.scene.camtoworlds, dtype=np.float64)
             if self.pose_deltas is not None:
                 ids = list(self.scene.split["train"])
-                self._c2w = corrected_camtoworlds(self._c2w, self.pose_deltas, ids)
+                self._c2w = corrected_camtoworlds(self._c2w, self.pose_deltas, ids, unit=self.world_unit)
                 self._moved.update(ids)
         return self._c2w
 
@@ -246,7 +252,8 @@ class Run:
         with torch.enable_grad():
             return align_poses(render, start, [self.image(i) for i in views], masks=[self.mask(i) for i in views],
                                steps=self.cfg.pose_align_steps if steps is None else steps,
-                               lr=self.cfg.pose_align_lr if lr is None else lr, ssim_lambda=self.cfg.ssim_lambda)  # fmt: skip
+                               lr=self.cfg.pose_align_lr if lr is None else lr, ssim_lambda=self.cfg.ssim_lambda,
+                               unit=self.world_unit)  # fmt: skip
 
     def align_test_views(self) -> Optional[dict[int, dict[str, float]]]:
         """With ``cfg.pose_opt`` (and ``cfg.pose_align_steps > 0``): align the test views' poses

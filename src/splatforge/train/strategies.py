@@ -87,6 +87,7 @@ def build_strategy(cfg: TrainConfig, cap: Optional[int] = None) -> DefaultStrate
     sub = dataclasses.asdict(cfg.strategy_config())
     if cfg.strategy == "mcmc":
         sub["cap_max"] = cfg.cap if cap is None else cap
+        sub["world_unit"] = 1.0 if cfg.world_unit is None else cfg.world_unit
         return MCMCStrategy(**sub)
     return DefaultStrategy(**sub)
 

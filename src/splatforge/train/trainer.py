@@ -120,6 +120,8 @@ class Trainer:
                 partition=cfg.partition, cache_dir=cache,
             )  # fmt: skip
         self.scene_scale = self.scene.scene_scale()
+        if cfg.world_unit is None:
+            cfg.world_unit = self.scene.world_unit()
         self.train_ids = list(self.scene.split["train"])
         self.block = self._open_block()
         self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
@@ -156,7 +158,8 @@ class Trainer:
 
             bs = cfg.batch_size * self.world.size
             self.camtoworlds = torch.from_numpy(self.scene.camtoworlds).float().to(self.device)
-            self.poses = PoseRefinement(len(self.scene), cfg.pose_opt_lr * math.sqrt(bs), cfg.pose_opt_reg, self.device)
+            self.poses = PoseRefinement(len(self.scene), cfg.pose_opt_lr * math.sqrt(bs), cfg.pose_opt_reg, self.device,
+                                        unit=cfg.world_unit)  # fmt: skip
         self.exposure = None
         if cfg.exposure:
             from splatforge.train.exposure import ExposureModel
@@ -694,7 +697,7 @@ class Trainer:
         corrections applied to the training views under ``pose_opt``."""
         if self.poses is None:
             return np.array(self.scene.camtoworlds, dtype=np.float64)
-        return corrected_camtoworlds(self.scene.camtoworlds, self.poses.deltas, self.train_ids)
+        return corrected_camtoworlds(self.scene.camtoworlds, self.poses.deltas, self.train_ids, unit=self.cfg.world_unit)
 
     def export_ply(self, splats: Optional[Splats] = None) -> Path:
         """Write ``point_cloud/iteration_<step>/point_cloud.ply`` (rank 0 only in sharded

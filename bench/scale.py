@@ -1,0 +1,74 @@
+"""Does training depend on the arbitrary scale of a scene? The demo scene with every length
+(camera centres, points) multiplied by k, trained the same way with MCMC's scale-dependent terms
+in the scene's own units (``--world-unit 1``, the trainer before 2026-12-04) and in gsplat's
+normalised unit (the default, ``world_unit`` resolved from the scene). Prints a table of test
+PSNR and writes ``bench/results/scale.json``.
+
+    python bench/scale.py [--scales 0.125 1 8 64] [--steps 300] [--out bench/results/scale.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, write_result  # noqa: E402
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.125, 1.0, 8.0, 64.0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+
+    from splatforge.data import load_scene
+    from splatforge.demo import build_demo_scene
+    from splatforge.products import evaluate
+    from splatforge.train import TrainConfig, Trainer
+
+    console = Console()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scene_dir = build_demo_scene(Path(tmp) / "scene")
+        scene = load_scene(scene_dir)
+        for k in args.scales:
+            c2w = scene.camtoworlds.copy()
+            c2w[:, :3, 3] *= k
+            scaled = dataclasses.replace(scene, camtoworlds=c2w, points=scene.points * k)
+            row = {"scale": k}
+            for label, unit in (("scene_units", 1.0), ("world_unit", None)):
+                # the demo's own training config (splatforge.demo.run_demo), on the scaled scene
+                cfg = TrainConfig(data=scene_dir, output=Path(tmp) / f"run_{k}_{label}", steps=args.steps, seed=args.seed,
+                                  device="cpu", sh_degree=1, init_random_count=4000, init_extent=0.5, max_gaussians=12_000,
+                                  checkpoint_every=0, world_unit=unit)  # fmt: skip
+                trainer = Trainer(cfg, scene=scaled)
+                with trainer.compute_threads():
+                    for _ in range(args.steps):
+                        trainer.train_step()
+                metrics = evaluate(trainer.as_run(), splits=("test",), write_images=False)
+                row[f"{label}_psnr"] = metrics["test"]["psnr"]
+                row["world_unit"] = trainer.cfg.world_unit if unit is None else row.get("world_unit")
+                console.log(f"x{k} {label}: {row[f'{label}_psnr']:.2f} dB")
+            rows.append(row)
+    table = Table(title=f"demo scene scaled, {args.steps} steps, seed {args.seed}: test PSNR (dB)")
+    for col in ("scale", "world_unit", "in scene units (before)", "in world_unit (now)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['scale']:g}", f"{r['world_unit']:.3f}", f"{r['scene_units_psnr']:.2f}", f"{r['world_unit_psnr']:.2f}")
+    console.print(table)
+    write_result(args.out, "scale", load_before, args={"scales": args.scales, "steps": args.steps, "seed": args.seed}, rows=rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,9 +33,9 @@ def main() -> None:
     load_before = os.getloadavg()
 
     from splatforge.data import load_scene
-    from splatforge.demo import build_demo_scene
+    from splatforge.demo import build_demo_scene, demo_train_config
     from splatforge.products import evaluate
-    from splatforge.train import TrainConfig, Trainer
+    from splatforge.train import Trainer
 
     console = Console()
     rows = []
@@ -48,10 +48,8 @@ def main() -> None:
             scaled = dataclasses.replace(scene, camtoworlds=c2w, points=scene.points * k)
             row = {"scale": k}
             for label, unit in (("scene_units", 1.0), ("world_unit", None)):
-                # the demo's own training config (splatforge.demo.run_demo), on the scaled scene
-                cfg = TrainConfig(data=scene_dir, output=Path(tmp) / f"run_{k}_{label}", steps=args.steps, seed=args.seed,
-                                  device="cpu", sh_degree=1, init_random_count=4000, init_extent=0.5, max_gaussians=12_000,
-                                  checkpoint_every=0, world_unit=unit)  # fmt: skip
+                cfg = demo_train_config(scene_dir, Path(tmp) / f"run_{k}_{label}", steps=args.steps, seed=args.seed,
+                                        world_unit=unit)  # fmt: skip
                 trainer = Trainer(cfg, scene=scaled)
                 with trainer.compute_threads():
                     for _ in range(args.steps):

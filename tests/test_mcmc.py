@@ -111,21 +111,10 @@ def _orbit_scene(k: float = 1.0):
     import numpy as np
 
     from splatforge.data.scene import SceneData
+    from splatforge.geometry.cameras import look_at
 
-    c2w = []
-    for i in range(9):
-        if i < 8:
-            a = 2 * math.pi * i / 8
-            pos = np.array([2 * math.cos(a), 2 * math.sin(a), 0.0])
-        else:
-            pos = np.array([0.0, 0.0, 5.0])
-        z = -pos / np.linalg.norm(pos)  # OpenCV +z forward, towards the origin
-        x = np.cross([0.3, 0.4, 0.866], z)
-        x /= np.linalg.norm(x)
-        m = np.eye(4)
-        m[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
-        m[:3, 3] = pos * k
-        c2w.append(m)
+    eyes = [(2 * math.cos(a), 2 * math.sin(a), 0.0) for a in np.arange(8) * math.pi / 4] + [(0.0, 0.0, 5.0)]
+    c2w = [look_at(np.multiply(eye, k), (0.0, 0.0, 0.0), (0.3, 0.4, 0.866)) for eye in eyes]
     n = len(c2w)
     names = [f"{i}.png" for i in range(n)]
     return SceneData(root=Path("."), source="test", image_names=names, image_paths=[Path(m) for m in names],

@@ -238,9 +238,8 @@ def test_mcmc_training_does_not_depend_on_the_scale_of_the_world(demo_scene, tmp
     """The same scene with every length times 8 (camera centres, points; SfM's scale is
     arbitrary) trains to the same Gaussians, 8 times larger: the means' learning rate follows
     the scene scale, MCMC's noise and scale regulariser and the pose corrections' translations
-    follow ``world_unit``. (With both
-    runs at ``world_unit=1`` the noise grows as the cube of the scale: the means then differ by
-    scene-sized distances.)"""
+    follow ``world_unit``. (With both runs at ``world_unit=1`` the noise grows as the cube of the
+    scale: the means then differ by scene-sized distances.)"""
     import dataclasses
 
     from splatforge.data import load_scene

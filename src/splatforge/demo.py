@@ -12,7 +12,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -24,9 +24,13 @@ from splatforge.geometry.transform import rotmat_to_quat
 from splatforge.io.ply import write_points_ply
 from splatforge.raster import rasterize
 
+if TYPE_CHECKING:
+    from splatforge.train import TrainConfig
+
 log = logging.getLogger(__name__)
 
-__all__ = ["TORUS_RING", "TORUS_TUBE", "build_demo_scene", "run_demo", "torus_points", "torus_sdf", "visible_torus_points"]
+__all__ = ["TORUS_RING", "TORUS_TUBE", "build_demo_scene", "demo_train_config", "run_demo", "torus_points", "torus_sdf",
+           "visible_torus_points"]  # fmt: skip
 
 
 #: The demo torus (world units): ring radius and tube radius; its surface is
@@ -138,18 +142,28 @@ def build_demo_scene(folder: Path, *, n_views: int = 24, width: int = 160, heigh
     return folder
 
 
+def demo_train_config(scene_dir: Path, output: Path, *, steps: int = 300, seed: int = 0, backend: str = "auto",
+                      **overrides: Any) -> "TrainConfig":  # fmt: skip
+    """How the demo trains on the scene of :func:`build_demo_scene` in ``scene_dir``: the
+    library's defaults (MCMC, schedules scaled to the run's length), sized for the scene: a random
+    start in the torus's bounds, degree-1 colour, at most 12,000 Gaussians, on the CPU.
+    ``overrides`` are further ``TrainConfig`` fields."""
+    from splatforge.train import TrainConfig
+
+    fields = dict(data=scene_dir, output=output, steps=steps, seed=seed, backend=backend, device="cpu", sh_degree=1,
+                  init_random_count=4000, init_extent=0.5, max_gaussians=12_000, checkpoint_every=0)  # fmt: skip
+    return TrainConfig(**{**fields, **overrides})
+
+
 def run_demo(output: Path, *, steps: int = 300, seed: int = 0, backend: str = "auto",
              progress: Optional[Callable] = None) -> dict:  # fmt: skip
     """Build the demo scene in ``output/scene``, train ``steps`` steps into ``output/run``,
     render and evaluate; returns the metrics dict (also in ``output/run/metrics.json``)."""
     from splatforge.products import evaluate
-    from splatforge.train import TrainConfig, Trainer
+    from splatforge.train import Trainer
 
     scene_dir = build_demo_scene(Path(output) / "scene", seed=seed)
-    # the library's defaults (MCMC, schedules scaled to the run's length), sized for the scene:
-    # a random start in the torus's bounds, degree-1 colour, at most 12,000 Gaussians
-    cfg = TrainConfig(data=scene_dir, output=Path(output) / "run", steps=steps, seed=seed, backend=backend, device="cpu",
-                      sh_degree=1, init_random_count=4000, init_extent=0.5, max_gaussians=12_000, checkpoint_every=0)  # fmt: skip
+    cfg = demo_train_config(scene_dir, Path(output) / "run", steps=steps, seed=seed, backend=backend)
     trainer = Trainer(cfg)
     result = trainer.train(progress)
     metrics = evaluate(trainer.as_run(), ("test",))

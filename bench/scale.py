@@ -1,10 +1,10 @@
 """Does training depend on the arbitrary scale of a scene? The demo scene with every length
 (camera centres, points) multiplied by k, trained the same way with MCMC's scale-dependent terms
-in the scene's own units (``--world-unit 1``, the trainer before 2026-12-04) and in gsplat's
-normalised unit (the default, ``world_unit`` resolved from the scene). Prints a table of test
-PSNR and writes ``bench/results/scale.json``.
+and the near plane in the scene's own units (``--world-unit 1``, the trainer before 2026-12-04)
+and in gsplat's normalised unit (the default, ``world_unit`` resolved from the scene). Prints a
+table of test PSNR and writes ``bench/results/scale.json``.
 
-    python bench/scale.py [--scales 0.125 1 8 64] [--steps 300] [--out bench/results/scale.json]
+    python bench/scale.py [--scales 0.001 0.125 1 8 64] [--steps 300] [--out bench/results/scale.json]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from rich.table import Table  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scales", type=float, nargs="+", default=[0.125, 1.0, 8.0, 64.0])
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.001, 0.125, 1.0, 8.0, 64.0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
@@ -34,6 +34,7 @@ def main() -> None:
 
     from splatforge.data import load_scene
     from splatforge.demo import build_demo_scene, demo_train_config
+    from splatforge.errors import TrainingError
     from splatforge.products import evaluate
     from splatforge.train import Trainer
 
@@ -51,19 +52,25 @@ def main() -> None:
                 cfg = demo_train_config(scene_dir, Path(tmp) / f"run_{k}_{label}", steps=args.steps, seed=args.seed,
                                         world_unit=unit)  # fmt: skip
                 trainer = Trainer(cfg, scene=scaled)
-                with trainer.compute_threads():
-                    for _ in range(args.steps):
-                        trainer.train_step()
+                row["world_unit"] = trainer.cfg.world_unit if unit is None else row.get("world_unit")
+                try:
+                    with trainer.compute_threads():
+                        for _ in range(args.steps):
+                            trainer.train_step()
+                except TrainingError as exc:  # e.g. nothing in front of the near plane: all Gaussians fade
+                    row[f"{label}_psnr"], row[f"{label}_error"] = None, str(exc)
+                    console.log(f"x{k} {label}: {exc}")
+                    continue
                 metrics = evaluate(trainer.as_run(), splits=("test",), write_images=False)
                 row[f"{label}_psnr"] = metrics["test"]["psnr"]
-                row["world_unit"] = trainer.cfg.world_unit if unit is None else row.get("world_unit")
                 console.log(f"x{k} {label}: {row[f'{label}_psnr']:.2f} dB")
             rows.append(row)
     table = Table(title=f"demo scene scaled, {args.steps} steps, seed {args.seed}: test PSNR (dB)")
     for col in ("scale", "world_unit", "in scene units (before)", "in world_unit (now)"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r['scale']:g}", f"{r['world_unit']:.3f}", f"{r['scene_units_psnr']:.2f}", f"{r['world_unit_psnr']:.2f}")
+        cell = lambda v: "failed" if v is None else f"{v:.2f}"  # noqa: E731
+        table.add_row(f"{r['scale']:g}", f"{r['world_unit']:.4g}", cell(r["scene_units_psnr"]), cell(r["world_unit_psnr"]))
     console.print(table)
     write_result(args.out, "scale", load_before, args={"scales": args.scales, "steps": args.steps, "seed": args.seed}, rows=rows)
 

@@ -446,24 +446,54 @@ def _concat(*parts: dict) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def test_previews_drop_a_floater_only_one_view_sees(tmp_path):
-    """An object's surface (a sphere) orbited by 12 cameras, and a large floater just in front of
-    one camera: the previews keep the surface (>= 95 % of it) and drop the floater."""
+def _orbited_sphere():
+    """400 small white Gaussians on a sphere of radius 0.5 at the origin, orbited by 12 cameras
+    at radius 3, 1 above it: ``(splats, eyes, camtoworlds [12, 4, 4], Ks [12, 3, 3])`` at 80x80."""
     from splatforge.geometry.cameras import look_at
-    from splatforge.products.previews import preview_selection
 
-    rng = np.random.default_rng(0)
-    d = rng.normal(size=(400, 3))
+    d = np.random.default_rng(0).normal(size=(400, 3))
     obj = _blobs(0.5 * d / np.linalg.norm(d, axis=1, keepdims=True), 0.05)
     eyes = [(3 * np.cos(a), 3 * np.sin(a), 1.0) for a in np.linspace(0, 2 * np.pi, 12, endpoint=False)]
     c2w = np.stack([look_at(e, (0, 0, 0), (0, 0, 1)) for e in eyes])
+    return obj, eyes, c2w, np.tile(np.array([[60.0, 0, 40], [0, 60.0, 40], [0, 0, 1]]), (12, 1, 1))
+
+
+def test_previews_drop_a_floater_only_one_view_sees(tmp_path):
+    """An object's surface (a sphere) orbited by 12 cameras, and a large floater just in front of
+    one camera: the previews keep the surface (>= 95 % of it) and drop the floater."""
+    from splatforge.products.previews import preview_selection
+
+    obj, eyes, c2w, K = _orbited_sphere()
     floater = _blobs(np.array([np.array(eyes[0]) * 0.85]), 0.08, colour=-1.0)  # 0.45 in front of camera 0
     s = _concat(obj, floater)
-    K = np.tile(np.array([[60.0, 0, 40], [0, 60.0, 40], [0, 0, 1]]), (12, 1, 1))
     keep, notes = preview_selection(s, c2w, K, 80, 80)
     assert not keep[-1], notes
     assert keep[:-1].mean() >= 0.95, notes
     assert notes["inside"] is False
+
+
+def test_previews_do_not_depend_on_the_scale_of_the_world(tmp_path):
+    """The orbited sphere of the test above with every length times 0.001 (a scene in
+    kilometres, its cameras 3 m from the object): the same Gaussians are kept and the previews
+    are the same pictures. With the near plane fixed at 0.01 world units nothing was drawn."""
+    from PIL import Image
+
+    from splatforge.products.previews import preview_selection
+
+    obj, _, c2w, K = _orbited_sphere()
+    k = 1e-3
+    tiny = dict(obj, means=obj["means"] * np.float32(k), scales=obj["scales"] + np.float32(np.log(k)))
+    tiny_c2w = c2w.copy()
+    tiny_c2w[:, :3, 3] *= k
+    keep, _ = preview_selection(obj, c2w, K, 80, 80)
+    assert keep.mean() > 0.9 and np.array_equal(preview_selection(tiny, tiny_c2w, K, 80, 80)[0], keep)
+    images = []
+    for name, (splats, cams) in {"unit": (obj, c2w), "tiny": (tiny, tiny_c2w)}.items():
+        out = write_previews(splats, tmp_path / name, camtoworlds=cams, Ks=K, image_size=(80, 80), size=64)
+        images.append([np.asarray(Image.open(out[f"preview_{v}"]), np.float64) for v in ("top", "angle")])
+    for ref, small in zip(*images):
+        assert ref.mean() > 10  # the sphere is in the picture
+        assert np.abs(ref - small).mean() < 1.0, np.abs(ref - small).mean()
 
 
 def test_previews_of_a_room_cut_the_ceiling(tmp_path):

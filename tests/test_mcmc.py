@@ -157,3 +157,28 @@ def test_mcmc_noise_and_scale_regulariser_are_gsplats_in_its_normalised_world():
     assert moved[0].abs().max() > 1e-3  # transparent Gaussians do move
     torch.testing.assert_close(moved[1], moved[0] * k, rtol=1e-4, atol=1e-6 * k)
     assert regs[1] == pytest.approx(regs[0], rel=1e-6)
+
+
+def test_mcmc_says_so_when_every_gaussian_is_dead():
+    """Gaussians no view sees fade below ``min_opacity`` (the opacity regulariser): at the next
+    refinement there is nothing to relocate them onto. A TrainingError names the step; gsplat's
+    relocation fails there in ``torch.multinomial`` ("invalid multinomial distribution"). One live
+    Gaussian is enough to go on: the dead ones are moved onto it."""
+    from splatforge.errors import TrainingError
+    from splatforge.train.mcmc import MCMCStrategy
+
+    n = 50
+    params = {"means": torch.randn(n, 3), "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+              "scales": torch.full((n, 3), -3.0), "opacities": torch.full((n,), -8.0),
+              "sh0": torch.randn(n, 1, 3), "shN": torch.zeros(n, 0, 3)}  # fmt: skip
+    params = {k: torch.nn.Parameter(v) for k, v in params.items()}
+    optimizers = {k: torch.optim.Adam([p], lr=1e-3) for k, p in params.items()}
+    strategy = MCMCStrategy(cap_max=n, refine_start_iter=5, refine_stop_iter=100, refine_every=10)
+    state = strategy.initialize_state()
+    with pytest.raises(TrainingError, match="step 10: all 50 Gaussians"):
+        strategy.step_post_backward(params, optimizers, state, step=10, info={}, lr=1e-4)
+    with torch.no_grad():
+        params["opacities"][7] = 2.0
+    strategy.step_post_backward(params, optimizers, state, step=10, info={}, lr=1e-4)
+    assert torch.equal(params["sh0"].detach(), params["sh0"].detach()[7:8].expand(n, 1, 3))
+    assert bool((torch.sigmoid(params["opacities"]) > strategy.min_opacity).all())

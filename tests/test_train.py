@@ -229,23 +229,27 @@ def test_world_unit_is_resolved_into_cfg_yml_and_older_configs_keep_the_scene_un
     raw = yaml.safe_load((tmp_path / "run" / "cfg.yml").read_text())
     assert raw["world_unit"] == pytest.approx(unit, rel=1e-12)
     assert load_config(tmp_path / "run" / "cfg.yml").world_unit == pytest.approx(unit, rel=1e-12)
+    assert Run.open(tmp_path / "run").near_plane == pytest.approx(0.01 * unit) == pytest.approx(trainer.near_plane)
     del raw["world_unit"]
     (tmp_path / "old.yml").write_text(yaml.safe_dump(raw))
     assert load_config(tmp_path / "old.yml").world_unit == 1.0
 
 
-def test_mcmc_training_does_not_depend_on_the_scale_of_the_world(demo_scene, tmp_path):
-    """The same scene with every length times 8 (camera centres, points; SfM's scale is
-    arbitrary) trains to the same Gaussians, 8 times larger: the means' learning rate follows
-    the scene scale, MCMC's noise and scale regulariser and the pose corrections' translations
-    follow ``world_unit``. (With both runs at ``world_unit=1`` the noise grows as the cube of the
-    scale: the means then differ by scene-sized distances.)"""
+@pytest.mark.parametrize("k", [8.0, 1e-3])
+def test_mcmc_training_does_not_depend_on_the_scale_of_the_world(demo_scene, tmp_path, k):
+    """The same scene with every length times k (camera centres, points; SfM's scale is
+    arbitrary) trains to the same Gaussians, k times larger, and renders the same images: the
+    means' learning rate follows the scene scale, MCMC's noise and scale regulariser, the pose
+    corrections' translations and the near plane follow ``world_unit``. (With both runs at
+    ``world_unit=1`` the noise grows as the cube of the scale, and the means of the x8 scene end
+    scene-sized distances away; with the near plane at 0.01 world units, the x0.001 scene, whose
+    cameras stand 0.0035 from the torus, renders nothing.)"""
     import dataclasses
 
     from splatforge.data import load_scene
     from splatforge.train import MCMCConfig
 
-    scene, k = load_scene(demo_scene), 8.0
+    scene = load_scene(demo_scene)
     c2w = scene.camtoworlds.copy()
     c2w[:, :3, 3] *= k
     runs = []
@@ -268,6 +272,11 @@ def test_mcmc_training_does_not_depend_on_the_scale_of_the_world(demo_scene, tmp
     assert np.abs(moved).max() > 1e-3 * small.scene_scale  # the poses were refined
     np.testing.assert_allclose(large.refined_camtoworlds()[:, :3, 3] / k, small.refined_camtoworlds()[:, :3, 3], rtol=0,
                                atol=1e-3 * small.scene_scale)  # fmt: skip
+    with torch.no_grad():
+        image, alpha, _ = small.render(3)
+        assert alpha.mean() > 0.1  # the torus is in view
+        diff = (large.render(3)[0] - image).abs()
+        assert diff.mean() < 1e-4 and diff.max() < 1e-2, (diff.mean(), diff.max())  # Gaussians agree to 1e-3
 
 
 def test_schedules_scale_with_steps_unless_given():

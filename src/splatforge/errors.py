@@ -11,6 +11,7 @@ __all__ = [
     "DataFormatError",
     "UnsupportedCameraModel",
     "TrainingProcessError",
+    "TrainingError",
 ]
 
 
@@ -38,3 +39,8 @@ class UnsupportedCameraModel(DataFormatError):
 class TrainingProcessError(SplatforgeError):
     """A process of a sharded training run failed or lost the others; the run can continue
     from its last checkpoint with ``--resume``."""
+
+
+class TrainingError(SplatforgeError):
+    """Training cannot go on from the current Gaussians (e.g. every one has become transparent,
+    so MCMC has none to relocate onto); the message says at which step and what to check."""

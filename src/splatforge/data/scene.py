@@ -12,7 +12,27 @@ import numpy as np
 
 from splatforge.errors import ConfigError, DataFormatError
 
-__all__ = ["SceneData", "make_split"]
+__all__ = ["NEAR_PLANE", "SceneData", "make_split", "world_unit"]
+
+NEAR_PLANE = 0.01
+"""The near plane (camera z below which Gaussians are culled) in ``world_unit`` lengths: gsplat's
+default ``near_plane`` in the normalised world its trainer renders in (cameras at median distance
+1 from their focus), so that a scene in millimetres and the same scene in kilometres render alike."""
+
+
+def world_unit(camtoworlds: np.ndarray) -> float:
+    """The length, in world units, that gsplat's trainer rescales to 1 (its default
+    ``normalize_world_space``: ``similarity_from_cameras`` of ``examples/datasets/normalize.py``,
+    after nerf-factory) for cameras ``camtoworlds [N, 4, 4]`` (OpenCV axes): the median distance
+    of the camera centres from the scene's focus, the median over the cameras of the point of each
+    optical axis (+z) nearest the world origin. Rotations and uniform scalings of the world change
+    it as they change lengths; 1.0 when it is zero or not finite (a single camera, all on one point)."""
+    camtoworlds = np.asarray(camtoworlds, dtype=np.float64)
+    centers = camtoworlds[:, :3, 3]
+    axes = camtoworlds[:, :3, 2]
+    nearest = centers - np.sum(axes * centers, axis=1, keepdims=True) * axes
+    unit = float(np.median(np.linalg.norm(centers - np.median(nearest, axis=0), axis=1))) if len(centers) else 0.0
+    return unit if np.isfinite(unit) and unit > 0.0 else 1.0
 
 
 @dataclass
@@ -88,17 +108,8 @@ class SceneData:
         return float(np.linalg.norm(centers - centers.mean(0), axis=1).max() * 1.1) or 1.0
 
     def world_unit(self) -> float:
-        """The length, in world units, that gsplat's trainer rescales to 1 (its default
-        ``normalize_world_space``: ``similarity_from_cameras`` of ``examples/datasets/normalize.py``,
-        after nerf-factory): the median distance of the camera centres from the scene's focus,
-        the median over the cameras of the point of each optical axis (+z) nearest the world
-        origin. Rotations and uniform scalings of the world change it as they change lengths;
-        1.0 when it is zero or not finite (a single camera, all on one point)."""
-        centers = self.camtoworlds[:, :3, 3]
-        axes = self.camtoworlds[:, :3, 2]
-        nearest = centers - np.sum(axes * centers, axis=1, keepdims=True) * axes
-        unit = float(np.median(np.linalg.norm(centers - np.median(nearest, axis=0), axis=1)))
-        return unit if np.isfinite(unit) and unit > 0.0 else 1.0
+        """:func:`world_unit` of the scene's cameras: the length gsplat's trainer rescales to 1."""
+        return world_unit(self.camtoworlds)
 
 
 def make_split(

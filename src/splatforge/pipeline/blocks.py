@@ -49,7 +49,8 @@ def coarse_coverage(run_dir: Path, scene, device: str = "cpu"):
         with torch.no_grad():
             _, alpha, _ = splats.select(keep).rasterize(viewmats[index : index + 1], Ks[index : index + 1],
                                                         int(scene.widths[index]), int(scene.heights[index]),
-                                                        sh_degree=0, backend=run.cfg.backend)  # fmt: skip
+                                                        sh_degree=0, backend=run.cfg.backend,
+                                                        near_plane=run.near_plane)  # fmt: skip
         return float(alpha.mean())
 
     return coverage

@@ -12,7 +12,9 @@ at least 10 % opaque, so a few floaters far away do not shrink the scene to a do
 is estimated from the training cameras (the mean of their "up" vectors, ``-y`` in OpenCV camera
 axes); without cameras it is ``-y`` of the world, COLMAP's usual convention. Cameras are
 perspective with a 40 degree field of view; renders use :func:`splatforge.raster.rasterize`
-on the device of the tensors (the CPU backend on CPU).
+on the device of the tensors (the CPU backend on CPU), with a near plane at
+:data:`~splatforge.data.scene.NEAR_PLANE` (1 %) of each camera's distance from the scene's
+centre (gsplat's near plane in its normalised world), so a scene in any units gets the same pictures.
 
 When the training cameras' intrinsics are known, the previews show only what the capture
 supports (:func:`preview_selection`): Gaussians that at least two training views see well
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from splatforge._fs import atomic_path
+from splatforge.data.scene import NEAR_PLANE, world_unit
 from splatforge.errors import SplatforgeError
 from splatforge.geometry.cameras import look_at
 from splatforge.model import Splats
@@ -159,14 +162,15 @@ def preview_cameras(frame: SceneFrame, size: int, side: Optional[np.ndarray] = N
 
 
 def render_view(splats: Splats | dict, viewmat: np.ndarray, K: np.ndarray, width: int, height: int,
-                background: float = 0.0, device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
+                background: float = 0.0, device: str | torch.device = "cpu", near_plane: float = 0.01) -> np.ndarray:  # fmt: skip
     """Render ``splats`` (:class:`~splatforge.model.Splats`, numpy or torch) from one camera
-    (``viewmat [4, 4]`` world-to-camera, OpenCV axes; ``K [3, 3]`` pixels) on ``device``; returns
-    ``[H, W, 3]`` float32 RGB in [0, 1]."""
+    (``viewmat [4, 4]`` world-to-camera, OpenCV axes; ``K [3, 3]`` pixels; ``near_plane`` world
+    units) on ``device``; returns ``[H, W, 3]`` float32 RGB in [0, 1]."""
     t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
     with torch.no_grad():
         img, _, _ = Splats.from_mapping(splats).torch(device).rasterize(
-            t(viewmat)[None], t(K)[None], width, height, backgrounds=torch.full((1, 3), background, device=device))
+            t(viewmat)[None], t(K)[None], width, height, backgrounds=torch.full((1, 3), background, device=device),
+            near_plane=near_plane)
     return img[0].clamp(0, 1).cpu().numpy()
 
 
@@ -176,7 +180,9 @@ def contributing(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray,
     in at least ``min_views`` of the training views (``camtoworlds [V,4,4]`` OpenCV, ``Ks
     [V,3,3]`` pixels at ``width x height``), rendered at ``scale``. The weight is the gradient of
     the summed render with respect to a per-Gaussian scalar colour (exact, any backend); with
-    ``min_views == 1`` views are rendered ``batch`` at a time (the weight then sums over a batch)."""
+    ``min_views == 1`` views are rendered ``batch`` at a time (the weight then sums over a batch).
+    The near plane is :data:`~splatforge.data.scene.NEAR_PLANE` world units of these cameras, as
+    in training."""
     from splatforge.raster import rasterize
 
     t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
@@ -188,10 +194,12 @@ def contributing(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray,
     viewmats = t(np.linalg.inv(camtoworlds))
     w, h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
     step = batch if min_views == 1 else 1
+    near = NEAR_PLANE * world_unit(camtoworlds)
     views = torch.zeros(n, dtype=torch.int32)
     for i in range(0, len(viewmats), step):
         feature = torch.zeros(n, 1, requires_grad=True)
-        img, _, _ = rasterize(means, quats, scales, opac, feature, viewmats[i : i + step], K[i : i + step], w, h)
+        img, _, _ = rasterize(means, quats, scales, opac, feature, viewmats[i : i + step], K[i : i + step], w, h,
+                              near_plane=near)
         img.sum().backward()
         views += (feature.grad[:, 0] >= min_weight).int()
     return (views >= min_views).numpy()
@@ -256,7 +264,8 @@ def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int =
                 a = 2 * np.pi * i / frames
                 horiz = np.cos(a) * major + np.sin(a) * minor
                 eye = frame.center + dist * (np.cos(np.radians(30)) * horiz + np.sin(np.radians(30)) * up)
-                img = render_view(splats, _look_at(eye, frame.center, up), K, stream.width, stream.height)
+                img = render_view(splats, _look_at(eye, frame.center, up), K, stream.width, stream.height,
+                                  near_plane=NEAR_PLANE * dist)
                 vf = av.VideoFrame.from_ndarray((img * 255 + 0.5).astype(np.uint8), format="rgb24")
                 for packet in stream.encode(vf):
                     container.mux(packet)
@@ -293,7 +302,8 @@ def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optiona
     for name, (viewmat, K) in cams.items():
         path = out_dir / f"{prefix}_{name}.jpg"
         try:
-            _write_jpg(render_view(splats, viewmat, K, size, size), path)
+            near = NEAR_PLANE * float(np.linalg.norm(np.linalg.inv(viewmat)[:3, 3] - frame.center))
+            _write_jpg(render_view(splats, viewmat, K, size, size, near_plane=near), path)
             result[f"{prefix}_{name}"] = str(path)
         except (RuntimeError, ValueError, MemoryError, OSError, SplatforgeError) as exc:
             log.warning("%s: preview failed: %s", path, exc)

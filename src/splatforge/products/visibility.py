@@ -33,13 +33,14 @@ TOP_K = 5
 
 
 def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, Ks: torch.Tensor, width: int,
-                    height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic") -> torch.Tensor:  # fmt: skip
+                    height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic",
+                    near_plane: float = 0.01) -> torch.Tensor:  # fmt: skip
     """Per training view and Gaussian, the mean transmittance in front of it over the pixels it
     touches: ``[V, N]`` float64 (0 where it touches none).
 
     ``gaussians`` holds **activated** tensors (a mapping or :class:`~splatforge.model.Activated`):
     ``means [N,3]``, ``quats [N,4]``, ``scales [N,3]`` (world units), ``opacities [N]`` (in [0, 1]). ``viewmats [V,4,4]`` world-to-camera (OpenCV),
-    ``Ks [V,3,3]`` pixels.
+    ``Ks [V,3,3]`` pixels, ``near_plane`` world units (a run's :attr:`~splatforge.train.Run.near_plane`).
     """
     from splatforge.raster import transmittance_stats
 
@@ -47,7 +48,8 @@ def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, 
     for i in range(0, viewmats.shape[0], batch):
         sum_T, count = transmittance_stats(gaussians["means"], gaussians["quats"], gaussians["scales"],
                                            gaussians["opacities"], viewmats[i : i + batch], Ks[i : i + batch],
-                                           width, height, backend=backend, rasterize_mode=rasterize_mode)  # fmt: skip
+                                           width, height, backend=backend, rasterize_mode=rasterize_mode,
+                                           near_plane=near_plane)  # fmt: skip
         out.append(torch.where(count > 0, sum_T / count.clamp(min=1), torch.zeros_like(sum_T)))
     return torch.cat(out).cpu()
 
@@ -62,8 +64,10 @@ def second_pick(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
 
 
 def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
-               width: int, height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic") -> torch.Tensor:  # fmt: skip
-    """Render the per-Gaussian visibility ``vis [N]`` as a one-channel colour: ``[V, H, W]``."""
+               width: int, height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic",
+               near_plane: float = 0.01) -> torch.Tensor:  # fmt: skip
+    """Render the per-Gaussian visibility ``vis [N]`` as a one-channel colour: ``[V, H, W]``
+    (``near_plane`` in world units, as :func:`gaussian_scores`)."""
     from splatforge.raster import rasterize
 
     feats = vis.to(gaussians["means"].device, gaussians["means"].dtype)[:, None]
@@ -72,7 +76,7 @@ def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: 
         for i in range(0, viewmats.shape[0], batch):
             img, _, _ = rasterize(gaussians["means"], gaussians["quats"], gaussians["scales"], gaussians["opacities"],
                                   feats, viewmats[i : i + batch], Ks[i : i + batch], width, height, backend=backend,
-                                  rasterize_mode=rasterize_mode)  # fmt: skip
+                                  rasterize_mode=rasterize_mode, near_plane=near_plane)  # fmt: skip
             maps.append(img[..., 0].clamp(0, 1).cpu())
     return torch.cat(maps)
 
@@ -113,13 +117,13 @@ def visibility_products(run, threshold: float = 0.5) -> tuple[list[Path], dict]:
     g = run.splats.activated(0)
     run.align_test_views()  # test views drawn as evaluation draws them (pose_opt runs)
     viewmats, Ks = run.cameras()
-    backend, mode = run.cfg.backend, run.cfg.rasterize_mode
+    options = {"backend": run.cfg.backend, "rasterize_mode": run.cfg.rasterize_mode, "near_plane": run.near_plane}
     train_ids = scene.split["train"]
-    vis = second_pick(gaussian_scores(g, viewmats[train_ids], Ks[train_ids], w, h, backend=backend, rasterize_mode=mode))
+    vis = second_pick(gaussian_scores(g, viewmats[train_ids], Ks[train_ids], w, h, **options))
     outputs: list[Path] = []
     for split in ("train", "test"):
         ids = scene.split[split]
         if ids:
-            maps = score_maps(g, vis, viewmats[ids], Ks[ids], w, h, backend=backend, rasterize_mode=mode)
+            maps = score_maps(g, vis, viewmats[ids], Ks[ids], w, h, **options)
             outputs += write_visibility(run.path / split / f"ours_{run.step}", maps, threshold)
     return outputs, {"fraction_gaussians_seen_twice": round(float((vis >= threshold).double().mean()), 4)}

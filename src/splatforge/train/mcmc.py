@@ -161,10 +161,20 @@ class MCMCStrategy(_GsplatMCMC):
         gsplat's noise is a covariance (length^2) times that scaler (a length), so in world units
         it grows as the cube of the scene's scale; gsplat applies it in a world normalised to
         ``world_unit`` = 1. Dividing by ``world_unit ** 2`` gives that noise in any scene's units
-        (one ``world_unit`` turns the normalised displacement back into world units)."""
+        (one ``world_unit`` turns the normalised displacement back into world units).
+
+        Raises:
+            TrainingError: at a refinement step every Gaussian is dead (nothing to relocate onto;
+                gsplat's ``relocate`` fails inside ``torch.multinomial`` there)."""
         binoms = state["binoms"]
         if self.refine_start_iter < step < self.refine_stop_iter and step % self.refine_every == 0:
             dead = torch.sigmoid(params["opacities"].flatten()) <= self.min_opacity
+            if bool(dead.all()):
+                from splatforge.errors import TrainingError
+
+                raise TrainingError(f"step {step}: all {len(dead)} Gaussians are less opaque than min_opacity "
+                                    f"{self.min_opacity:g}, so MCMC has none to relocate them onto: the training "
+                                    "views did not see them (check the cameras' poses and intrinsics)")  # fmt: skip
             if dead.any():
                 relocate(params, optimizers, dead, binoms, self.min_opacity)
             n_new = max(0, min(self.cap_max, int(1.05 * len(params["means"]))) - len(params["means"]))

@@ -149,7 +149,7 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
             render, _, _ = leaves.rasterize(trainer.viewmats[index : index + 1], trainer.Ks[index : index + 1],
                                             int(trainer.scene.widths[index]), int(trainer.scene.heights[index]),
                                             sh_degree=cfg.sh_degree, backend=cfg.backend,
-                                            rasterize_mode=cfg.rasterize_mode)  # fmt: skip
+                                            rasterize_mode=cfg.rasterize_mode, near_plane=trainer.near_plane)  # fmt: skip
             render.sum().backward()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)

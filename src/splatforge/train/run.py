@@ -22,6 +22,7 @@ from torch import Tensor
 
 from splatforge.data import SceneData, load_scene
 from splatforge.data.images import load_image
+from splatforge.data.scene import NEAR_PLANE
 from splatforge.errors import DataFormatError
 from splatforge.model import Splats
 from splatforge.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -159,6 +160,13 @@ class Run:
         own when the config left it unresolved)."""
         return self.cfg.world_unit if self.cfg.world_unit is not None else self.scene.world_unit()
 
+    @property
+    def near_plane(self) -> float:
+        """Camera z (world units) below which Gaussians are culled, as in training:
+        :data:`~splatforge.data.scene.NEAR_PLANE` ``world_unit`` lengths (gsplat's near plane in
+        its normalised world; 0.01 world units for runs trained before, whose unit reads 1.0)."""
+        return NEAR_PLANE * self.world_unit
+
     def camtoworlds(self) -> np.ndarray:
         """``[N, 4, 4]`` float64 camera-to-world (OpenCV axes) of the scene's views as the run
         draws them: the scene's, with the trained pose corrections applied to the training
@@ -246,7 +254,7 @@ class Run:
             i = views[b]
             w, h = self.image_size(i)
             out, _, _ = splats.rasterize(viewmats, Ks[i : i + 1], w, h, backgrounds=self.backgrounds(1), backend=self.cfg.backend,
-                                         rasterize_mode=self.cfg.rasterize_mode)  # fmt: skip
+                                         rasterize_mode=self.cfg.rasterize_mode, near_plane=self.near_plane)  # fmt: skip
             return out
 
         with torch.enable_grad():
@@ -280,7 +288,7 @@ class Run:
         """Render view ``index`` of the scene, or the cameras ``viewmats [C, 4, 4]``
         (world-to-camera, OpenCV axes) with ``Ks [C, 3, 3]`` (pixels) at ``width`` x ``height``.
         Other keyword arguments go to :func:`splatforge.raster.rasterize` (``render_mode``,
-        ``backgrounds``, ...). Returns ``(render [C, H, W, D], alpha [C, H, W, 1], info)``.
+        ``backgrounds``, ...; ``near_plane`` defaults to :attr:`near_plane`). Returns ``(render [C, H, W, D], alpha [C, H, W, 1], info)``.
 
         Raises:
             ConfigError: neither a view index nor a full camera given.
@@ -299,6 +307,7 @@ class Run:
             viewmats, Ks = viewmats[None], Ks[None]
         kwargs.setdefault("backend", self.cfg.backend)
         kwargs.setdefault("rasterize_mode", self.cfg.rasterize_mode)
+        kwargs.setdefault("near_plane", self.near_plane)
         if "backgrounds" not in kwargs and "RGB" in kwargs.get("render_mode", "RGB"):
             kwargs["backgrounds"] = self.backgrounds(len(viewmats), scene_needed=index is not None)
         return self.splats.rasterize(viewmats, Ks, int(width), int(height), sh_degree=sh_degree, **kwargs)

@@ -35,6 +35,7 @@ import torch
 
 from splatforge.data import SceneData, load_scene
 from splatforge.data.load import fit_data_factor
+from splatforge.data.scene import NEAR_PLANE
 from splatforge.data.images import WHITE, load_rgba
 from splatforge.io import cameras_json, write_cameras_json, write_colmap_model, write_ply
 from splatforge.model import Splats, cap_gaussians, init_from_points, init_random
@@ -122,6 +123,8 @@ class Trainer:
         self.scene_scale = self.scene.scene_scale()
         if cfg.world_unit is None:
             cfg.world_unit = self.scene.world_unit()
+        self.near_plane = NEAR_PLANE * cfg.world_unit
+        """Camera z (world units) below which Gaussians are culled: gsplat's, in ``world_unit``."""
         self.train_ids = list(self.scene.split["train"])
         self.block = self._open_block()
         self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
@@ -488,7 +491,7 @@ class Trainer:
             viewmats, self.Ks[views], int(self.scene.widths[views[0]]),
             int(self.scene.heights[views[0]]), sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
             backgrounds=backgrounds, render_mode=render_mode, backend=self.cfg.backend, absgrad=self.strategy.absgrad,
-            distributed=self.world.distributed, rasterize_mode=self.cfg.rasterize_mode,
+            distributed=self.world.distributed, rasterize_mode=self.cfg.rasterize_mode, near_plane=self.near_plane,
         )  # fmt: skip
 
     def draw_views(self) -> list[int]:

@@ -123,8 +123,7 @@ class Trainer:
         self.scene_scale = self.scene.scene_scale()
         if cfg.world_unit is None:
             cfg.world_unit = self.scene.world_unit()
-        self.near_plane = NEAR_PLANE * cfg.world_unit
-        """Camera z (world units) below which Gaussians are culled: gsplat's, in ``world_unit``."""
+        self.near_plane = NEAR_PLANE * cfg.world_unit  # camera z (world units) culled below: gsplat's, in world_unit
         self.train_ids = list(self.scene.split["train"])
         self.block = self._open_block()
         self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None

@@ -230,10 +230,10 @@ class TrainConfig:
     init_extent: float = 3.0
     """Half-size of the random initialisation cube, in scene scales."""
     world_unit: Optional[float] = None
-    """The length (world units) that MCMC's position noise and scale regulariser and the pose
-    corrections' translations are measured in, as gsplat's trainer measures them in its normalised
-    world (``normalize_world_space``), so that they do not depend on the arbitrary scale of an SfM
-    reconstruction. None (default): the scene's :meth:`~splatforge.data.scene.SceneData.world_unit`
+    """The length (world units) that MCMC's position noise and scale regulariser, the pose
+    corrections' translations and the near plane are measured in, as gsplat's trainer has them in
+    its normalised world (``normalize_world_space``), so that they do not depend on the arbitrary
+    scale of an SfM reconstruction. None (default): the scene's :meth:`~splatforge.data.scene.SceneData.world_unit`
     (the cameras' median distance from their focus point), written resolved to ``cfg.yml``. Runs
     whose ``cfg.yml`` predates the field read 1.0: the scene's own units, as they were trained."""
     random_background: Optional[bool] = None

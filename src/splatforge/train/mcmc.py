@@ -17,6 +17,7 @@ from torch import Tensor
 
 from gsplat.strategy import MCMCStrategy as _GsplatMCMC
 
+from splatforge.errors import TrainingError
 from splatforge.geometry.quats import quat_scale_to_covar
 
 __all__ = ["relocation", "MCMCStrategy"]
@@ -170,8 +171,6 @@ class MCMCStrategy(_GsplatMCMC):
         if self.refine_start_iter < step < self.refine_stop_iter and step % self.refine_every == 0:
             dead = torch.sigmoid(params["opacities"].flatten()) <= self.min_opacity
             if bool(dead.all()):
-                from splatforge.errors import TrainingError
-
                 raise TrainingError(f"step {step}: all {len(dead)} Gaussians are less opaque than min_opacity "
                                     f"{self.min_opacity:g}, so MCMC has none to relocate them onto: the training "
                                     "views did not see them (check the cameras' poses and intrinsics)")  # fmt: skip

@@ -156,8 +156,8 @@ class Run:
 
     @property
     def world_unit(self) -> float:
-        """The length the run's pose corrections are measured in (``cfg.world_unit``; the scene's
-        own when the config left it unresolved)."""
+        """The length the run's pose corrections and near plane are measured in
+        (``cfg.world_unit``; the scene's own when the config left it unresolved)."""
         return self.cfg.world_unit if self.cfg.world_unit is not None else self.scene.world_unit()
 
     @property
@@ -288,7 +288,8 @@ class Run:
         """Render view ``index`` of the scene, or the cameras ``viewmats [C, 4, 4]``
         (world-to-camera, OpenCV axes) with ``Ks [C, 3, 3]`` (pixels) at ``width`` x ``height``.
         Other keyword arguments go to :func:`splatforge.raster.rasterize` (``render_mode``,
-        ``backgrounds``, ...; ``near_plane`` defaults to :attr:`near_plane`). Returns ``(render [C, H, W, D], alpha [C, H, W, 1], info)``.
+        ``backgrounds``, ...; ``near_plane`` defaults to :attr:`near_plane`). Returns
+        ``(render [C, H, W, D], alpha [C, H, W, 1], info)``.
 
         Raises:
             ConfigError: neither a view index nor a full camera given.

@@ -68,8 +68,10 @@ def main() -> None:
     table = Table(title=f"demo scene scaled, {args.steps} steps, seed {args.seed}: test PSNR (dB)")
     for col in ("scale", "world_unit", "in scene units (before)", "in world_unit (now)"):
         table.add_column(col, justify="right")
+    def cell(psnr):
+        return "failed" if psnr is None else f"{psnr:.2f}"
+
     for r in rows:
-        cell = lambda v: "failed" if v is None else f"{v:.2f}"  # noqa: E731
         table.add_row(f"{r['scale']:g}", f"{r['world_unit']:.4g}", cell(r["scene_units_psnr"]), cell(r["world_unit_psnr"]))
     console.print(table)
     write_result(args.out, "scale", load_before, args={"scales": args.scales, "steps": args.steps, "seed": args.seed}, rows=rows)

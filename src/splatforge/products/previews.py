@@ -42,6 +42,7 @@ from splatforge.data.scene import NEAR_PLANE, world_unit
 from splatforge.errors import SplatforgeError
 from splatforge.geometry.cameras import look_at
 from splatforge.model import Splats
+from splatforge.raster.constants import DEFAULT_NEAR_PLANE
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def preview_cameras(frame: SceneFrame, size: int, side: Optional[np.ndarray] = N
 
 
 def render_view(splats: Splats | dict, viewmat: np.ndarray, K: np.ndarray, width: int, height: int,
-                background: float = 0.0, device: str | torch.device = "cpu", near_plane: float = 0.01) -> np.ndarray:  # fmt: skip
+                background: float = 0.0, device: str | torch.device = "cpu", near_plane: float = DEFAULT_NEAR_PLANE) -> np.ndarray:  # fmt: skip
     """Render ``splats`` (:class:`~splatforge.model.Splats`, numpy or torch) from one camera
     (``viewmat [4, 4]`` world-to-camera, OpenCV axes; ``K [3, 3]`` pixels; ``near_plane`` world
     units) on ``device``; returns ``[H, W, 3]`` float32 RGB in [0, 1]."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from splatforge._fs import atomic_path
+from splatforge.raster.constants import DEFAULT_NEAR_PLANE
 
 __all__ = ["gaussian_scores", "second_pick", "score_maps", "write_visibility", "visibility_products"]
 
@@ -34,7 +35,7 @@ TOP_K = 5
 
 def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, Ks: torch.Tensor, width: int,
                     height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic",
-                    near_plane: float = 0.01) -> torch.Tensor:  # fmt: skip
+                    near_plane: float = DEFAULT_NEAR_PLANE) -> torch.Tensor:  # fmt: skip
     """Per training view and Gaussian, the mean transmittance in front of it over the pixels it
     touches: ``[V, N]`` float64 (0 where it touches none).
 
@@ -65,7 +66,7 @@ def second_pick(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
 
 def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
                width: int, height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic",
-               near_plane: float = 0.01) -> torch.Tensor:  # fmt: skip
+               near_plane: float = DEFAULT_NEAR_PLANE) -> torch.Tensor:  # fmt: skip
     """Render the per-Gaussian visibility ``vis [N]`` as a one-channel colour: ``[V, H, W]``
     (``near_plane`` in world units, as :func:`gaussian_scores`)."""
     from splatforge.raster import rasterize

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from splatforge.errors import BackendUnavailableError, ConfigError
 from splatforge.geometry.sh import num_sh_bases
+from splatforge.raster.constants import DEFAULT_NEAR_PLANE
 
 __all__ = ["rasterize", "available_backends", "resolve_backend", "inverse_depths", "BACKENDS", "RENDER_MODES", "DEPTH_MODES"]
 
@@ -138,7 +139,7 @@ def rasterize(
     height: int,
     *,
     sh_degree: Optional[int] = None,
-    near_plane: float = 0.01,
+    near_plane: float = DEFAULT_NEAR_PLANE,
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     backgrounds: Optional[Tensor] = None,
@@ -394,7 +395,7 @@ def transmittance_stats(
     width: int,
     height: int,
     *,
-    near_plane: float = 0.01,
+    near_plane: float = DEFAULT_NEAR_PLANE,
     far_plane: float = 1e10,
     eps2d: float = 0.3,
     rasterize_mode: Literal["classic", "antialiased"] = "classic",

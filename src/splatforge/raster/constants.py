@@ -7,6 +7,10 @@ Sources: ``gsplat/cuda/include/Common.h`` (ALPHA_THRESHOLD), ``RasterizeToPixels
 
 #: Tile edge in pixels.
 TILE_SIZE = 16
+#: The near plane when none is given: camera z (world units) below which Gaussians are culled,
+#: gsplat's ``rasterization`` default. Runs pass their own, the same 0.01 in ``world_unit``
+#: lengths (:data:`splatforge.data.scene.NEAR_PLANE`).
+DEFAULT_NEAR_PLANE = 0.01
 #: Largest alpha one Gaussian may have at a pixel.
 ALPHA_MAX = 0.999
 #: Contributions with alpha below this (1/255) are skipped.

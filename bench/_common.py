@@ -46,7 +46,12 @@ def _numba_layer() -> str | None:
 
 def write_result(path: Path, benchmark: str, load_before: tuple[float, float, float], **fields) -> None:
     """Write ``{"benchmark", "date", "machine", **fields}`` to ``path`` atomically."""
-    payload = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(load_before), **fields}
+    payload = {
+        "benchmark": benchmark,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(load_before),
+        **fields,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
@@ -62,7 +67,9 @@ def module_at(rev: str, path: str, name: str, folder: Path, replace: dict[str, s
     Raises:
         subprocess.CalledProcessError: ``path`` does not exist at ``rev``.
     """
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+    ).stdout
     for old, new in (replace or {}).items():
         src = src.replace(old, new)
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from splatforge.products.metrics import psnr
 from splatforge.train import Run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, write_result  # noqa: E402
+from _common import ROOT, write_result
 
 
 def psnr_uncapped(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,13 +49,15 @@ def main() -> int:
     for index in runs["a"].scene.split["test"]:
         images = {name: run.render(index)[0][0, ..., :3].clamp(0, 1).cpu() for name, run in runs.items()}
         gt = runs["a"].image(index).cpu()[..., :3]
-        rows.append({
-            "index": index,
-            "max_abs_diff": float((images["a"] - images["b"]).abs().max()),
-            "psnr_a_vs_b": psnr_uncapped(images["a"], images["b"]),
-            "psnr_a": psnr(images["a"][None], gt[None]),
-            "psnr_b": psnr(images["b"][None], gt[None]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "index": index,
+                "max_abs_diff": float((images["a"] - images["b"]).abs().max()),
+                "psnr_a_vs_b": psnr_uncapped(images["a"], images["b"]),
+                "psnr_a": psnr(images["a"][None], gt[None]),
+                "psnr_b": psnr(images["b"][None], gt[None]),
+            }
+        )
     table = Table(title=f"{args.run}: {runs['a'].num_gaussians} Gaussians, test views; a = {args.a}, b = {args.b}")
     for key in rows[0]:
         table.add_column(key, justify="right")

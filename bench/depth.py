@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SKULL = Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets")) / "skull"
@@ -80,8 +80,15 @@ def one(prior: str, steps: int, seed: int, work: Path) -> dict:
         saved = json.loads((folder / "metrics.json").read_text())
         train_s, num_gaussians, metrics = saved["train_seconds"], saved["num_gaussians"], saved
     else:
-        cfg = TrainConfig(data=SKULL, output=folder, data_factor=8, steps=steps, seed=seed, checkpoint_every=0,
-                          depth_prior=None if prior == "none" else prior)  # fmt: skip
+        cfg = TrainConfig(
+            data=SKULL,
+            output=folder,
+            data_factor=8,
+            steps=steps,
+            seed=seed,
+            checkpoint_every=0,
+            depth_prior=None if prior == "none" else prior,
+        )
         t0 = time.perf_counter()
         trainer = Trainer(cfg)
         num_gaussians = trainer.train().num_gaussians
@@ -100,34 +107,70 @@ def one(prior: str, steps: int, seed: int, work: Path) -> dict:
     pts = np.asarray(mesh.sample_points_uniformly(number_of_points=500_000).points)
     ref = run.scene.points.astype(np.float64)
     mm = mesh_metrics(pts, ref, default_tau(ref))
-    return {"seed": seed, "steps": steps, "train_s": train_s, "num_gaussians": num_gaussians,
-            "test_psnr": metrics["test"]["psnr"], "test_ssim": metrics["test"]["ssim"],
-            "depth_rel_err_id": derr["id"], "depth_rel_err_md": derr["md"], "mesh_depth": info["depth"],
-            "mesh_s": mesh_s, "mesh_triangles": info["triangles"], "mesh_mb": (folder / "mesh.ply").stat().st_size / 1e6,
-            "voxel_size": info["voxel_size"], "tau": mm["tau"], "precision": mm["precision"], "recall": mm["recall"],
-            "fscore": mm["fscore"]}  # fmt: skip
+    return {
+        "seed": seed,
+        "steps": steps,
+        "train_s": train_s,
+        "num_gaussians": num_gaussians,
+        "test_psnr": metrics["test"]["psnr"],
+        "test_ssim": metrics["test"]["ssim"],
+        "depth_rel_err_id": derr["id"],
+        "depth_rel_err_md": derr["md"],
+        "mesh_depth": info["depth"],
+        "mesh_s": mesh_s,
+        "mesh_triangles": info["triangles"],
+        "mesh_mb": (folder / "mesh.ply").stat().st_size / 1e6,
+        "voxel_size": info["voxel_size"],
+        "tau": mm["tau"],
+        "precision": mm["precision"],
+        "recall": mm["recall"],
+        "fscore": mm["fscore"],
+    }
 
 
-MEANS = ("test_psnr", "test_ssim", "depth_rel_err_id", "depth_rel_err_md", "train_s", "mesh_s", "mesh_triangles",
-         "precision", "recall", "fscore")  # fmt: skip
+MEANS = (
+    "test_psnr",
+    "test_ssim",
+    "depth_rel_err_id",
+    "depth_rel_err_md",
+    "train_s",
+    "mesh_s",
+    "mesh_triangles",
+    "precision",
+    "recall",
+    "fscore",
+)
 
 
 def summarise(runs: list[dict]) -> dict:
     """The mean over seeds of each figure, and the per-seed list of the two depth errors and PSNR."""
     out = {k: float(np.mean([r[k] for r in runs])) for k in MEANS}
-    out.update(seeds=[r["seed"] for r in runs], psnr_per_seed=[r["test_psnr"] for r in runs],
-               id_err_per_seed=[r["depth_rel_err_id"] for r in runs], md_err_per_seed=[r["depth_rel_err_md"] for r in runs])  # fmt: skip
+    out.update(
+        seeds=[r["seed"] for r in runs],
+        psnr_per_seed=[r["test_psnr"] for r in runs],
+        id_err_per_seed=[r["depth_rel_err_id"] for r in runs],
+        md_err_per_seed=[r["depth_rel_err_md"] for r in runs],
+    )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                    help="training seeds per prior: MCMC runs of one scene differ by up to 1 dB from seed to seed")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="training seeds per prior: MCMC runs of one scene differ by up to 1 dB from seed to seed",
+    )
     ap.add_argument("--priors", nargs="+", default=["none", "sfm", "depth-anything"])
-    ap.add_argument("--work", type=Path, default=None,
-                    help="keep the runs here (PRIOR-sSEED); finished runs found there are reused, not retrained")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep the runs here (PRIOR-sSEED); finished runs found there are reused, not retrained",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "depth.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -152,10 +195,15 @@ def main() -> None:
             for seed in args.seeds:
                 r = one(prior, args.steps, seed, work)
                 runs.append(r)
-                print(f"{prior:15s} seed {seed}  PSNR {r['test_psnr']:6.2f}  SSIM {r['test_ssim']:.3f}  "
-                      f"depth err ID {r['depth_rel_err_id']:.4f} MD {r['depth_rel_err_md']:.4f}  train {r['train_s']:6.0f} s  "
-                      f"mesh {r['mesh_triangles']:,} tris {r['mesh_s']:.0f} s  P {r['precision']:.3f} R {r['recall']:.3f} "
-                      f"F {r['fscore']:.3f}", flush=True)  # fmt: skip
+                print(
+                    f"{prior:15s} seed {seed}  PSNR {r['test_psnr']:6.2f}  SSIM {r['test_ssim']:.3f}  "
+                    f"depth err ID {r['depth_rel_err_id']:.4f} MD {r['depth_rel_err_md']:.4f}  "
+                    f"train {r['train_s']:6.0f} s  "
+                    f"mesh {r['mesh_triangles']:,} tris {r['mesh_s']:.0f} s  "
+                    f"P {r['precision']:.3f} R {r['recall']:.3f} "
+                    f"F {r['fscore']:.3f}",
+                    flush=True,
+                )
             rows[prior] = {"mean": summarise(runs), "runs": runs}
             write_result(args.out, "depth", load, args=meta, results=rows)
     print("\nmean over seeds " + " ".join(map(str, args.seeds)))
@@ -163,9 +211,11 @@ def main() -> None:
     for prior, row in rows.items():
         if "mean" in row:
             m = row["mean"]
-            print(f"| {prior} | {m['test_psnr']:.2f} | {m['test_ssim']:.3f} | {m['depth_rel_err_id']:.2%} | "
-                  f"{m['depth_rel_err_md']:.2%} | {m['train_s']:.0f} | {m['mesh_s']:.0f} | {m['mesh_triangles']:,.0f} | "
-                  f"{m['precision']:.3f} | {m['recall']:.3f} | {m['fscore']:.3f} |")  # fmt: skip
+            print(
+                f"| {prior} | {m['test_psnr']:.2f} | {m['test_ssim']:.3f} | {m['depth_rel_err_id']:.2%} | "
+                f"{m['depth_rel_err_md']:.2%} | {m['train_s']:.0f} | {m['mesh_s']:.0f} | {m['mesh_triangles']:,.0f} | "
+                f"{m['precision']:.3f} | {m['recall']:.3f} | {m['fscore']:.3f} |"
+            )
     write_result(args.out, "depth", load, args=meta, results=rows)
 
 

@@ -46,8 +46,8 @@ from splatforge.products import evaluate, render_split
 from splatforge.train import DensifyConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
-from train import DATASETS, cpu_config, prepared_orbit  # noqa: E402
+from _common import write_result
+from train import DATASETS, cpu_config, prepared_orbit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +78,18 @@ def measure(cfg, console: Console, label: str, align: bool) -> dict:
         views = list(run.scene.split["test"])
         run.set_camtoworlds(views, run.align_views(views))
         aligned = render_split(run, "test", write=False)["psnr"]
-    row = {"steps": result.step, "wall_s": wall, "eval_s": eval_s, "num_gaussians": result.num_gaussians,
-           **{f"test_{k}": metrics["test"][k] for k in ("psnr", "ssim", "lpips_vgg")},
-           "psnr_lr": psnr_lr, "ssim_lr": ssim_lr, "psnr_aligned": aligned, "protocol": metrics.get("exposure") or metrics.get("test_poses") or "full image",
-           "loadavg_after": os.getloadavg()}  # fmt: skip
+    row = {
+        "steps": result.step,
+        "wall_s": wall,
+        "eval_s": eval_s,
+        "num_gaussians": result.num_gaussians,
+        **{f"test_{k}": metrics["test"][k] for k in ("psnr", "ssim", "lpips_vgg")},
+        "psnr_lr": psnr_lr,
+        "ssim_lr": ssim_lr,
+        "psnr_aligned": aligned,
+        "protocol": metrics.get("exposure") or metrics.get("test_poses") or "full image",
+        "loadavg_after": os.getloadavg(),
+    }
     console.log(f"{label}: {row['test_psnr']:.2f} dB ({psnr_lr:.2f} left/right), {wall:.0f} s")
     return row
 
@@ -100,14 +108,22 @@ def main() -> None:
     rows = json.loads(args.out.read_text())["rows"] if args.resume and args.out.exists() else {}
 
     def save(complete: bool) -> None:
-        write_result(args.out, "features", load_before, args={k: str(v) for k, v in vars(args).items()}, rows=rows,
-                     complete=complete)  # fmt: skip
+        write_result(
+            args.out,
+            "features",
+            load_before,
+            args={k: str(v) for k, v in vars(args).items()},
+            rows=rows,
+            complete=complete,
+        )
 
     with tempfile.TemporaryDirectory(prefix="bench_features_") as tmp_name:
         tmp = Path(tmp_name)
-        scenes = {"skull": lambda: (DATASETS / "skull", {"data_factor": 8}),
-                  "fox": lambda: (DATASETS / "fox", {"max_image_size": args.fox_size}),
-                  "orbit": lambda: (prepared_orbit(tmp, console), {})}  # fmt: skip
+        scenes = {
+            "skull": lambda: (DATASETS / "skull", {"data_factor": 8}),
+            "fox": lambda: (DATASETS / "fox", {"max_image_size": args.fox_size}),
+            "orbit": lambda: (prepared_orbit(tmp, console), {}),
+        }
         for scene in args.scenes:
             keys = [f"{scene}/{f}" for f in args.features if f"{scene}/{f}" not in rows]
             if not keys:
@@ -115,21 +131,47 @@ def main() -> None:
             data, extra = scenes[scene]()
             for key in keys:
                 feature = key.split("/")[1]
-                cfg = replace(cpu_config(data, tmp / key.replace("/", "_"), steps=args.steps, **extra), **FEATURES[feature])
+                cfg = replace(
+                    cpu_config(data, tmp / key.replace("/", "_"), steps=args.steps, **extra), **FEATURES[feature]
+                )
                 rows[key] = measure(cfg, console, key, align=feature == "baseline")
                 save(False)
     save(True)
 
     table = Table(title=f"trainer features, {args.steps} steps each (CPU, load {load_before[0]:.1f})")
-    for col in ("scene/feature", "PSNR", "SSIM", "LPIPS", "PSNR l/r", "vs baseline", "SSIM l/r", "PSNR aligned", "#G", "train s",
-                "eval s"):  # fmt: skip
+    for col in (
+        "scene/feature",
+        "PSNR",
+        "SSIM",
+        "LPIPS",
+        "PSNR l/r",
+        "vs baseline",
+        "SSIM l/r",
+        "PSNR aligned",
+        "#G",
+        "train s",
+        "eval s",
+    ):
         table.add_column(col, justify="right")
-    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"
     for key, r in rows.items():
-        base = rows.get(key.split("/")[0] + "/baseline")  # the peer of the same run: dB over the baseline, like for like
+        base = rows.get(
+            key.split("/")[0] + "/baseline"
+        )  # the peer of the same run: dB over the baseline, like for like
         delta = "-" if base is None else f"{r['psnr_lr'] - base['psnr_lr']:+.2f}"
-        table.add_row(key, f(r["test_psnr"]), f(r["test_ssim"], 3), f(r["test_lpips_vgg"], 3), f(r["psnr_lr"]), delta, f(r["ssim_lr"], 3),
-                      f(r["psnr_aligned"]), f"{r['num_gaussians']:,}", f(r["wall_s"], 0), f(r["eval_s"], 0))  # fmt: skip
+        table.add_row(
+            key,
+            f(r["test_psnr"]),
+            f(r["test_ssim"], 3),
+            f(r["test_lpips_vgg"], 3),
+            f(r["psnr_lr"]),
+            delta,
+            f(r["ssim_lr"], 3),
+            f(r["psnr_aligned"]),
+            f"{r['num_gaussians']:,}",
+            f(r["wall_s"], 0),
+            f(r["eval_s"], 0),
+        )
     Console(width=160).print(table)
 
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from splatforge.pipeline.generate import GenerateConfig, generate, gpu_slots
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,16 +34,34 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(root: Path, out: Path, args, **kw) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    summary = generate(GenerateConfig(dataset_root=root, output_dir=out, split_ratio=[0.5], stages=args.stages,
-                                      steps=args.steps, data_factor=8, cap_max=50_000, **kw))  # fmt: skip
+    summary = generate(
+        GenerateConfig(
+            dataset_root=root,
+            output_dir=out,
+            split_ratio=[0.5],
+            stages=args.stages,
+            steps=args.steps,
+            data_factor=8,
+            cap_max=50_000,
+            **kw,
+        )
+    )
     wall = time.perf_counter() - t
-    return {"wall_s": round(wall, 1), "done": summary["done"], "failed": summary["failed"],
-            "scenes_per_hour": round(summary["done"] / wall * 3600, 1)}  # fmt: skip
+    return {
+        "wall_s": round(wall, 1),
+        "done": summary["done"],
+        "failed": summary["failed"],
+        "scenes_per_hour": round(summary["done"] / wall * 3600, 1),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets")) / "skull")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets")) / "skull",
+    )
     ap.add_argument("--scenes", type=int, default=4)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--stages", nargs="+", default=["train", "render", "visibility", "depth"])
@@ -64,18 +82,27 @@ def main() -> None:
         gpus = gpu_slots([], "1")
         if gpus:
             for per_gpu in (1, 2, 4):
-                rows[f"{len(gpus)} GPU x {per_gpu} jobs"] = run(root, tmp / f"gpu{per_gpu}", args, jobs_per_gpu=str(per_gpu),
-                                                                 backend="auto")  # fmt: skip
+                rows[f"{len(gpus)} GPU x {per_gpu} jobs"] = run(
+                    root, tmp / f"gpu{per_gpu}", args, jobs_per_gpu=str(per_gpu), backend="auto"
+                )
         for workers in (1, 2):
-            rows[f"cpu x {workers} workers"] = run(root, tmp / f"cpu{workers}", args, max_workers=workers, backend="cpu")
+            rows[f"cpu x {workers} workers"] = run(
+                root, tmp / f"cpu{workers}", args, max_workers=workers, backend="cpu"
+            )
     base = rows["cpu x 1 workers"]["scenes_per_hour"]
-    table = Table(title=f"generate: {args.scenes} skull scenes (images_8), {args.steps} steps, stages {' '.join(args.stages)}")
+    table = Table(
+        title=f"generate: {args.scenes} skull scenes (images_8), {args.steps} steps, stages {' '.join(args.stages)}"
+    )
     for col in ("configuration", "wall", "scenes/hour", "vs 1 CPU worker"):
         table.add_column(col)
     for name, r in rows.items():
-        table.add_row(name, f"{r['wall_s']:.0f} s", f"{r['scenes_per_hour']:.1f}", f"{r['scenes_per_hour'] / base:.2f}x")
+        table.add_row(
+            name, f"{r['wall_s']:.0f} s", f"{r['scenes_per_hour']:.1f}", f"{r['scenes_per_hour'] / base:.2f}x"
+        )
     Console().print(table)
-    write_result(args.output, "generate", load_before, scenes=args.scenes, steps=args.steps, stages=args.stages, results=rows)
+    write_result(
+        args.output, "generate", load_before, scenes=args.scenes, steps=args.steps, stages=args.stages, results=rows
+    )
 
 
 if __name__ == "__main__":

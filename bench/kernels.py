@@ -41,8 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, module_at, write_result  # noqa: E402
-from train import DATASETS, trainer_at_cap  # noqa: E402
+from _common import ROOT, module_at, write_result
+from train import DATASETS, trainer_at_cap
 
 #: Kernel files and the kernels of theirs that a training step calls, in the step's order.
 KERNELS = {
@@ -149,9 +149,13 @@ def measure(captured: Path, rev: str, folder: Path, repeats: int, only_compile: 
                 for v in versions:
                     times[v].append(_call(*versions[v])[0])
             new_ms, old_ms = (statistics.median(times[v]) * 1e3 for v in ("new", "old"))
-            rows[name] = {"old_ms": round(old_ms, 4), "new_ms": round(new_ms, 4), "ratio_old_over_new": round(old_ms / new_ms, 3),
-                          "same_bits": _same_bits(outputs["new"][: len(outputs["old"])], outputs["old"]),
-                          "args_dropped_for_old": len(args) - n_old}  # fmt: skip
+            rows[name] = {
+                "old_ms": round(old_ms, 4),
+                "new_ms": round(new_ms, 4),
+                "ratio_old_over_new": round(old_ms / new_ms, 3),
+                "same_bits": _same_bits(outputs["new"][: len(outputs["old"])], outputs["old"]),
+                "args_dropped_for_old": len(args) - n_old,
+            }
     return {"num_gaussians": data["num_gaussians"], "kernels": rows}
 
 
@@ -164,8 +168,9 @@ def main() -> int:
     ap.add_argument("--only-compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.rev], capture_output=True, text=True,
-                         check=True).stdout.strip()  # fmt: skip
+    rev = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
     # a lasting folder, so that numba's cache of the baseline's kernels survives between runs
     folder = Path(tempfile.gettempdir()) / "splatforge-bench-kernels" / rev
     if args.measure:
@@ -191,7 +196,8 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table = Table(
-        title=f"kernels at {result['num_gaussians']:,} Gaussians, skull images_8: {rev} (old) against this checkout (new)"
+        title=f"kernels at {result['num_gaussians']:,} Gaussians, skull images_8: "
+        f"{rev} (old) against this checkout (new)"
     )
     for col in ("kernel", "old ms", "new ms", "old / new", "same bits"):
         table.add_column(col, justify="right")

@@ -28,11 +28,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from splatforge.raster import rasterize
-from splatforge.raster import _cpu_raster
+from splatforge.raster import _cpu_raster, rasterize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_BYTES_PER_ISECT = 16_000  # measured: the reference keeps ~60 B per (pixel, Gaussian) pair
@@ -68,7 +67,7 @@ def load_garden(path: Path, n: int, scale: float, device: str):
     viewmats = torch.from_numpy(d["viewmats"])[:1].float()
     Ks = torch.from_numpy(d["Ks"])[:1].float().clone()
     Ks[:, :2] *= scale
-    W, H = int(round(int(d["width"]) * scale)), int(round(int(d["height"]) * scale))
+    W, H = int(round(int(d["width"]) * scale)), int(round(int(d["height"]) * scale))  # noqa: RUF046
     params = [t.float().to(device) for t in (means, quats, scales, opacities, colors)]
     return params, viewmats.to(device), Ks.to(device), W, H
 
@@ -92,7 +91,7 @@ def time_backend(backend: str, params, viewmats, Ks, W, H, repeats: int) -> dict
         leaves = [p.detach().clone().requires_grad_(backward) for p in params]
         sync()
         t0 = time.perf_counter()
-        render, alpha, info = rasterize(*leaves, viewmats, Ks, W, H, backend=backend)
+        render, alpha, _info = rasterize(*leaves, viewmats, Ks, W, H, backend=backend)
         if backward:
             (render.sum() + alpha.sum()).backward()
         sync()
@@ -114,7 +113,7 @@ def peak_memory_child(backend: str, data: Path, n: int, scale: float) -> float:
     """Peak resident memory (MB) one forward+backward adds, measured in a fresh process: freed
     memory that allocators keep would hide the peak of a second run in this one."""
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, %r)\n"  # noqa: UP031
         "from raster import _peak_in_this_process\n"
         "print(_peak_in_this_process(%r, %r, %d, %r))\n"
     ) % (str(Path(__file__).parent), backend, str(data), n, scale)
@@ -161,7 +160,11 @@ def main() -> int:
             row["cpu"]["peak_mem_mb"] = peak_memory_child("cpu", args.data, n, scale)
             est = isects * REF_BYTES_PER_ISECT / 2**30
             if args.no_reference or est > args.ref_mem_limit_gb:
-                row["reference"] = {"skipped": f"estimated {est:.1f} GB > {args.ref_mem_limit_gb} GB" if not args.no_reference else "--no-reference"}
+                row["reference"] = {
+                    "skipped": f"estimated {est:.1f} GB > {args.ref_mem_limit_gb} GB"
+                    if not args.no_reference
+                    else "--no-reference"
+                }
             else:
                 row["reference"] = time_backend("reference", params, viewmats, Ks, W, H, args.repeats)
                 row["reference"]["peak_mem_mb"] = peak_memory_child("reference", args.data, n, scale)
@@ -172,23 +175,48 @@ def main() -> int:
             console.log(f"{row['n_gaussians']:>7} Gaussians {W}x{H}: cpu fwd+bwd {row['cpu']['fwd_bwd_s']:.3f} s")
 
     table = Table(title="rasterize: garden, 1 camera (median times, seconds; peak = memory added, MB)")
-    for col in ("N", "size", "isects", "cpu fwd", "cpu f+b", "cpu peak", "ref fwd", "ref f+b", "ref peak", "ref/cpu f+b"):
+    for col in (
+        "N",
+        "size",
+        "isects",
+        "cpu fwd",
+        "cpu f+b",
+        "cpu peak",
+        "ref fwd",
+        "ref f+b",
+        "ref peak",
+        "ref/cpu f+b",
+    ):
         table.add_column(col, justify="right")
     if has_gsplat:
         for col in ("gsplat fwd", "gsplat f+b", "cpu/gsplat f+b"):
             table.add_column(col, justify="right")
     for r in rows:
         c, ref = r["cpu"], r["reference"]
-        cells = [f"{r['n_gaussians']:,}", f"{r['width']}x{r['height']}", f"{r['n_isects']:,}",
-                 f"{c['forward_s']:.3f}", f"{c['fwd_bwd_s']:.3f}", f"{c['peak_mem_mb']:.0f}"]  # fmt: skip
+        cells = [
+            f"{r['n_gaussians']:,}",
+            f"{r['width']}x{r['height']}",
+            f"{r['n_isects']:,}",
+            f"{c['forward_s']:.3f}",
+            f"{c['fwd_bwd_s']:.3f}",
+            f"{c['peak_mem_mb']:.0f}",
+        ]
         if "skipped" in ref:
             cells += ["skip", "skip", "-", "-"]
         else:
-            cells += [f"{ref['forward_s']:.2f}", f"{ref['fwd_bwd_s']:.2f}", f"{ref['peak_mem_mb']:.0f}",
-                      f"{ref['fwd_bwd_s'] / c['fwd_bwd_s']:.1f}x"]  # fmt: skip
+            cells += [
+                f"{ref['forward_s']:.2f}",
+                f"{ref['fwd_bwd_s']:.2f}",
+                f"{ref['peak_mem_mb']:.0f}",
+                f"{ref['fwd_bwd_s'] / c['fwd_bwd_s']:.1f}x",
+            ]
         if has_gsplat:
             gs = r["gsplat"]
-            cells += [f"{gs['forward_s'] * 1e3:.2f} ms", f"{gs['fwd_bwd_s'] * 1e3:.2f} ms", f"{c['fwd_bwd_s'] / gs['fwd_bwd_s']:.0f}x"]
+            cells += [
+                f"{gs['forward_s'] * 1e3:.2f} ms",
+                f"{gs['fwd_bwd_s'] * 1e3:.2f} ms",
+                f"{c['fwd_bwd_s'] / gs['fwd_bwd_s']:.0f}x",
+            ]
         table.add_row(*cells)
     console.print(table)
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets"))
@@ -73,7 +73,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "splatforge.cli", "run", str(video), "--output", str(out)]
         console.log(f"{frames} frames of 1080x1920 -> {video}; running: splatforge run {video.name} --output OUT")
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
         if proc.returncode:
             console.print(proc.stderr[-3000:])
@@ -92,10 +92,20 @@ def main() -> int:
     console.print(t)
     test = summary["test"]
     console.print(f"plan: {plan[0].strip() if plan else '?'}")
-    console.print(f"train: {summary['train']}, test: PSNR {test['psnr']:.2f} dB, SSIM {test['ssim']:.3f}, "
-                  f"LPIPS(vgg) {test['lpips_vgg']}, registered {summary['prepare']}")  # fmt: skip
-    write_result(args.out, "run_video", load_before, args={k: str(v) for k, v in vars(args).items()}, wall_s=wall,
-                 frames=frames, plan=plan, summary=summary)  # fmt: skip
+    console.print(
+        f"train: {summary['train']}, test: PSNR {test['psnr']:.2f} dB, SSIM {test['ssim']:.3f}, "
+        f"LPIPS(vgg) {test['lpips_vgg']}, registered {summary['prepare']}"
+    )
+    write_result(
+        args.out,
+        "run_video",
+        load_before,
+        args={k: str(v) for k, v in vars(args).items()},
+        wall_s=wall,
+        frames=frames,
+        plan=plan,
+        summary=summary,
+    )
     console.print(f"wrote {args.out}")
     return 0
 

@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, write_result  # noqa: E402
-
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from _common import ROOT, write_result
+from rich.console import Console
+from rich.table import Table
 
 
 def main() -> None:
@@ -49,8 +48,9 @@ def main() -> None:
             scaled = dataclasses.replace(scene, camtoworlds=c2w, points=scene.points * k)
             row = {"scale": k}
             for label, unit in (("scene_units", 1.0), ("world_unit", None)):
-                cfg = demo_train_config(scene_dir, Path(tmp) / f"run_{k}_{label}", steps=args.steps, seed=args.seed,
-                                        world_unit=unit)  # fmt: skip
+                cfg = demo_train_config(
+                    scene_dir, Path(tmp) / f"run_{k}_{label}", steps=args.steps, seed=args.seed, world_unit=unit
+                )
                 trainer = Trainer(cfg, scene=scaled)
                 row["world_unit"] = trainer.cfg.world_unit if unit is None else row.get("world_unit")
                 try:
@@ -68,13 +68,18 @@ def main() -> None:
     table = Table(title=f"demo scene scaled, {args.steps} steps, seed {args.seed}: test PSNR (dB)")
     for col in ("scale", "world_unit", "in scene units (before)", "in world_unit (now)"):
         table.add_column(col, justify="right")
+
     def cell(psnr):
         return "failed" if psnr is None else f"{psnr:.2f}"
 
     for r in rows:
-        table.add_row(f"{r['scale']:g}", f"{r['world_unit']:.4g}", cell(r["scene_units_psnr"]), cell(r["world_unit_psnr"]))
+        table.add_row(
+            f"{r['scale']:g}", f"{r['world_unit']:.4g}", cell(r["scene_units_psnr"]), cell(r["world_unit_psnr"])
+        )
     console.print(table)
-    write_result(args.out, "scale", load_before, args={"scales": args.scales, "steps": args.steps, "seed": args.seed}, rows=rows)
+    write_result(
+        args.out, "scale", load_before, args={"scales": args.scales, "steps": args.steps, "seed": args.seed}, rows=rows
+    )
 
 
 if __name__ == "__main__":

@@ -51,29 +51,43 @@ from splatforge.products import evaluate
 from splatforge.train import MCMCConfig, StepTimes, TrainConfig, Trainer, apply_preset, resolve_preset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import ROOT, module_at, write_result  # noqa: E402
+from _common import ROOT, module_at, write_result
 
 DATASETS = Path(os.environ.get("SPLATFORGE_DATASETS", ROOT.parent / "shared" / "datasets"))
 
 
 def cpu_config(data: Path, out: Path, **overrides) -> TrainConfig:
     """What ``splatforge train DATA`` does on a CPU: the ``auto`` preset (``fast``), then the options."""
-    base = apply_preset(TrainConfig(data=data, output=out, device="cpu", checkpoint_every=0), resolve_preset("auto", "cpu"))
+    base = apply_preset(
+        TrainConfig(data=data, output=out, device="cpu", checkpoint_every=0), resolve_preset("auto", "cpu")
+    )
     return replace(base, **overrides)
 
 
 def train_and_test(cfg: TrainConfig, console: Console, label: str) -> dict:
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
-    result = trainer.train(lambda step, loss, psnr, n, its: console.log(f"[{label}] step {step}: #G {n:,}, {time.perf_counter() - t0:.0f} s")
-                           if step % 1000 == 0 else None)  # fmt: skip
+    result = trainer.train(
+        lambda step, loss, psnr, n, its: (
+            console.log(f"[{label}] step {step}: #G {n:,}, {time.perf_counter() - t0:.0f} s")
+            if step % 1000 == 0
+            else None
+        )
+    )
     wall = time.perf_counter() - t0
     metrics = evaluate(trainer.as_run(), ("test",), write_images=False)
     i = trainer.train_ids[0]
-    return {"steps": result.step, "wall_s": wall, "s_per_step": wall / result.step, "num_gaussians": result.num_gaussians,
-            "image_size": [int(trainer.scene.widths[i]), int(trainer.scene.heights[i])], "data_factor": cfg.data_factor,
-            "train_views": len(trainer.train_ids), "test_views": metrics["test"]["num_views"],
-            **{f"test_{k}": metrics["test"][k] for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex")}}  # fmt: skip
+    return {
+        "steps": result.step,
+        "wall_s": wall,
+        "s_per_step": wall / result.step,
+        "num_gaussians": result.num_gaussians,
+        "image_size": [int(trainer.scene.widths[i]), int(trainer.scene.heights[i])],
+        "data_factor": cfg.data_factor,
+        "train_views": len(trainer.train_ids),
+        "test_views": metrics["test"]["num_views"],
+        **{f"test_{k}": metrics["test"][k] for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex")},
+    }
 
 
 def prepared_orbit(tmp: Path, console: Console) -> Path:
@@ -90,8 +104,11 @@ def prepared_orbit(tmp: Path, console: Console) -> Path:
 def section_strategies(args, tmp: Path, console: Console, save) -> dict:
     """One row per scene/steps/strategy; ``save(rows)`` runs after each row, so a stopped run keeps
     what it measured, and rows already in ``--out`` (with ``--resume``) are not measured again."""
-    scenes = {"skull_images_8": lambda: (DATASETS / "skull", {"data_factor": 8}), "fox": lambda: (DATASETS / "fox", {}),
-              "skull_orbit_prepared": lambda: (prepared_orbit(tmp, console), {})}  # fmt: skip
+    scenes = {
+        "skull_images_8": lambda: (DATASETS / "skull", {"data_factor": 8}),
+        "fox": lambda: (DATASETS / "fox", {}),
+        "skull_orbit_prepared": lambda: (prepared_orbit(tmp, console), {}),
+    }
     rows = dict(args.previous.get("strategies", {}))
     for name in args.scenes:
         keys = [f"{name}/{steps}/{strategy}" for steps in args.steps for strategy in args.strategies]
@@ -116,8 +133,9 @@ def _torchmetrics_ssim(render, gt):
     ensure_torchvision_importable()
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return structural_similarity_index_measure(render.permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2), data_range=1.0,
-                                               kernel_size=11, sigma=1.5)  # fmt: skip
+    return structural_similarity_index_measure(
+        render.permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2), data_range=1.0, kernel_size=11, sigma=1.5
+    )
 
 
 def _unfused(trainer: Trainer) -> None:
@@ -133,10 +151,16 @@ def backend_at(kernels_rev: str, glue_rev: str, tmp: Path):
     raster = "src/splatforge/raster/"
     kr = module_at(kernels_rev, raster + "_cpu_raster.py", f"baseline_cpu_raster_{kernels_rev}", tmp)
     kp = module_at(glue_rev, raster + "_cpu_project.py", f"baseline_cpu_project_{glue_rev}", tmp)
-    cpu = module_at(glue_rev, raster + "cpu.py", f"baseline_cpu_{glue_rev}_{kernels_rev}", tmp, {
-        "from splatforge.raster import _cpu_project as kp": f"import {kp.__name__} as kp",
-        "from splatforge.raster import _cpu_raster as kr": f"import {kr.__name__} as kr",
-    })  # fmt: skip
+    cpu = module_at(
+        glue_rev,
+        raster + "cpu.py",
+        f"baseline_cpu_{glue_rev}_{kernels_rev}",
+        tmp,
+        {
+            "from splatforge.raster import _cpu_project as kp": f"import {kp.__name__} as kp",
+            "from splatforge.raster import _cpu_raster as kr": f"import {kr.__name__} as kr",
+        },
+    )
     sh_colors = cpu.sh_colors
 
     def concatenated_sh_colors(means, coeffs, *args):
@@ -149,8 +173,15 @@ def backend_at(kernels_rev: str, glue_rev: str, tmp: Path):
 def trainer_at_cap(out: Path) -> Trainer:
     """The breakdown's state: skull ``images_8`` trained with MCMC (cap 30,000) until it holds
     30,000 Gaussians and has taken 400 steps (past the kernels' compilation)."""
-    cfg = TrainConfig(data=DATASETS / "skull", output=out, data_factor=8, steps=3000, device="cpu",
-                      checkpoint_every=0, mcmc=MCMCConfig(cap_max=30_000))  # fmt: skip
+    cfg = TrainConfig(
+        data=DATASETS / "skull",
+        output=out,
+        data_factor=8,
+        steps=3000,
+        device="cpu",
+        checkpoint_every=0,
+        mcmc=MCMCConfig(cap_max=30_000),
+    )
     trainer = Trainer(cfg)
     with trainer.compute_threads():
         while len(trainer.params["means"]) < 30_000 or trainer.step < 400:
@@ -188,9 +219,17 @@ def section_breakdown(args, tmp: Path, console: Console, save) -> dict:
         finally:
             trainer_module.ssim = compiled_ssim
             raster_package.cpu = sys.modules["splatforge.raster.cpu"] = backend
-        med = {k: statistics.median(getattr(t, k) for t in per_step) for k in ("forward", "ssim", "loss", "backward", "adam", "strategy", "total")}
-        med["python_overhead"] = max(0.0, med["total"] - sum(med[k] for k in ("forward", "ssim", "loss", "backward", "adam", "strategy")))
-        out[label] = {"ms": {k: round(v * 1000, 2) for k, v in med.items()}, "num_gaussians": len(trainer.params["means"])}
+        med = {
+            k: statistics.median(getattr(t, k) for t in per_step)
+            for k in ("forward", "ssim", "loss", "backward", "adam", "strategy", "total")
+        }
+        med["python_overhead"] = max(
+            0.0, med["total"] - sum(med[k] for k in ("forward", "ssim", "loss", "backward", "adam", "strategy"))
+        )
+        out[label] = {
+            "ms": {k: round(v * 1000, 2) for k, v in med.items()},
+            "num_gaussians": len(trainer.params["means"]),
+        }
     with trainer.compute_threads():
         out["raster_share_after"] = _raster_share(trainer)
     return out
@@ -232,26 +271,54 @@ def opensplat_scene(tmp: Path) -> Path:
 
 
 def run_opensplat(binary: Path, scene: Path, out: Path, steps: int) -> dict:
-    cmd = [str(binary), str(scene), "-n", str(steps), "--num-downscales", "0", "--test-every", "8", "--keep-crs",
-           "-o", str(out / "splat.ply")]  # fmt: skip
+    cmd = [
+        str(binary),
+        str(scene),
+        "-n",
+        str(steps),
+        "--num-downscales",
+        "0",
+        "--test-every",
+        "8",
+        "--keep-crs",
+        "-o",
+        str(out / "splat.ply"),
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"opensplat failed ({proc.returncode}): {proc.stderr[-500:]}")
-    loop = re.search(r"training loop: ([\d.]+) s for (\d+) steps = ([\d.]+) s/step; final gaussians: (\d+)", proc.stdout)
+    loop = re.search(
+        r"training loop: ([\d.]+) s for (\d+) steps = ([\d.]+) s/step; final gaussians: (\d+)", proc.stdout
+    )
     test = re.search(r"\[test\] mean over (\d+) images: PSNR=([\d.]+) SSIM=([\d.]+)", proc.stdout)
     if not loop or not test:
         raise RuntimeError("opensplat's output lacks the [measure]/[test] lines of the test-split patch")
-    return {"command": " ".join(cmd), "wall_s": wall, "loop_s": float(loop.group(1)), "s_per_step": float(loop.group(3)),
-            "num_gaussians": int(loop.group(4)), "test_views": int(test.group(1)), "test_psnr": float(test.group(2)),
-            "test_ssim_own_11x11": float(test.group(3))}  # fmt: skip
+    return {
+        "command": " ".join(cmd),
+        "wall_s": wall,
+        "loop_s": float(loop.group(1)),
+        "s_per_step": float(loop.group(3)),
+        "num_gaussians": int(loop.group(4)),
+        "test_views": int(test.group(1)),
+        "test_psnr": float(test.group(2)),
+        "test_ssim_own_11x11": float(test.group(3)),
+    }
 
 
 def section_opensplat(args, tmp: Path, console: Console, save) -> dict:
     out = {}
-    cfg = TrainConfig(data=DATASETS / "skull", output=tmp / "ours_vs_opensplat", data_factor=8, steps=3000, device="cpu",
-                      checkpoint_every=0, strategy="mcmc", mcmc=MCMCConfig(cap_max=30_000))  # fmt: skip
+    cfg = TrainConfig(
+        data=DATASETS / "skull",
+        output=tmp / "ours_vs_opensplat",
+        data_factor=8,
+        steps=3000,
+        device="cpu",
+        checkpoint_every=0,
+        strategy="mcmc",
+        mcmc=MCMCConfig(cap_max=30_000),
+    )
     out["ours"] = train_and_test(cfg, console, "ours (mcmc, cap 30k)")
     if args.opensplat is None:
         out["opensplat"] = None
@@ -268,15 +335,29 @@ def section_opensplat(args, tmp: Path, console: Console, save) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", nargs="+", default=["strategies", "breakdown", "opensplat"],
-                    choices=["strategies", "breakdown", "opensplat"])
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=["strategies", "breakdown", "opensplat"],
+        choices=["strategies", "breakdown", "opensplat"],
+    )
     ap.add_argument("--steps", nargs="+", type=int, default=[3000, 7000])
-    ap.add_argument("--scenes", nargs="+", default=["skull_images_8", "fox", "skull_orbit_prepared"],
-                    choices=["skull_images_8", "fox", "skull_orbit_prepared"], help="the strategies section's scenes")
+    ap.add_argument(
+        "--scenes",
+        nargs="+",
+        default=["skull_images_8", "fox", "skull_orbit_prepared"],
+        choices=["skull_images_8", "fox", "skull_orbit_prepared"],
+        help="the strategies section's scenes",
+    )
     ap.add_argument("--breakdown-steps", type=int, default=60)
-    ap.add_argument("--baseline-rev", default="a928a54", help="git revision whose compositing kernels the breakdown's 'before' uses")
-    ap.add_argument("--baseline-glue-rev", default="a690dff",
-                    help="git revision whose cpu.py and _cpu_project.py (the glue those kernels fit) the 'before' uses")
+    ap.add_argument(
+        "--baseline-rev", default="a928a54", help="git revision whose compositing kernels the breakdown's 'before' uses"
+    )
+    ap.add_argument(
+        "--baseline-glue-rev",
+        default="a690dff",
+        help="git revision whose cpu.py and _cpu_project.py (the glue those kernels fit) the 'before' uses",
+    )
     ap.add_argument("--opensplat", type=Path, default=None, help="OpenSplat binary built with the test-split patch")
     ap.add_argument("--strategies", nargs="+", default=["mcmc", "default"], choices=["mcmc", "default"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
@@ -292,12 +373,16 @@ def main() -> int:
     run_args = {k: str(v) for k, v in vars(args).items() if k != "previous"}
 
     def save(partial: dict, section: str) -> None:
-        write_result(args.out, "train", load_before, args=run_args, results=results | {section: partial}, complete=False)
+        write_result(
+            args.out, "train", load_before, args=run_args, results=results | {section: partial}, complete=False
+        )
 
     tmp = Path(tempfile.mkdtemp(prefix="splatforge-bench-"))
     try:
         for section in args.sections:
-            results[section] = globals()[f"section_{section}"](args, tmp, console, lambda rows, s=section: save(rows, s))
+            results[section] = globals()[f"section_{section}"](
+                args, tmp, console, lambda rows, s=section: save(rows, s)
+            )
             save(results[section], section)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -311,13 +396,34 @@ def print_tables(results: dict) -> None:
     console = Console(width=160)
     if "strategies" in results:
         t = Table(title="strategies on the CPU preset (test views)")
-        for col in ("scene", "steps", "strategy", "image", "wall", "s/step", "#Gaussians", "PSNR", "SSIM", "LPIPS(vgg)"):
+        for col in (
+            "scene",
+            "steps",
+            "strategy",
+            "image",
+            "wall",
+            "s/step",
+            "#Gaussians",
+            "PSNR",
+            "SSIM",
+            "LPIPS(vgg)",
+        ):
             t.add_column(col, justify="right")
         for key, r in results["strategies"].items():
             scene, steps, strategy = key.split("/")
             lp = r["test_lpips_vgg"]
-            t.add_row(scene, steps, strategy, "x".join(map(str, r["image_size"])), f"{r['wall_s']:.0f} s", f"{r['s_per_step']:.3f}",
-                      f"{r['num_gaussians']:,}", f"{r['test_psnr']:.2f}", f"{r['test_ssim']:.3f}", "-" if lp is None else f"{lp:.3f}")  # fmt: skip
+            t.add_row(
+                scene,
+                steps,
+                strategy,
+                "x".join(map(str, r["image_size"])),
+                f"{r['wall_s']:.0f} s",
+                f"{r['s_per_step']:.3f}",
+                f"{r['num_gaussians']:,}",
+                f"{r['test_psnr']:.2f}",
+                f"{r['test_ssim']:.3f}",
+                "-" if lp is None else f"{lp:.3f}",
+            )
         console.print(t)
     if "breakdown" in results:
         b = results["breakdown"]
@@ -330,16 +436,26 @@ def print_tables(results: dict) -> None:
             t.add_row(label, *(f"{b[label]['ms'][p]:.1f}" for p in parts))
         console.print(t)
         s = b["raster_share_after"]
-        console.print(f"rasterizer forward+backward {s['raster_fwd_bwd_ms']:.1f} ms of a {s['step_ms']:.1f} ms step: {100 * s['share']:.0f} %")
+        console.print(
+            f"rasterizer forward+backward {s['raster_fwd_bwd_ms']:.1f} ms of a {s['step_ms']:.1f} ms step: "
+            f"{100 * s['share']:.0f} %"
+        )
     if "opensplat" in results:
         o = results["opensplat"]
         t = Table(title="skull images_8, 3,000 steps from step 1 at 266x177, 57/9 views")
         for col in ("trainer", "s/step", "#Gaussians", "test PSNR"):
             t.add_column(col, justify="right")
-        t.add_row("splatforge (mcmc, cap 30k)", f"{o['ours']['s_per_step']:.3f}", f"{o['ours']['num_gaussians']:,}", f"{o['ours']['test_psnr']:.2f}")
+        t.add_row(
+            "splatforge (mcmc, cap 30k)",
+            f"{o['ours']['s_per_step']:.3f}",
+            f"{o['ours']['num_gaussians']:,}",
+            f"{o['ours']['test_psnr']:.2f}",
+        )
         if o.get("opensplat"):
             p = o["opensplat"]
-            t.add_row("OpenSplat 1.1.5 CPU", f"{p['s_per_step']:.3f}", f"{p['num_gaussians']:,}", f"{p['test_psnr']:.2f}")
+            t.add_row(
+                "OpenSplat 1.1.5 CPU", f"{p['s_per_step']:.3f}", f"{p['num_gaussians']:,}", f"{p['test_psnr']:.2f}"
+            )
         console.print(t)
         if o.get("opensplat"):
             console.print(f"OpenSplat's step / ours: {o['step_ratio_opensplat_over_ours']:.2f}x")

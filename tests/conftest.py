@@ -57,4 +57,3 @@ def _gpu_when_marked(request, monkeypatch):
             monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         else:
             monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _ORIGINAL_VISIBLE)
-

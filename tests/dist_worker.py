@@ -34,7 +34,10 @@ def case_exchange(world: World, out: Path) -> dict:
         recv = all_to_all(leaves, [counts[a][r] for a in range(W)], method=method)
         weights = [torch.full_like(t, 1.0 + a + 10.0 * r) for a, t in enumerate(recv)]  # names sender a and receiver r
         sum((t * w).sum() for t, w in zip(recv, weights)).backward()
-        result[method] = {"recv": [t.detach() for t in recv], "grad": [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]}
+        result[method] = {
+            "recv": [t.detach() for t in recv],
+            "grad": [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves],
+        }
     sizes = [3 + 2 * a for a in range(W)]
     mine = torch.arange(sizes[r], dtype=torch.float32) + offsets(sizes)[r]
     result["gathered"] = gather_rows(mine, sizes, world)
@@ -77,13 +80,19 @@ def case_rasterize(world: World, out: Path) -> dict:
     ((img * weights).sum() + alpha.sum()).backward()
     result["single"] = {"img": img[cams].detach(), "grads": [t.grad[own] for t in full]}
     shard = [t[own].clone().requires_grad_(True) for t in tensors]
-    img_d, alpha_d, info = rasterize(*shard, viewmats[cams], Ks[cams], 64, 48, sh_degree=3, render_mode="RGB+ID",
-                                     backend="cpu", distributed=True)  # fmt: skip
+    img_d, alpha_d, info = rasterize(
+        *shard, viewmats[cams], Ks[cams], 64, 48, sh_degree=3, render_mode="RGB+ID", backend="cpu", distributed=True
+    )
     info["means2d"].retain_grad()
     ((img_d * weights[cams]).sum() + alpha_d.sum()).backward()
-    result["dist"] = {"img": img_d.detach(), "grads": [t.grad for t in shard], "means2d": list(info["means2d"].shape),
-                      "n_cameras": info["n_cameras"], "counts": info["gaussian_counts"],
-                      "means2d_grad": info["means2d"].grad is not None}  # fmt: skip
+    result["dist"] = {
+        "img": img_d.detach(),
+        "grads": [t.grad for t in shard],
+        "means2d": list(info["means2d"].shape),
+        "n_cameras": info["n_cameras"],
+        "counts": info["gaussian_counts"],
+        "means2d_grad": info["means2d"].grad is not None,
+    }
     return result
 
 

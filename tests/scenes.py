@@ -1,4 +1,5 @@
-"""Seeded test scenes for the rasterizer tests, and where the shared datasets are (plain helpers and one skip marker)."""
+"""Seeded test scenes for the rasterizer tests, and where the shared datasets are (plain helpers and
+one skip marker)."""
 
 from __future__ import annotations
 
@@ -64,14 +65,30 @@ class Scene:
 
     def params(self) -> list[Tensor]:
         """Fresh leaf copies of the per-Gaussian tensors, requiring grad."""
-        return [t.detach().clone().requires_grad_(True) for t in (self.means, self.quats, self.scales, self.opacities, self.colors)]
+        return [
+            t.detach().clone().requires_grad_(True)
+            for t in (self.means, self.quats, self.scales, self.opacities, self.colors)
+        ]
 
-    def to(self, dtype: torch.dtype) -> "Scene":
-        return Scene(*(t.to(dtype) for t in (self.means, self.quats, self.scales, self.opacities, self.colors, self.viewmats, self.Ks)), self.width, self.height)
+    def to(self, dtype: torch.dtype) -> Scene:
+        return Scene(
+            *(
+                t.to(dtype)
+                for t in (self.means, self.quats, self.scales, self.opacities, self.colors, self.viewmats, self.Ks)
+            ),
+            self.width,
+            self.height,
+        )
 
 
 def random_scene(
-    seed: int, n: int = 300, n_cameras: int = 2, width: int = 70, height: int = 45, sh_degree: int | None = None, channels: int = 3
+    seed: int,
+    n: int = 300,
+    n_cameras: int = 2,
+    width: int = 70,
+    height: int = 45,
+    sh_degree: int | None = None,
+    channels: int = 3,
 ) -> Scene:
     """Gaussians in a ball of radius ~1.5 seen by cameras ~3.5 units away: some Gaussians fall
     behind the cameras' near plane or off-image, many straddle tile borders."""
@@ -103,5 +120,14 @@ def garden_subset(n: int, scale: float, seed: int = 42) -> Scene:
     colors = torch.from_numpy(d["colors"][:n]).float() / 255.0
     Ks = torch.from_numpy(d["Ks"]).float().clone()
     Ks[:, :2] *= scale
-    return Scene(means, quats, scales, opacities, colors, torch.from_numpy(d["viewmats"]).float(), Ks,
-                 int(round(int(d["width"]) * scale)), int(round(int(d["height"]) * scale)))  # fmt: skip
+    return Scene(
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        torch.from_numpy(d["viewmats"]).float(),
+        Ks,
+        int(round(int(d["width"]) * scale)),  # noqa: RUF046
+        int(round(int(d["height"]) * scale)),  # noqa: RUF046
+    )

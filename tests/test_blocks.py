@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from scenes import datasets_dir, needs_skull
+
 from splatforge.data import SceneData
 from splatforge.data.blocks import in_box, load_plan, plan_blocks, plane_coords, write_plan
 from splatforge.errors import ConfigError, DataFormatError
@@ -21,7 +21,9 @@ def _ground_scene(tmp_path: Path) -> SceneData:
     """Points on the z = 0 ground (world +z up) spread unevenly along x, cameras 2 m above it
     looking straight down (OpenCV: +z forward = world -z, +y down = world -y), one far outside."""
     rng = np.random.default_rng(0)
-    pts = np.concatenate([rng.uniform([-10, -4, 0], [0, 4, 0.2], (3000, 3)), rng.uniform([0, -4, 0], [4, 4, 0.2], (1000, 3))])
+    pts = np.concatenate(
+        [rng.uniform([-10, -4, 0], [0, 4, 0.2], (3000, 3)), rng.uniform([0, -4, 0], [4, 4, 0.2], (1000, 3))]
+    )
     centres = [(-8, 0, 2), (-2, 1, 2), (1, -1, 2), (3.5, 0, 2), (30, 0, 2)]
     c2w = []
     for c in centres:
@@ -31,10 +33,18 @@ def _ground_scene(tmp_path: Path) -> SceneData:
         c2w.append(m)
     K = np.array([[100.0, 0, 100], [0, 100.0, 100], [0, 0, 1]])
     n = len(centres)
-    return SceneData(root=tmp_path, source="test", image_names=[f"{i}.png" for i in range(n)],
-                     image_paths=[tmp_path / f"{i}.png" for i in range(n)], camtoworlds=np.stack(c2w),
-                     Ks=np.stack([K] * n), widths=np.full(n, 200), heights=np.full(n, 200),
-                     points=pts.astype(np.float32), points_rgb=np.zeros((len(pts), 3), np.uint8))  # fmt: skip
+    return SceneData(
+        root=tmp_path,
+        source="test",
+        image_names=[f"{i}.png" for i in range(n)],
+        image_paths=[tmp_path / f"{i}.png" for i in range(n)],
+        camtoworlds=np.stack(c2w),
+        Ks=np.stack([K] * n),
+        widths=np.full(n, 200),
+        heights=np.full(n, 200),
+        points=pts.astype(np.float32),
+        points_rgb=np.zeros((len(pts), 3), np.uint8),
+    )
 
 
 def test_plan_cuts_equal_counts_and_assigns_images(tmp_path):
@@ -56,7 +66,9 @@ def test_plan_cuts_equal_counts_and_assigns_images(tmp_path):
     # camera at x = -8 sees only the x < -5 side; at x = 30 it sees no point and is in the
     # unbounded outer block's box; cameras near the cut are in both
     side = {b["id"]: set(b["images"]) for b in plan["blocks"]}
-    neg = [k for k, b in enumerate(plan["blocks"]) if in_box(plane_coords(np.array([[-8.0, 0, 0]]), plan), b["box"])[0]][0]
+    neg = next(
+        k for k, b in enumerate(plan["blocks"]) if in_box(plane_coords(np.array([[-8.0, 0, 0]]), plan), b["box"])[0]
+    )
     pos = 1 - neg
     assert "0.png" in side[plan["blocks"][neg]["id"]] and "0.png" not in side[plan["blocks"][pos]["id"]]
     assert "4.png" in side[plan["blocks"][pos]["id"]] and "4.png" not in side[plan["blocks"][neg]["id"]]
@@ -114,8 +126,17 @@ def test_skull_two_blocks_merge_close_to_one_model_local_and_ray(tmp_path):
     assert merged["num_gaussians"] == sum(b["kept"] for b in merged["blocks"])
     assert all(0 < b["kept"] < b["trained"] for b in merged["blocks"])
     assert (tmp_path / "merged" / "metrics.json").is_file() and (tmp_path / "merged" / "cameras.json").is_file()
-    trainer = Trainer(TrainConfig(data=SKULL, output=tmp_path / "one", data_factor=8, steps=250, split_ratio=0.875,
-                                  device="cpu", checkpoint_every=0))  # fmt: skip
+    trainer = Trainer(
+        TrainConfig(
+            data=SKULL,
+            output=tmp_path / "one",
+            data_factor=8,
+            steps=250,
+            split_ratio=0.875,
+            device="cpu",
+            checkpoint_every=0,
+        )
+    )
     trainer.train()
     one = evaluate(trainer.as_run(), splits=("test",), write_images=False)["test"]["psnr"]
     assert merged["metrics"]["test"]["psnr"] > one - 0.5, (merged["metrics"]["test"]["psnr"], one)
@@ -149,8 +170,20 @@ def test_blocks_commands_report_bad_input(tmp_path, capsys):
     assert not (tmp_path / "b.json").exists()
     scene = _ground_scene(tmp_path)
     write_plan(plan_blocks(scene, (2, 1)), tmp_path / "blocks.json")
-    assert main(["blocks", "merge", str(tmp_path / "blocks.json"), "--blocks", str(tmp_path / "none"),
-                 "--output", str(tmp_path / "merged")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "blocks",
+                "merge",
+                str(tmp_path / "blocks.json"),
+                "--blocks",
+                str(tmp_path / "none"),
+                "--output",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "block 0_0: no trained run" in err and "blocks train" in err
     assert not (tmp_path / "merged").exists()
@@ -175,5 +208,8 @@ def test_a_failing_block_is_reported_alone_and_a_rerun_skips_finished_blocks(tmp
     assert ply.is_file()
     again = train_blocks(path, tmp_path / "runs", steps=20, data_factor=8)
     assert again[0]["stages"]["train"] == "skipped" and again[1]["status"] == "failed"
-    assert main(["blocks", "train", str(path), "--output", str(tmp_path / "runs"), "--steps", "20", "--data-factor", "8"]) == 1
+    assert (
+        main(["blocks", "train", str(path), "--output", str(tmp_path / "runs"), "--steps", "20", "--data-factor", "8"])
+        == 1
+    )
     assert "1 of 2 blocks failed: block_1_0_0.875" in capsys.readouterr().err

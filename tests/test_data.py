@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from scenes import datasets_dir, needs_datasets, needs_skull
+
 from splatforge import DataFormatError
 from splatforge.data import load_scene, make_split
 from splatforge.errors import ConfigError
@@ -90,7 +90,10 @@ def test_transforms_alpha_blender_style(tmp_path):
     rgba[..., 0] = 255
     rgba[:4, :, 3] = 255  # top half opaque red, bottom transparent
     Image.fromarray(rgba).save(tmp_path / "train" / "r_0.png")
-    meta = {"camera_angle_x": 0.6911112070083618, "frames": [{"file_path": "./train/r_0", "transform_matrix": np.eye(4).tolist()}]}
+    meta = {
+        "camera_angle_x": 0.6911112070083618,
+        "frames": [{"file_path": "./train/r_0", "transform_matrix": np.eye(4).tolist()}],
+    }
     (tmp_path / "transforms.json").write_text(json.dumps(meta))
     scene = load_scene(tmp_path, test_every=0, background=(0.0, 0.0, 1.0))
     np.testing.assert_allclose(scene.Ks[0, 0, 0], 0.5 * 10 / np.tan(0.5 * 0.6911112070083618))
@@ -169,7 +172,9 @@ def test_bad_transforms_input(tmp_path):
     (tmp_path / "transforms.json").write_text(json.dumps({"frames": []}))
     with pytest.raises(DataFormatError, match="'frames' is empty"):
         load_scene(tmp_path)
-    (tmp_path / "transforms.json").write_text(json.dumps({"fl_x": 10, "frames": [{"file_path": "a.png", "transform_matrix": np.eye(4).tolist()}]}))
+    (tmp_path / "transforms.json").write_text(
+        json.dumps({"fl_x": 10, "frames": [{"file_path": "a.png", "transform_matrix": np.eye(4).tolist()}]})
+    )
     with pytest.raises(DataFormatError, match="1 of 1 images are missing"):
         load_scene(tmp_path)
 
@@ -177,8 +182,14 @@ def test_bad_transforms_input(tmp_path):
 def random_splats(n: int, degree: int, seed: int = 0) -> dict:
     g = np.random.default_rng(seed)
     k = (degree + 1) ** 2
-    return {"means": g.normal(size=(n, 3)), "quats": g.normal(size=(n, 4)), "scales": g.normal(size=(n, 3)) - 4,
-            "opacities": g.normal(size=n), "sh0": g.normal(size=(n, 1, 3)), "shN": g.normal(size=(n, k - 1, 3))}  # fmt: skip
+    return {
+        "means": g.normal(size=(n, 3)),
+        "quats": g.normal(size=(n, 4)),
+        "scales": g.normal(size=(n, 3)) - 4,
+        "opacities": g.normal(size=n),
+        "sh0": g.normal(size=(n, 1, 3)),
+        "shN": g.normal(size=(n, k - 1, 3)),
+    }
 
 
 @pytest.mark.parametrize("degree", [0, 1, 3])
@@ -209,7 +220,9 @@ def test_ply_reads_gsplat_export(tmp_path):
     s = random_splats(30, 3)
     t = {k: torch.from_numpy(v).float() for k, v in s.items()}
     path = tmp_path / "gsplat.ply"
-    export_splats(t["means"], t["scales"], t["quats"], t["opacities"], t["sh0"], t["shN"], format="ply", save_to=str(path))
+    export_splats(
+        t["means"], t["scales"], t["quats"], t["opacities"], t["sh0"], t["shN"], format="ply", save_to=str(path)
+    )
     back = read_ply(path)
     for key in s:
         np.testing.assert_allclose(back[key], s[key], rtol=1e-6, atol=1e-6, err_msg=key)
@@ -239,8 +252,13 @@ def test_distorted_colmap_model_is_undistorted_into_the_cache(tmp_path):
     shutil.copytree(SKULL / "images_8", root / "images_8")
     rec = pycolmap.Reconstruction(str(SKULL / "sparse" / "0"))
     cam = rec.cameras[1]
-    rec.cameras[1] = pycolmap.Camera(model="SIMPLE_RADIAL", width=cam.width, height=cam.height,
-                                     params=[cam.params[0], cam.params[2], cam.params[3], 0.05], camera_id=1)  # fmt: skip
+    rec.cameras[1] = pycolmap.Camera(
+        model="SIMPLE_RADIAL",
+        width=cam.width,
+        height=cam.height,
+        params=[cam.params[0], cam.params[2], cam.params[3], 0.05],
+        camera_id=1,
+    )
     rec.write(str(root / "sparse" / "0"))
     before = snapshot(root)
     scene = load_scene(root, data_factor=8, cache_dir=tmp_path / "cache")

@@ -8,11 +8,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from scenes import datasets_dir, needs_skull
+
 from splatforge.cli import main as cli_main
-from splatforge.data.depth import (DepthFit, PNG_SCALE, fit_depth_scale, read_inverse_depth, reliable_views,
-                                   sfm_inverse_depths, write_inverse_depth_png)  # fmt: skip
+from splatforge.data.depth import (
+    PNG_SCALE,
+    DepthFit,
+    fit_depth_scale,
+    read_inverse_depth,
+    reliable_views,
+    sfm_inverse_depths,
+    write_inverse_depth_png,
+)
 
 SKULL = datasets_dir() / "skull"
 
@@ -70,7 +77,7 @@ def test_sfm_depths_are_colmaps_tracks():
     im = next(i for i in rec.images.values() if i.name == scene.image_names[3])
     obs = [p for p in im.points2D if p.has_point3D()]
     z = np.array([(im.cam_from_world() * rec.points3D[p.point3D_id].xyz)[2] for p in obs])
-    xy, inv = sfm_inverse_depths(scene, 3)
+    _xy, inv = sfm_inverse_depths(scene, 3)
     assert len(inv) == int((z > 0).sum()) > 100
     np.testing.assert_allclose(np.sort(inv), np.sort(1.0 / z[z > 0]), rtol=1e-5)
 
@@ -109,18 +116,38 @@ def _tiny_depth_anything(folder):
     ensure_torchvision_importable()
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            patch_size=14, image_size=518, out_features=["stage1", "stage2", "stage3", "stage4"],
-                            reshape_hidden_states=False)  # fmt: skip
-    cfg = DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-                              head_hidden_size=8, reassemble_hidden_size=32, depth_estimation_type="relative")  # fmt: skip
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=518,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    cfg = DepthAnythingConfig(
+        backbone_config=backbone,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        reassemble_hidden_size=32,
+        depth_estimation_type="relative",
+    )
     torch.manual_seed(0)
     model = DepthAnythingForDepthEstimation(cfg)
     with torch.no_grad():
         model.head.conv3.bias.fill_(1.0)  # a positive output, so the map is not all zero
     model.save_pretrained(folder)
-    DPTImageProcessor(do_resize=True, size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                      resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)  # fmt: skip
+    DPTImageProcessor(
+        do_resize=True,
+        size={"height": 518, "width": 518},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
     return folder
 
 
@@ -135,8 +162,23 @@ def test_depth_prior_command_with_a_local_model(tmp_path, capsys):
     model = _tiny_depth_anything(tmp_path / "tiny")
     before = sorted(p.name for p in SKULL.iterdir())
     out = tmp_path / "priors"
-    assert cli_main(["depth-prior", str(SKULL), "--data-factor", "8", "--output", str(out), "--model", str(model),
-                     "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "depth-prior",
+                str(SKULL),
+                "--data-factor",
+                "8",
+                "--output",
+                str(out),
+                "--model",
+                str(model),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in SKULL.iterdir()) == before
     scene = load_scene(SKULL, data_factor=8, test_every=0)
     params = json.loads((out / "depth_params.json").read_text())
@@ -158,8 +200,18 @@ def test_missing_model_offline_is_one_clear_error(tmp_path, monkeypatch, capsys)
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "priors"
-    code = cli_main(["depth-prior", str(SKULL), "--data-factor", "8", "--output", str(out),
-                     "--model", "depth-anything/not-a-cached-model"])  # fmt: skip
+    code = cli_main(
+        [
+            "depth-prior",
+            str(SKULL),
+            "--data-factor",
+            "8",
+            "--output",
+            str(out),
+            "--model",
+            "depth-anything/not-a-cached-model",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "depth-anything/not-a-cached-model" in err and "huggingface-cli download" in err
@@ -186,9 +238,16 @@ def test_depth_term_is_inrias_formula(tmp_path):
     listing = sorted(p.name for p in prior.iterdir())
 
     def first_step(depth_prior):
-        cfg = TrainConfig(data=SKULL, output=tmp_path / f"run-{depth_prior is not None}", data_factor=8, steps=50,
-                          depth_prior=depth_prior, depth_weight_init=3.0, depth_filter_px=0.0,
-                          checkpoint_every=0)  # fmt: skip
+        cfg = TrainConfig(
+            data=SKULL,
+            output=tmp_path / f"run-{depth_prior is not None}",
+            data_factor=8,
+            steps=50,
+            depth_prior=depth_prior,
+            depth_weight_init=3.0,
+            depth_filter_px=0.0,
+            checkpoint_every=0,
+        )
         t = Trainer(cfg)
         state = t.generator.get_state()
         index = t.train_ids[int(torch.randint(len(t.train_ids), (1,), generator=t.generator))]
@@ -213,8 +272,17 @@ def test_depth_term_is_inrias_formula(tmp_path):
     from splatforge.data.depth import multiview_depth_mask
     from splatforge.train.depth import DepthSupervision
 
-    sup = DepthSupervision(str(prior), scene, tmp_path / "run-True", steps=50, weight_init=1.0, weight_final=0.01,
-                           model="unused", device=torch.device("cpu"), filter_px=5.0)  # fmt: skip
+    sup = DepthSupervision(
+        str(prior),
+        scene,
+        tmp_path / "run-True",
+        steps=50,
+        weight_init=1.0,
+        weight_final=0.01,
+        model="unused",
+        device=torch.device("cpu"),
+        filter_px=5.0,
+    )
     train = set(scene.split["train"])
     depth_of = {i: 1.0 / sup.aligned(i) for i in train if sup.reliable[i]}.get
     want = multiview_depth_mask(depth_of, scene.camtoworlds, scene.Ks, index, 5.0)
@@ -235,8 +303,9 @@ def test_sfm_depth_prior_brings_rendered_depth_to_the_points(tmp_path):
 
     errors = {}
     for prior in (None, "sfm"):
-        cfg = TrainConfig(data=SKULL, output=tmp_path / str(prior), data_factor=8, steps=200, depth_prior=prior,
-                          checkpoint_every=0)  # fmt: skip
+        cfg = TrainConfig(
+            data=SKULL, output=tmp_path / str(prior), data_factor=8, steps=200, depth_prior=prior, checkpoint_every=0
+        )
         t = Trainer(cfg)
         with t.compute_threads():
             for _ in range(cfg.steps):
@@ -264,14 +333,24 @@ def test_generate_job_with_depth_prior_and_mesh_stages(tmp_path):
     from splatforge.pipeline.job import JobSpec, run_job
 
     model = _tiny_depth_anything(tmp_path / "tiny")
-    spec = JobSpec(scene="skull", scene_root=str(SKULL), output_dir=str(tmp_path / "out"), ratio=0.8, data_factor=8,
-                   stages=["depth_prior", "train", "mesh"], steps=60, cap_max=30_000,
-                   extra={"depth_model": str(model)})  # fmt: skip
+    spec = JobSpec(
+        scene="skull",
+        scene_root=str(SKULL),
+        output_dir=str(tmp_path / "out"),
+        ratio=0.8,
+        data_factor=8,
+        stages=["depth_prior", "train", "mesh"],
+        steps=60,
+        cap_max=30_000,
+        extra={"depth_model": str(model)},
+    )
     result = run_job(spec)
     assert result["status"] == "done", result
     assert result["stages"] == {"postprocess": "done", "depth_prior": "done", "train": "done", "mesh": "done"}
     out = spec.out
-    assert len(list((out / "depth_prior").glob("*.png"))) == 66 and (out / "depth_prior" / "depth_params.json").is_file()
+    assert (
+        len(list((out / "depth_prior").glob("*.png"))) == 66 and (out / "depth_prior" / "depth_params.json").is_file()
+    )
     assert yaml.safe_load((out / "cfg.yml").read_text())["depth_prior"] == str(out / "depth_prior")
     assert (out / "exports" / "mesh.ply").stat().st_size > 1000
     again = run_job(spec)

@@ -3,7 +3,9 @@
 The references are independent of the code under test's distribution: the exchange's expected
 rows are computed from the formula that made them, the distributed render is compared with one
 process rendering every Gaussian, and 2 ranks x batch 1 with the same run in one process with
-batch 2 (same views per step, same initial Gaussians).
+batch 2 (same views per step, same initial Gaussians). The shard bookkeeping that needs no
+collective (:class:`~splatforge.train.shards.ShardSet` cutting sets and checkpoints) is tested in
+this process.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scenes import REPO, datasets_dir, needs_skull
+
+from splatforge.model import Splats
+from splatforge.raster.collectives import World
 from splatforge.train.distributed import even_sizes
+from splatforge.train.shards import PARAM_KEYS, ShardSet
 
 SKULL = datasets_dir() / "skull"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -30,15 +35,27 @@ def _env() -> dict:
 
 
 def _run_worker(case: str, out: Path, *extra: str) -> list[dict]:
-    proc = subprocess.run([*TORCHRUN, str(REPO / "tests" / "dist_worker.py"), case, str(out), *extra],
-                          env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [*TORCHRUN, str(REPO / "tests" / "dist_worker.py"), case, str(out), *extra],
+        check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"{case}_{r}.pt", weights_only=False) for r in range(2)]
 
 
 def _train(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "splatforge", "train", *args], env=_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "splatforge", "train", *args],
+        check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _params(run: Path, step: int) -> dict:
@@ -64,7 +81,9 @@ def test_all_to_all_both_methods_and_backward(tmp_path):
     assert torch.equal(results[0]["gathered"], torch.arange(8, dtype=torch.float32))
     assert results[1]["gathered"] is None
     assert results[0]["target"] == [4, 4]
-    assert torch.equal(torch.cat([results[0]["moved"], results[1]["moved"]]), torch.arange(sum(sizes), dtype=torch.float32))
+    assert torch.equal(
+        torch.cat([results[0]["moved"], results[1]["moved"]]), torch.arange(sum(sizes), dtype=torch.float32)
+    )
     assert [len(results[r]["moved"]) for r in range(2)] == [4, 4]
     assert all(t.shape == (0, 3) for r in range(2) for t in results[r]["empty"])
 
@@ -79,6 +98,86 @@ def test_distributed_rasterize_equals_one_process(tmp_path):
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
         assert dist["means2d"] == [4, res["own"][1], 2]  # every rank's cameras, this rank's Gaussians
         assert dist["n_cameras"] == 4 and dist["counts"] == [192, 208] and dist["means2d_grad"]
+
+
+def _numbered(n: int) -> dict[str, torch.Tensor]:
+    """Per-Gaussian tensors whose rows hold their global index."""
+    idx = torch.arange(n, dtype=torch.float32)
+    widths = {"means": 3, "scales": 3, "quats": 4, "opacities": 0, "sh0": (1, 3), "shN": (3, 3)}
+    out = {}
+    for k, w in widths.items():
+        shape = (n, *w) if isinstance(w, tuple) else (n, w) if w else (n,)
+        out[k] = idx.reshape(n, *([1] * (len(shape) - 1))).expand(shape).clone()
+    return out
+
+
+def _checkpoint(n: int, **extra) -> dict:
+    params = _numbered(n)
+    moments = {
+        k: {"state": {0: {"step": torch.tensor(3.0), "exp_avg": v + 0.5}}, "param_groups": []}
+        for k, v in params.items()
+    }
+    return {"step": 7, "params": params, "optimizers": moments, "strategy_state": {"grad2d": torch.arange(n)}, **extra}
+
+
+def test_shard_set_cuts_the_initial_set_and_checkpoints_by_rank():
+    """Rank r of 2 takes the r-th even shard of the initial set and of a checkpoint (its saved
+    shard sizes when they fit the world, else even ones, boundaries on multiples of 64), with its
+    own strategy RNG (a fresh one, seeded from the step, on another world size); no collective."""
+    n = 1000
+    splats = Splats.from_mapping(_numbered(n))
+    even = even_sizes(n, 2)
+    assert even == [448, 552]
+    saved = [600, 400]
+    rngs = [torch.full((4,), r, dtype=torch.uint8) for r in range(2)]
+    fresh = torch.full((4,), 9, dtype=torch.uint8)
+    for r in range(2):
+        shards = ShardSet(World(rank=r, size=2), torch.device("cpu"))
+        lo = [0, even[0]][r]
+        mine = shards.take(splats)
+        assert shards.world_count == n and shards.num_gaussians(len(mine)) == n
+        assert torch.equal(torch.as_tensor(mine.means)[:, 0], torch.arange(lo, lo + even[r], dtype=torch.float32))
+
+        part = shards.local_part(_checkpoint(n, shard_sizes=saved, strategy_rngs=rngs), lambda step: None)
+        lo = [0, saved[0]][r]
+        want = torch.arange(lo, lo + saved[r], dtype=torch.float32)
+        assert all(torch.equal(part["params"][k].reshape(saved[r], -1)[:, 0], want) for k in PARAM_KEYS)
+        assert torch.equal(part["optimizers"]["means"]["state"][0]["exp_avg"][:, 0], want + 0.5)
+        assert part["optimizers"]["means"]["state"][0]["step"].item() == 3.0  # not per-Gaussian
+        assert torch.equal(part["strategy_state"]["grad2d"], want.long())
+        assert torch.equal(part["strategy_rng"], rngs[r]) and part["strategy_rng"] is not rngs[r]
+
+        part = shards.local_part(_checkpoint(n, shard_sizes=[n], strategy_rngs=rngs[:1]), lambda step: fresh + step)
+        lo = [0, even[0]][r]
+        assert torch.equal(part["params"]["means"][:, 0], torch.arange(lo, lo + even[r], dtype=torch.float32))
+        assert torch.equal(part["strategy_rng"], fresh + 7)
+        assert shards.world_count == n
+
+
+def test_shard_set_of_one_process_keeps_the_whole_set():
+    """In a world of one: the whole set, a checkpoint's part is the checkpoint itself, and the
+    checkpoint state is a copy on the CPU (the parameters, their Adam moments, the strategy's)."""
+    shards = ShardSet(World(), torch.device("cpu"))
+    splats = Splats.from_mapping(_numbered(10))
+    assert shards.take(splats) is splats and shards.world_count == 10
+    assert shards.num_gaussians(12) == 12  # a single process counts its own parameters
+    ckpt = _checkpoint(10)
+    assert shards.local_part(ckpt, lambda step: None) is ckpt
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in _numbered(10).items()})
+    optimizers = {k: torch.optim.Adam([params[k]], lr=0.1) for k in PARAM_KEYS}
+    sum(p.sum() for p in params.values()).backward()
+    for opt in optimizers.values():
+        opt.step()
+    state = shards.checkpoint_state(params, optimizers, {"count": torch.ones(10)}, torch.get_rng_state())
+    assert set(state) == {"params", "optimizers", "strategy_state"}
+    for k in PARAM_KEYS:
+        assert torch.equal(state["params"][k], params[k].detach())
+        assert state["params"][k].data_ptr() != params[k].data_ptr()
+    assert torch.equal(state["optimizers"]["means"]["state"][0]["exp_avg"], torch.full((10, 3), 0.1))
+    assert torch.equal(shards.full_splats(params).as_dict()["quats"], params["quats"].detach())
+    report = shards.memory_report(params, optimizers)
+    assert report["rank"] == 0 and report["num_gaussians"] == 10
+    assert report["param_bytes"] == 3 * sum(p.numel() * 4 for p in params.values()) + 6 * 4  # + the steps
 
 
 @needs_skull
@@ -104,8 +203,18 @@ def test_two_ranks_equal_one_process_with_batch_two(tmp_path):
     """30 steps of skull (images_8) with a fixed set of Gaussians: 2 ranks x batch 1 (through
     ``--nproc 2``) end with the parameters of 1 process x batch 2 to 1e-5 relative (in fact
     equal); the sharded run's PLY and checkpoint hold the whole run."""
-    common = [str(SKULL), "--data-factor", "8", "--steps", "30", "--strategy", "none", "--no-eval",
-              "--checkpoint-every", "0"]  # fmt: skip
+    common = [
+        str(SKULL),
+        "--data-factor",
+        "8",
+        "--steps",
+        "30",
+        "--strategy",
+        "none",
+        "--no-eval",
+        "--checkpoint-every",
+        "0",
+    ]
     one = _train(*common, "--batch-size", "2", "--output", str(tmp_path / "one"))
     two = _train(*common, "--nproc", "2", "--output", str(tmp_path / "two"))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -128,9 +237,26 @@ def test_two_ranks_equal_one_process_with_batch_two(tmp_path):
 def test_two_ranks_densify_to_the_same_count(tmp_path):
     """With the default strategy refining once (step 15), 2 ranks grow and prune exactly the
     Gaussians one process does: the same count; the shards' sizes add up to it."""
-    common = [str(SKULL), "--data-factor", "8", "--steps", "30", "--strategy", "default", "--no-eval",
-              "--densify.refine-start-iter", "14", "--densify.refine-every", "15", "--densify.refine-stop-iter", "29",
-              "--densify.reset-every", "1000", "--checkpoint-every", "0"]  # fmt: skip
+    common = [
+        str(SKULL),
+        "--data-factor",
+        "8",
+        "--steps",
+        "30",
+        "--strategy",
+        "default",
+        "--no-eval",
+        "--densify.refine-start-iter",
+        "14",
+        "--densify.refine-every",
+        "15",
+        "--densify.refine-stop-iter",
+        "29",
+        "--densify.reset-every",
+        "1000",
+        "--checkpoint-every",
+        "0",
+    ]
     one = _train(*common, "--batch-size", "2", "--output", str(tmp_path / "one"))
     two = _train(*common, "--nproc", "2", "--output", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
@@ -159,10 +285,27 @@ def test_killed_rank_fails_the_run_and_resume_finishes_it(tmp_path):
     """SIGKILL of one rank past the first checkpoint: the command exits 1 with one ``error:``
     line saying how to continue; ``--resume`` (also on one process) then finishes the run."""
     run = tmp_path / "run"
-    args = [str(SKULL), "--data-factor", "8", "--steps", "60", "--strategy", "mcmc", "--no-eval",
-            "--checkpoint-every", "10", "--output", str(run)]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "splatforge", "train", *args, "--nproc", "2"], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        str(SKULL),
+        "--data-factor",
+        "8",
+        "--steps",
+        "60",
+        "--strategy",
+        "mcmc",
+        "--no-eval",
+        "--checkpoint-every",
+        "10",
+        "--output",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splatforge", "train", *args, "--nproc", "2"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (run / "checkpoints" / "ckpt_000010.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"

@@ -17,14 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from scenes import REPO, look_at
 
 from splatforge.cli import main
 from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.sh import eval_sh
-from splatforge.geometry.transform import (NAMED_TRANSFORMS, euler_transform, named_transform,
-                                           rotate_sh, transform_splats)  # fmt: skip
+from splatforge.geometry.transform import (
+    NAMED_TRANSFORMS,
+    euler_transform,
+    named_transform,
+    rotate_sh,
+    transform_splats,
+)
 from splatforge.io import read_ply, read_splat, read_spz, write_ply, write_sog, write_splat, write_spz
 from splatforge.io.spz import decode_spz, encode_spz
 from splatforge.products.export import build_transform, load_splats
@@ -51,7 +55,9 @@ def unit(q: np.ndarray) -> np.ndarray:
 def covariances(s: dict) -> np.ndarray:
     from splatforge.geometry.quats import quat_scale_to_covar
 
-    return quat_scale_to_covar(torch.tensor(s["quats"], dtype=torch.float64), torch.exp(torch.tensor(s["scales"], dtype=torch.float64))).numpy()
+    return quat_scale_to_covar(
+        torch.tensor(s["quats"], dtype=torch.float64), torch.exp(torch.tensor(s["scales"], dtype=torch.float64))
+    ).numpy()
 
 
 def match_order(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -83,10 +89,32 @@ def test_ply_reader_takes_nerfstudio_and_gsplat_variants(tmp_path):
     from plyfile import PlyData, PlyElement
 
     s = make_splats(50, degree=1)
-    names = ["x", "y", "z", "opacity", "rot_0", "rot_1", "rot_2", "rot_3", "scale_0", "scale_1", "scale_2",
-             "f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(9)]  # fmt: skip
-    cols = [s["means"][:, 0], s["means"][:, 1], s["means"][:, 2], s["opacities"], *s["quats"].T, *s["scales"].T,
-            *s["sh0"][:, 0].T, *s["shN"].transpose(0, 2, 1).reshape(50, 9).T]  # fmt: skip
+    names = [
+        "x",
+        "y",
+        "z",
+        "opacity",
+        "rot_0",
+        "rot_1",
+        "rot_2",
+        "rot_3",
+        "scale_0",
+        "scale_1",
+        "scale_2",
+        "f_dc_0",
+        "f_dc_1",
+        "f_dc_2",
+    ] + [f"f_rest_{i}" for i in range(9)]
+    cols = [
+        s["means"][:, 0],
+        s["means"][:, 1],
+        s["means"][:, 2],
+        s["opacities"],
+        *s["quats"].T,
+        *s["scales"].T,
+        *s["sh0"][:, 0].T,
+        *s["shN"].transpose(0, 2, 1).reshape(50, 9).T,
+    ]
     rec = np.empty(50, dtype=[(n, "f8") for n in names])
     for n, c in zip(names, cols):
         rec[n] = c
@@ -106,7 +134,7 @@ def test_splat_round_trip_within_quantisation_and_sorted(tmp_path):
     assert np.all(np.diff(key[order]) <= 0), "largest-first order of antimatter15's convert.py"
     np.testing.assert_array_equal(back["means"], s["means"][order])
     np.testing.assert_allclose(back["scales"], s["scales"][order], atol=1e-5)
-    alpha = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    alpha = lambda x: 1 / (1 + np.exp(-x))
     # bytes are truncated (ply2splat, convert.py): the decoded value is at most one step below
     a_in, a_back = alpha(s["opacities"][order]), alpha(back["opacities"])
     assert np.all((a_in - a_back > -0.5 / 255 - 1e-6) & (a_in - a_back < 1.5 / 255 + 1e-6))
@@ -131,7 +159,9 @@ def test_splat_is_byte_identical_to_ply2splat_of_our_ply(tmp_path):
     ply2splat.convert(str(tmp_path / "a.ply"), str(tmp_path / "theirs.splat"))
     ours, theirs = (tmp_path / "ours.splat").read_bytes(), (tmp_path / "theirs.splat").read_bytes()
     assert len(ours) == len(theirs) == 32 * 4000
-    rows = np.nonzero(np.frombuffer(ours, np.uint8).reshape(-1, 32) != np.frombuffer(theirs, np.uint8).reshape(-1, 32))[0]
+    rows = np.nonzero(np.frombuffer(ours, np.uint8).reshape(-1, 32) != np.frombuffer(theirs, np.uint8).reshape(-1, 32))[
+        0
+    ]
     assert ours == theirs, f"{len(set(rows))} records differ, first {sorted(set(rows))[:5]}"
 
 
@@ -144,7 +174,7 @@ def test_spz_round_trip_within_quantisation(tmp_path, version):
     np.testing.assert_allclose(back["scales"], s["scales"], atol=1 / 32 + 1e-5)
     np.testing.assert_allclose(back["sh0"], s["sh0"], atol=0.5 / (0.15 * 255) + 1e-5)
     np.testing.assert_allclose(back["shN"], s["shN"], atol=1 / 16 + 0.5 / 128 + 1e-5)  # 4-bit bands, 5-bit band 1
-    alpha = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    alpha = lambda x: 1 / (1 + np.exp(-x))
     np.testing.assert_allclose(alpha(back["opacities"]), alpha(s["opacities"]), atol=0.5 / 255 + 1e-6)
     dots = np.abs((unit(back["quats"]) * unit(s["quats"])).sum(1))
     assert dots.min() > (0.99 if version == 2 else 0.9999)
@@ -157,7 +187,9 @@ def test_spz_headers_and_large_coordinates():
     import gzip
 
     head = gzip.decompress(raw3)[:16]
-    assert int.from_bytes(head[:4], "little") == 0x5053474E and head[4] == 3 and int.from_bytes(head[8:12], "little") == 20
+    assert (
+        int.from_bytes(head[:4], "little") == 0x5053474E and head[4] == 3 and int.from_bytes(head[8:12], "little") == 20
+    )
     raw4 = encode_spz(s, 4)
     assert raw4[:4] == b"NGSP" and raw4[4] == 4 and raw4[15] == 6  # six streams
     far = dict(s, means=s["means"] + 5000.0)  # beyond 12 fractional bits: fewer bits, still exact to the step
@@ -182,14 +214,23 @@ def test_truncated_spz_v4_table_names_the_file(tmp_path):
             read_spz(path)
 
 
-@pytest.mark.parametrize("header, message", [
-    (b"ply\nformat binary_little_endian 1.0\nelement vertex many\nproperty float x\nend_header\n", "malformed PLY header, line 3"),
-    (b"ply\nformat\nelement vertex 1\nend_header\n", "malformed PLY header, line 2"),
-    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float\nend_header\n", "malformed PLY header, line 4"),
-    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float x\nend_header\n1 2\n", "repeated vertex property"),
-    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header\nabc\n", "not a number"),
-    (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header", "no complete 'end_header'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (
+            b"ply\nformat binary_little_endian 1.0\nelement vertex many\nproperty float x\nend_header\n",
+            "malformed PLY header, line 3",
+        ),
+        (b"ply\nformat\nelement vertex 1\nend_header\n", "malformed PLY header, line 2"),
+        (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float\nend_header\n", "malformed PLY header, line 4"),
+        (
+            b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float x\nend_header\n1 2\n",
+            "repeated vertex property",
+        ),
+        (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header\nabc\n", "not a number"),
+        (b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nend_header", "no complete 'end_header'"),
+    ],
+)
 def test_malformed_ply_headers_name_the_file(tmp_path, header, message):
     path = tmp_path / "bad.ply"
     path.write_bytes(header)
@@ -203,9 +244,15 @@ def test_malformed_ply_headers_name_the_file(tmp_path, header, message):
 
 def _gf_arrays(result: dict) -> dict[str, np.ndarray]:
     d = result["data"]
-    f = lambda k, c: np.frombuffer(d[k], np.float32).reshape(-1, c)  # noqa: E731
-    return {"means": f("positions", 3), "quats": f("rotations", 4), "scales": f("scales", 3),
-            "opacities": f("alphas", 1)[:, 0], "sh0": f("colors", 3)[:, None], "sh": np.frombuffer(d["sh"], np.float32)}  # fmt: skip
+    f = lambda k, c: np.frombuffer(d[k], np.float32).reshape(-1, c)
+    return {
+        "means": f("positions", 3),
+        "quats": f("rotations", 4),
+        "scales": f("scales", 3),
+        "opacities": f("alphas", 1)[:, 0],
+        "sh0": f("colors", 3)[:, None],
+        "sh": np.frombuffer(d["sh"], np.float32),
+    }
 
 
 @pytest.mark.parametrize("version", [2, 3, 4])
@@ -247,7 +294,9 @@ def test_gaussforge_reads_our_splat_and_ply(tmp_path):
         scales = np.stack([v[f"scale_{i}"] for i in range(3)], 1)
         np.testing.assert_allclose(scales, s["scales"][idx], atol=1e-4)
         rgb = 0.5 + 0.28209479 * np.stack([v[f"f_dc_{i}"] for i in range(3)], 1)
-        np.testing.assert_allclose(np.clip(rgb, 0, 1), np.clip(0.5 + 0.28209479 * s["sh0"][idx, 0], 0, 1), atol=1 / 255 + 1e-6)
+        np.testing.assert_allclose(
+            np.clip(rgb, 0, 1), np.clip(0.5 + 0.28209479 * s["sh0"][idx, 0], 0, 1), atol=1 / 255 + 1e-6
+        )
 
 
 def _splat_transform() -> str | None:
@@ -265,11 +314,17 @@ def test_splat_transform_reads_our_files(tmp_path, suffix):
         pytest.skip("@playcanvas/splat-transform not installed (.ci/run installs it)")
     s = make_splats(100, degree=0 if suffix == "splat" else 3)
     {"ply": write_ply, "splat": write_splat, "spz": write_spz}[suffix](tmp_path / f"a.{suffix}", s)
-    proc = subprocess.run([tool, "-w", str(tmp_path / f"a.{suffix}"), str(tmp_path / "out.csv")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [tool, "-w", str(tmp_path / f"a.{suffix}"), str(tmp_path / "out.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     with open(tmp_path / "out.csv") as f:
         rows = list(csv.DictReader(f))
-    col = lambda *names: np.array([[float(r[n]) for n in names] for r in rows])  # noqa: E731
+    col = lambda *names: np.array([[float(r[n]) for n in names] for r in rows])
     means = col("x", "y", "z")
     ref = s if suffix != "spz" else transform_splats(s, named_transform("opengl"))  # spz readers see RUB
     idx = match_order(means, ref["means"])
@@ -295,8 +350,13 @@ def test_splat_transform_reads_our_sog(tmp_path):
         assert z.namelist()[-1] == "meta.json" and all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
         meta = json.loads(z.read("meta.json"))
     assert meta["version"] == 2 and meta["count"] == 3000 and meta["shN"]["bands"] == 3
-    proc = subprocess.run([tool, "-g", "cpu", "-w", str(tmp_path / "a.sog"), str(tmp_path / "back.ply")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [tool, "-g", "cpu", "-w", str(tmp_path / "a.sog"), str(tmp_path / "back.ply")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     back = read_ply(tmp_path / "back.ply")
     idx = match_order(back["means"], s["means"])
@@ -306,7 +366,7 @@ def test_splat_transform_reads_our_sog(tmp_path):
     assert np.abs((unit(back["quats"]) * unit(s["quats"][idx])).sum(1)).min() > 0.9995
     assert np.abs(back["scales"] - s["scales"][idx]).max() < 0.05
     assert np.abs(back["sh0"] - s["sh0"][idx]).max() < 0.05
-    alpha = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    alpha = lambda x: 1 / (1 + np.exp(-x))
     d = alpha(s["opacities"][idx]) - alpha(back["opacities"])
     assert d.min() > -1e-4 and d.max() < 1 / 255 + 1e-4  # truncated to a byte
     assert meta["shN"]["count"] == 24  # the distinct vectors, exactly
@@ -375,20 +435,46 @@ def test_export_cli_prunes_transforms_and_names_bad_input(tmp_path, capsys):
     s = make_splats(400)
     s["opacities"][:100] = -10.0  # below 1/255: pruned
     write_ply(tmp_path / "in.ply", s)
-    assert main(["export", str(tmp_path / "in.ply"), "--output", str(tmp_path / "o.spz"), "--transform", "splatter"]) == 0
+    assert (
+        main(["export", str(tmp_path / "in.ply"), "--output", str(tmp_path / "o.spz"), "--transform", "splatter"]) == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_gaussians"] == 300 and summary["format"] == "spz"
     back = load_splats(tmp_path / "o.spz")
     ref = transform_splats({k: v[100:] for k, v in s.items()}, named_transform("splatter"))
     np.testing.assert_allclose(back["means"], ref["means"], atol=1e-3)
-    assert main(["export", str(tmp_path / "in.ply"), "--output", str(tmp_path / "c.ply"), "--crop", "0", "0", "0", "9", "9", "9"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "in.ply"),
+                "--output",
+                str(tmp_path / "c.ply"),
+                "--crop",
+                "0",
+                "0",
+                "0",
+                "9",
+                "9",
+                "9",
+            ]
+        )
+        == 0
+    )
     assert np.all(read_ply(tmp_path / "c.ply")["means"] >= 0)
     capsys.readouterr()
-    (tmp_path / "broken.ply").write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 10\nproperty float x\nend_header\n")
+    (tmp_path / "broken.ply").write_bytes(
+        b"ply\nformat binary_little_endian 1.0\nelement vertex 10\nproperty float x\nend_header\n"
+    )
     assert main(["export", str(tmp_path / "broken.ply"), "--output", str(tmp_path / "x.splat")]) == 1
     assert "broken.ply" in capsys.readouterr().err
     assert not (tmp_path / "x.splat").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ply", "c.ply", "in.ply", "o.spz"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "broken.ply",
+        "c.ply",
+        "in.ply",
+        "o.spz",
+    ]  # no temp files left
 
 
 # --- previews ---------------------------------------------------------------------------------
@@ -402,9 +488,14 @@ def test_up_estimate_and_preview_framing(tmp_path):
     r, a = np.sqrt(rng.uniform(0, 1, n)) * 2.0, rng.uniform(0, 2 * np.pi, n)
     means = np.stack([r * np.cos(a) + 5, 0.6 * r * np.sin(a) - 3, rng.normal(0, 0.05, n)], 1)
     means[:20] += 300.0  # floaters must not shrink the scene
-    s = {"means": means.astype(np.float32), "quats": np.tile([1, 0, 0, 0], (n, 1)).astype(np.float32),
-         "scales": np.full((n, 3), np.log(0.06), np.float32), "opacities": np.full(n, 3.0, np.float32),
-         "sh0": np.full((n, 1, 3), 1.0, np.float32), "shN": np.zeros((n, 0, 3), np.float32)}  # fmt: skip
+    s = {
+        "means": means.astype(np.float32),
+        "quats": np.tile([1, 0, 0, 0], (n, 1)).astype(np.float32),
+        "scales": np.full((n, 3), np.log(0.06), np.float32),
+        "opacities": np.full(n, 3.0, np.float32),
+        "sh0": np.full((n, 1, 3), 1.0, np.float32),
+        "shN": np.zeros((n, 0, 3), np.float32),
+    }
     c2w = np.tile(np.eye(4), (4, 1, 1))
     c2w[:, :3, :3] = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # camera y (down) = world -z
     up = estimate_up(c2w)
@@ -437,9 +528,14 @@ def test_up_estimate_and_preview_framing(tmp_path):
 
 def _blobs(points: np.ndarray, scale: float, colour: float = 1.0) -> dict[str, np.ndarray]:
     n = len(points)
-    return {"means": points.astype(np.float32), "quats": np.tile([1, 0, 0, 0], (n, 1)).astype(np.float32),
-            "scales": np.full((n, 3), np.log(scale), np.float32), "opacities": np.full(n, 3.0, np.float32),
-            "sh0": np.full((n, 1, 3), colour, np.float32), "shN": np.zeros((n, 0, 3), np.float32)}  # fmt: skip
+    return {
+        "means": points.astype(np.float32),
+        "quats": np.tile([1, 0, 0, 0], (n, 1)).astype(np.float32),
+        "scales": np.full((n, 3), np.log(scale), np.float32),
+        "opacities": np.full(n, 3.0, np.float32),
+        "sh0": np.full((n, 1, 3), colour, np.float32),
+        "shN": np.zeros((n, 0, 3), np.float32),
+    }
 
 
 def _concat(*parts: dict) -> dict:
@@ -505,8 +601,11 @@ def test_previews_of_a_room_cut_the_ceiling(tmp_path):
     g = np.stack(np.meshgrid(np.linspace(-3, 3, 25), np.linspace(-3, 3, 25)), -1).reshape(-1, 2)
     floor = _blobs(np.column_stack([g, np.full(len(g), -1.0)]), 0.15)
     ceiling = _blobs(np.column_stack([g, np.full(len(g), 2.0)]), 0.15, colour=-1.0)
-    walls = [_blobs(np.column_stack([np.full(len(g), sgn * 3.0), g[:, 0], g[:, 1] * 0.5 + 0.5])[:, order], 0.15)
-             for sgn in (-1, 1) for order in ([0, 1, 2], [1, 0, 2])]  # fmt: skip
+    walls = [
+        _blobs(np.column_stack([np.full(len(g), sgn * 3.0), g[:, 0], g[:, 1] * 0.5 + 0.5])[:, order], 0.15)
+        for sgn in (-1, 1)
+        for order in ([0, 1, 2], [1, 0, 2])
+    ]
     s = _concat(floor, ceiling, *walls)
     eyes, targets = [], []
     for i, a in enumerate(np.linspace(0, 2 * np.pi, 16, endpoint=False)):

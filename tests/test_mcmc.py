@@ -15,7 +15,9 @@ from splatforge.train.mcmc import relocation
 def relocation_loop(o: float, s: float, n: int) -> tuple[float, float]:
     """Eq. 9 of Kheradmand et al. 2024 written out with Python floats and math.comb."""
     new_o = 1.0 - (1.0 - o) ** (1.0 / n)
-    denom = sum(math.comb(i - 1, k) * (-1) ** k * new_o ** (k + 1) / math.sqrt(k + 1) for i in range(1, n + 1) for k in range(i))
+    denom = sum(
+        math.comb(i - 1, k) * (-1) ** k * new_o ** (k + 1) / math.sqrt(k + 1) for i in range(1, n + 1) for k in range(i)
+    )
     return new_o, o / denom * s
 
 
@@ -52,17 +54,27 @@ def test_mcmc_strategy_trains_on_cpu(tmp_path):
 
     scene = build_demo_scene(tmp_path / "scene", n_views=8, width=48, height=40)
     cfg = TrainConfig(
-        data=scene, output=tmp_path / "run", steps=40, sh_degree=1, init_random_count=1000, init_extent=0.5,
-        init_opacity=0.5, strategy="mcmc", checkpoint_every=0, max_gaussians=1100,
+        data=scene,
+        output=tmp_path / "run",
+        steps=40,
+        sh_degree=1,
+        init_random_count=1000,
+        init_extent=0.5,
+        init_opacity=0.5,
+        strategy="mcmc",
+        checkpoint_every=0,
+        max_gaussians=1100,
         mcmc=MCMCConfig(refine_start_iter=5, refine_every=5, refine_stop_iter=35),
-    )  # fmt: skip
+    )
     trainer = Trainer(cfg)
     means0 = trainer.params["means"].detach().clone()
     counts = []
     for _ in range(cfg.steps):
         trainer.train_step()
         counts.append(len(trainer.params["means"]))
-    assert counts[-1] == 1100 and max(counts) <= 1100 and counts[9] == 1000 and counts[10] == 1050  # +5 % per refine, to the cap
+    assert (
+        counts[-1] == 1100 and max(counts) <= 1100 and counts[9] == 1000 and counts[10] == 1050
+    )  # +5 % per refine, to the cap
     for key, opt in trainer.optimizers.items():
         assert opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].shape == trainer.params[key].shape
     assert not torch.equal(trainer.params["means"][:1000].detach(), means0)
@@ -75,9 +87,19 @@ def test_cap_below_the_initial_count_with_mcmc(tmp_path):
     from splatforge.demo import build_demo_scene
 
     scene = build_demo_scene(tmp_path / "scene", n_views=6, width=40, height=32)
-    cfg = TrainConfig(data=scene, output=tmp_path / "run", steps=25, sh_degree=0, init_random_count=900, init_extent=0.5,
-                      strategy="mcmc", checkpoint_every=0, max_gaussians=600, device="cpu",
-                      mcmc=MCMCConfig(refine_start_iter=5, refine_every=5, refine_stop_iter=20))  # fmt: skip
+    cfg = TrainConfig(
+        data=scene,
+        output=tmp_path / "run",
+        steps=25,
+        sh_degree=0,
+        init_random_count=900,
+        init_extent=0.5,
+        strategy="mcmc",
+        checkpoint_every=0,
+        max_gaussians=600,
+        device="cpu",
+        mcmc=MCMCConfig(refine_start_iter=5, refine_every=5, refine_stop_iter=20),
+    )
     trainer = Trainer(cfg)
     binoms = trainer.strategy_state["binoms"].clone()
     for _ in range(cfg.steps):
@@ -93,8 +115,12 @@ def test_compiled_noise_matches_the_torch_path():
 
     g = torch.Generator().manual_seed(0)
     n = 5000
-    base = {"means": torch.randn(n, 3, generator=g), "quats": torch.randn(n, 4, generator=g),
-            "scales": torch.randn(n, 3, generator=g) * 0.5 - 2.5, "opacities": torch.randn(n, generator=g) * 3 - 4}  # fmt: skip
+    base = {
+        "means": torch.randn(n, 3, generator=g),
+        "quats": torch.randn(n, 4, generator=g),
+        "scales": torch.randn(n, 3, generator=g) * 0.5 - 2.5,
+        "opacities": torch.randn(n, generator=g) * 3 - 4,
+    }
     a, b = ({k: v.clone() for k, v in base.items()} for _ in range(2))
     torch.manual_seed(3)
     inject_noise(a, 5.0)
@@ -117,9 +143,18 @@ def _orbit_scene(k: float = 1.0):
     c2w = [look_at(np.multiply(eye, k), (0.0, 0.0, 0.0), (0.3, 0.4, 0.866)) for eye in eyes]
     n = len(c2w)
     names = [f"{i}.png" for i in range(n)]
-    return SceneData(root=Path("."), source="test", image_names=names, image_paths=[Path(m) for m in names],
-                     camtoworlds=np.stack(c2w), Ks=np.tile(np.eye(3), (n, 1, 1)), widths=np.full(n, 8),
-                     heights=np.full(n, 8), points=np.zeros((0, 3), np.float32), points_rgb=np.zeros((0, 3), np.uint8))  # fmt: skip
+    return SceneData(
+        root=Path("."),
+        source="test",
+        image_names=names,
+        image_paths=[Path(m) for m in names],
+        camtoworlds=np.stack(c2w),
+        Ks=np.tile(np.eye(3), (n, 1, 1)),
+        widths=np.full(n, 8),
+        heights=np.full(n, 8),
+        points=np.zeros((0, 3), np.float32),
+        points_rgb=np.zeros((0, 3), np.uint8),
+    )
 
 
 def test_world_unit_is_gsplats_normalisation_length():
@@ -139,17 +174,23 @@ def test_mcmc_noise_and_scale_regulariser_are_gsplats_in_its_normalised_world():
 
     k, n, lr = 6.0, 4000, 1e-3
     g = torch.Generator().manual_seed(0)
-    small = {"means": torch.randn(n, 3, generator=g), "quats": torch.randn(n, 4, generator=g),
-             "scales": torch.randn(n, 3, generator=g) * 0.5 - 2.5, "opacities": torch.randn(n, generator=g) * 3 - 4,
-             "sh0": torch.zeros(n, 1, 3), "shN": torch.zeros(n, 0, 3)}  # fmt: skip
+    small = {
+        "means": torch.randn(n, 3, generator=g),
+        "quats": torch.randn(n, 4, generator=g),
+        "scales": torch.randn(n, 3, generator=g) * 0.5 - 2.5,
+        "opacities": torch.randn(n, generator=g) * 3 - 4,
+        "sh0": torch.zeros(n, 1, 3),
+        "shN": torch.zeros(n, 0, 3),
+    }
     large = dict(small, means=small["means"] * k, scales=small["scales"] + math.log(k))
     moved = []
     regs = []
     for params, unit, rate in ((small, 1.0, lr), (large, k, lr * k)):
         params = {key: torch.nn.Parameter(v.clone()) for key, v in params.items()}
         before = params["means"].detach().clone()
-        strategy = MCMCStrategy(cap_max=n, refine_start_iter=100, refine_stop_iter=200, refine_every=10,
-                                world_unit=unit)  # fmt: skip
+        strategy = MCMCStrategy(
+            cap_max=n, refine_start_iter=100, refine_stop_iter=200, refine_every=10, world_unit=unit
+        )
         regs.append(float(strategy.regularization(params).detach()))
         torch.manual_seed(5)  # step 0 is outside the refine window: noise only
         strategy.step_post_backward(params, {}, strategy.initialize_state(), step=0, info={}, lr=rate)
@@ -168,9 +209,14 @@ def test_mcmc_says_so_when_every_gaussian_is_dead():
     from splatforge.train.mcmc import MCMCStrategy
 
     n = 50
-    params = {"means": torch.randn(n, 3), "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
-              "scales": torch.full((n, 3), -3.0), "opacities": torch.full((n,), -8.0),
-              "sh0": torch.randn(n, 1, 3), "shN": torch.zeros(n, 0, 3)}  # fmt: skip
+    params = {
+        "means": torch.randn(n, 3),
+        "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+        "scales": torch.full((n, 3), -3.0),
+        "opacities": torch.full((n,), -8.0),
+        "sh0": torch.randn(n, 1, 3),
+        "shN": torch.zeros(n, 0, 3),
+    }
     params = {k: torch.nn.Parameter(v) for k, v in params.items()}
     optimizers = {k: torch.optim.Adam([p], lr=1e-3) for k, p in params.items()}
     strategy = MCMCStrategy(cap_max=n, refine_start_iter=5, refine_stop_iter=100, refine_every=10)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from scenes import look_at
+
 from splatforge.cli import main as cli_main
 
 o3d = pytest.importorskip("open3d")
@@ -33,9 +33,14 @@ def sphere_run(tmp_path, n=30_000, views=16, size=128):
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     means = CENTER + RADIUS * d
     sh0 = np.zeros((n, 1, 3), np.float32) + rgb_to_sh(0.6)
-    splats = Splats(means=means.astype(np.float32), quats=np.tile([1.0, 0, 0, 0], (n, 1)).astype(np.float32),
-                    scales=np.full((n, 3), np.log(0.02), np.float32), opacities=np.full(n, 3.0, np.float32),
-                    sh0=sh0, shN=np.zeros((n, 0, 3), np.float32))  # fmt: skip
+    splats = Splats(
+        means=means.astype(np.float32),
+        quats=np.tile([1.0, 0, 0, 0], (n, 1)).astype(np.float32),
+        scales=np.full((n, 3), np.log(0.02), np.float32),
+        opacities=np.full(n, 3.0, np.float32),
+        sh0=sh0,
+        shN=np.zeros((n, 0, 3), np.float32),
+    )
     c2ws, Ks = [], []
     for k in range(views):
         a = 2 * np.pi * k / (views // 2)
@@ -51,13 +56,32 @@ def sphere_run(tmp_path, n=30_000, views=16, size=128):
         Image.new("RGB", (size, size)).save(scene_dir / "images" / f"{k:02d}.png")
         gl = np.asarray(c2w) @ np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV -> OpenGL camera axes
         frames.append({"file_path": f"images/{k:02d}.png", "transform_matrix": gl.tolist()})
-    (scene_dir / "transforms.json").write_text(json.dumps({"fl_x": 1.2 * size, "fl_y": 1.2 * size, "cx": size / 2,
-                                                           "cy": size / 2, "w": size, "h": size, "frames": frames}))  # fmt: skip
-    scene = SceneData(root=tmp_path, source="test", image_names=[f"{k:02d}.png" for k in range(views)],
-                      image_paths=[tmp_path / f"{k:02d}.png" for k in range(views)], camtoworlds=np.array(c2ws),
-                      Ks=np.array(Ks, np.float64), widths=np.full(views, size), heights=np.full(views, size),
-                      points=np.zeros((0, 3), np.float32), points_rgb=np.zeros((0, 3), np.uint8),
-                      split={"train": list(range(views)), "test": []})  # fmt: skip
+    (scene_dir / "transforms.json").write_text(
+        json.dumps(
+            {
+                "fl_x": 1.2 * size,
+                "fl_y": 1.2 * size,
+                "cx": size / 2,
+                "cy": size / 2,
+                "w": size,
+                "h": size,
+                "frames": frames,
+            }
+        )
+    )
+    scene = SceneData(
+        root=tmp_path,
+        source="test",
+        image_names=[f"{k:02d}.png" for k in range(views)],
+        image_paths=[tmp_path / f"{k:02d}.png" for k in range(views)],
+        camtoworlds=np.array(c2ws),
+        Ks=np.array(Ks, np.float64),
+        widths=np.full(views, size),
+        heights=np.full(views, size),
+        points=np.zeros((0, 3), np.float32),
+        points_rgb=np.zeros((0, 3), np.uint8),
+        split={"train": list(range(views)), "test": []},
+    )
     cfg = TrainConfig(data=scene_dir, output=run_dir, sh_degree=0, device="cpu", test_every=0)
     save_config(cfg, run_dir / "cfg.yml")
     write_ply(run_dir / "point_cloud" / "iteration_1" / "point_cloud.ply", splats)
@@ -126,9 +150,13 @@ def test_mesh_and_mesh_eval_commands(tmp_path, capsys):
     middle = top[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]
     assert middle.mean() > 60 and (middle > 20).mean() > 0.9 and top[: h // 10, : w // 10].mean() < 10
     truth = np.random.default_rng(2).normal(size=(20_000, 3))
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(CENTER + truth / np.linalg.norm(truth, axis=1, keepdims=True)))
+    pcd = o3d.geometry.PointCloud(
+        o3d.utility.Vector3dVector(CENTER + truth / np.linalg.norm(truth, axis=1, keepdims=True))
+    )
     o3d.io.write_point_cloud(str(tmp_path / "truth.ply"), pcd)
-    assert cli_main(["mesh-eval", str(mesh_path), str(tmp_path / "truth.ply"), "--tau", "0.06", "--samples", "50000"]) == 0
+    assert (
+        cli_main(["mesh-eval", str(mesh_path), str(tmp_path / "truth.ply"), "--tau", "0.06", "--samples", "50000"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["fscore"] > 0.9 and result["tau"] == 0.06
     assert json.loads(mesh_path.with_suffix(".eval.json").read_text())["fscore"] == result["fscore"]
@@ -180,13 +208,37 @@ def test_demo_torus_mesh_reaches_the_issues_fscore(tmp_path, capsys):
     ref = np.stack([v["x"], v["y"], v["z"]], -1).astype(np.float64)
     assert 35_000 < len(ref) < 45_000 and np.abs(torus_sdf(ref)).max() < 1e-6  # ~80 % of the surface is seen
     run = tmp_path / "run"
-    args = ["train", str(scene), "--output", str(run), "--steps", "3000", "--strategy", "default", "--sh-degree", "1",
-            "--init-random-count", "4000", "--init-extent", "0.5", "--max-gaussians", "12000", "--checkpoint-every", "0",
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "train",
+        str(scene),
+        "--output",
+        str(run),
+        "--steps",
+        "3000",
+        "--strategy",
+        "default",
+        "--sh-degree",
+        "1",
+        "--init-random-count",
+        "4000",
+        "--init-extent",
+        "0.5",
+        "--max-gaussians",
+        "12000",
+        "--checkpoint-every",
+        "0",
+        "--device",
+        "cpu",
+    ]
     assert cli_main(args) == 0
     assert cli_main(["mesh", str(run), "--device", "cpu"]) == 0
     tau = 0.02 * (TORUS_RING + TORUS_TUBE)
-    assert cli_main(["mesh-eval", str(run / "exports" / "mesh.ply"), str(scene / "reference_points.ply"), "--tau", str(tau)]) == 0
+    assert (
+        cli_main(
+            ["mesh-eval", str(run / "exports" / "mesh.ply"), str(scene / "reference_points.ply"), "--tau", str(tau)]
+        )
+        == 0
+    )
     capsys.readouterr()
     median = json.loads((run / "exports" / "mesh.eval.json").read_text())
     assert median["fscore"] >= 0.9, median

@@ -23,8 +23,9 @@ def _torchmetrics_valid_ssim(a, b):
     """torchmetrics' full SSIM map, cropped to the pixels whose 11x11 window is inside the image."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    _, full = structural_similarity_index_measure(a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2), data_range=1.0,
-                                                  kernel_size=11, sigma=1.5, return_full_image=True)  # fmt: skip
+    _, full = structural_similarity_index_measure(
+        a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2), data_range=1.0, kernel_size=11, sigma=1.5, return_full_image=True
+    )
     return full[..., 5:-5, 5:-5].mean()
 
 

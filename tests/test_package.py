@@ -10,13 +10,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from scenes import REPO
 
 SRC = REPO / "src" / "splatforge"
 #: Every package and top-level module, lowest first (DESIGN.md's layers): each may import only
 #: from itself, the ones before it, and the base modules (errors, _fs, _torchvision).
-LAYERS = ("geometry", "raster", "data", "model", "io", "train", "products", "viewer", "pipeline", "server", "demo", "cli", "__main__")
+LAYERS = (
+    "geometry",
+    "raster",
+    "data",
+    "model",
+    "io",
+    "train",
+    "products",
+    "viewer",
+    "pipeline",
+    "server",
+    "demo",
+    "cli",
+    "__main__",
+)
 BASE = ("errors", "_fs", "_torchvision", "__init__")
 
 
@@ -57,7 +70,11 @@ def upward_imports(src: Path, layer: str) -> list[str]:
     return offenders
 
 
-PRESENT = [name for name in LAYERS + ("errors", "_fs", "_torchvision") if (SRC / name).is_dir() or (SRC / f"{name}.py").is_file()]
+PRESENT = [
+    name
+    for name in LAYERS + ("errors", "_fs", "_torchvision")
+    if (SRC / name).is_dir() or (SRC / f"{name}.py").is_file()
+]
 
 
 @pytest.mark.parametrize("layer", PRESENT)
@@ -78,11 +95,17 @@ def test_layering_check_catches_upward_imports(tmp_path):
 
 def test_public_api_names():
     import splatforge
-    import splatforge.raster as raster
+    from splatforge import raster
 
     for name in ("rasterize", "available_backends", "resolve_backend", "BackendUnavailableError"):
         assert hasattr(raster, name), name
-    for name in ("SplatforgeError", "ConfigError", "DataFormatError", "BackendUnavailableError", "UnsupportedCameraModel"):
+    for name in (
+        "SplatforgeError",
+        "ConfigError",
+        "DataFormatError",
+        "BackendUnavailableError",
+        "UnsupportedCameraModel",
+    ):
         assert issubclass(getattr(splatforge, name), Exception)
         assert issubclass(getattr(splatforge, name), splatforge.SplatforgeError)
 
@@ -90,8 +113,14 @@ def test_public_api_names():
 def cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "splatforge.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=dict(os.environ, **(env or {})))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "splatforge.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ, **(env or {})),
+        check=False,
+    )
 
 
 def test_cli_demo_trains_and_evaluates(tmp_path):
@@ -104,8 +133,14 @@ def test_cli_demo_trains_and_evaluates(tmp_path):
     # 13.0-15.2, too close to the start for a bound)
     assert summary["steps"] == 300 and summary["test_psnr"] > 20.0
     run = out / "run"
-    for rel in ("cfg.yml", "cameras.json", "metrics.json", "point_cloud/iteration_300/point_cloud.ply",
-                "test/ours_300/renders/00000.png", "test/ours_300/gt/00000.png"):  # fmt: skip
+    for rel in (
+        "cfg.yml",
+        "cameras.json",
+        "metrics.json",
+        "point_cloud/iteration_300/point_cloud.ply",
+        "test/ours_300/renders/00000.png",
+        "test/ours_300/gt/00000.png",
+    ):
         assert (run / rel).is_file(), rel
     # the same run folder, reopened by `render` and `eval`
     res = cli("render", str(run), "--split", "train", "--depth")
@@ -119,7 +154,11 @@ def test_cli_demo_trains_and_evaluates(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["psnr"] == pytest.approx(summary["test_psnr"], abs=1e-4)
     assert metrics["train"]["num_views"] == 21
-    assert metrics["test"]["lpips"] is None and metrics["test"]["lpips_vgg"] is None and metrics["test"]["lpips_alex"] is None
+    assert (
+        metrics["test"]["lpips"] is None
+        and metrics["test"]["lpips_vgg"] is None
+        and metrics["test"]["lpips_alex"] is None
+    )
     assert "empty_torch_home" in metrics["lpips_note"] or "torchvision" in metrics["lpips_note"]
     res = cli("eval", str(tmp_path))
     assert res.returncode == 1 and "not a splatforge run folder" in res.stderr
@@ -153,7 +192,9 @@ def test_trainer_features_reach_every_training_command(tmp_path):
     scene = SceneEntry(name="s", root=tmp_path, subset="", data_factor=1, ready=True)
 
     def generate(*f):
-        return plan_jobs(parse(["generate", "--dataset-root", str(tmp_path), "--output-dir", str(tmp_path / "o"), *f]), [scene])[0]
+        return plan_jobs(
+            parse(["generate", "--dataset-root", str(tmp_path), "--output-dir", str(tmp_path / "o"), *f]), [scene]
+        )[0]
 
     configs = {
         "train": parse(["train", str(tmp_path), *flags]).config(),
@@ -166,4 +207,6 @@ def test_trainer_features_reach_every_training_command(tmp_path):
         assert cfg.densify.absgrad and cfg.densify.grow_grad2d == 8e-4, name
         assert cfg.exposure and cfg.pose_opt and cfg.rasterize_mode == "antialiased", name
     assert generate().extra == {} and generate("--exposure").extra == {"exposure": True}
-    assert not run_train_config(parse(["run", str(tmp_path / "v.mp4"), "--output", str(tmp_path / "r")])).densify.absgrad
+    assert not run_train_config(
+        parse(["run", str(tmp_path / "v.mp4"), "--output", str(tmp_path / "r")])
+    ).densify.absgrad

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
-
 from scenes import datasets_dir, needs_datasets
+
 from splatforge import DataFormatError
 from splatforge.data.frames import extract_video_frames, import_photos, is_near_duplicate, select_windows, sharpness
 from splatforge.errors import ConfigError
@@ -113,7 +113,12 @@ def _relative_rotation_errors(scene_dir, reference_dir) -> list[float]:
         if key is None:  # video frames are named skull_orbit_000012: frame k is photo k in name order
             k = int(stem.rsplit("_", 1)[-1])
             key = sorted(ref_by_stem)[k]
-        pairs.append((np.asarray(im.cam_from_world().rotation.matrix()), np.asarray(ref_by_stem[key].cam_from_world().rotation.matrix())))
+        pairs.append(
+            (
+                np.asarray(im.cam_from_world().rotation.matrix()),
+                np.asarray(ref_by_stem[key].cam_from_world().rotation.matrix()),
+            )
+        )
     errs = []
     for i in range(len(pairs)):
         for j in range(i + 1, len(pairs)):
@@ -133,7 +138,14 @@ def _check_layout(scene, summary):
     loaded = load_scene(scene)
     assert len(loaded) == summary["num_registered"] == len(train) + len(test)
     assert sorted(loaded.image_names[i] for i in loaded.split["test"]) == sorted(test)
-    for key in ("inputs", "num_images", "num_registered", "registered_fraction", "mean_reprojection_error_px", "timings"):
+    for key in (
+        "inputs",
+        "num_images",
+        "num_registered",
+        "registered_fraction",
+        "mean_reprojection_error_px",
+        "timings",
+    ):
         assert key in summary
 
 
@@ -158,17 +170,39 @@ def test_prepare_skull_video_registers_90_percent(tmp_path):
 def test_run_skull_images_8_photos_end_to_end(tmp_path, capsys):
     """`splatforge run` on the 266x177 photos: SfM on 4x upscaled, contrast-equalised copies (the
     model is in the photos' own pixels and agrees with the shipped one), a short training, eval,
-    the three exports and both previews."""
+    the three exports and both previews. Killed with SIGKILL during training and started again
+    with the same command, it does not redo SfM and continues training from its checkpoint."""
     import json
 
     import pycolmap
+    from processes import checkpoint_in, kill_when
 
     from splatforge.cli import main
     from splatforge.io import read_ply, read_splat, read_spz
 
     out = tmp_path / "out"
-    assert main(["run", str(SKULL / "images_8"), "--output", str(out), "--steps", "60", "--preview-size", "96", "--mesh"]) == 0
+    args = [
+        "run",
+        str(SKULL / "images_8"),
+        "--output",
+        str(out),
+        "--steps",
+        "300",
+        "--checkpoint-every",
+        "50",
+        "--preview-size",
+        "96",
+        "--mesh",
+    ]
+    kill_when(args, checkpoint_in(out / "run" / "checkpoints"))
+    scene_files = {p: p.stat().st_mtime_ns for p in (out / "scene").rglob("*") if p.is_file()}
+    assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
+    assert summary["stages"]["prepare"] == "skipped"  # SfM is not redone, its files are untouched
+    assert {p: p.stat().st_mtime_ns for p in scene_files} == scene_files
+    manifest = json.loads((out / "manifest.json").read_text())["stages"]
+    assert manifest["prepare"]["finished_at"] == 1 and manifest["train"]["finished_at"] == 2
+    assert summary["train"]["resumed_from"] >= 50  # training continued from its checkpoint
     prep = json.loads((out / "scene" / "prepare.json").read_text())
     # 47 of 66 with seed 0, the same every run (other RANSAC seeds: 47-59): pairs 04-05 and
     # 09-10 are ~40 degrees apart, too few matches at 266 px. prepare itself refuses under half.
@@ -185,12 +219,19 @@ def test_run_skull_images_8_photos_end_to_end(tmp_path, capsys):
     assert 0.95 * 266 <= cam.width <= 266 and 0.95 * 177 <= cam.height <= 177
     assert 530 < cam.params[0] < 680  # the shipped model: 4847.6 px at 2127 px wide, i.e. 606 px here
     assert np.median(_relative_rotation_errors(out / "scene", SKULL / "sparse" / "0")) < 3.0
-    assert summary["train"]["steps"] == 60 and summary["test"]["psnr"] > 12
+    assert summary["train"]["steps"] == 300 and summary["test"]["psnr"] > 12
     n = len(read_ply(out / "export" / "scene.ply")["means"])
-    assert len(read_splat(out / "export" / "scene.splat")["means"]) == n == len(read_spz(out / "export" / "scene.spz")["means"])
+    assert (
+        len(read_splat(out / "export" / "scene.splat")["means"])
+        == n
+        == len(read_spz(out / "export" / "scene.spz")["means"])
+    )
     for name in ("preview_top", "preview_angle"):
         assert Path(summary["previews"][name]).is_file()
-    assert summary["exports"]["mesh"] == str(out / "export" / "mesh.ply") and (out / "export" / "mesh.ply").stat().st_size > 0
+    assert (
+        summary["exports"]["mesh"] == str(out / "export" / "mesh.ply")
+        and (out / "export" / "mesh.ply").stat().st_size > 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work folder left behind
 
 
@@ -338,8 +379,13 @@ def test_frame_selection_holds_one_frame_per_window(tmp_path):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
 
     def peak(mode: str) -> list[int]:
-        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(video), str(tmp_path / f"out_{mode}"), mode],
-                             capture_output=True, text=True, check=True, env=env).stdout.split()  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, str(video), str(tmp_path / f"out_{mode}"), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout.split()
         return [int(v) for v in out]
 
     decode_only = peak("decode")[0]
@@ -361,7 +407,9 @@ def test_streaming_window_choice_equals_select_windows():
         best = WindowBest(target, total)
         for p, sc in zip(positions, scores):
             best.offer(int(p), float(sc), int(p))
-        assert [i for i, _ in best.chosen()] == [int(positions[k]) for k in select_windows(positions, scores, target, total)]
+        assert [i for i, _ in best.chosen()] == [
+            int(positions[k]) for k in select_windows(positions, scores, target, total)
+        ]
 
 
 def test_photo_masks_follow_their_photos_rotation_and_size(tmp_path):

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from scenes import REPO, Scene, random_scene
+
 from splatforge import BackendUnavailableError, ConfigError
 from splatforge.geometry.sh import sh_bases
 from splatforge.raster import available_backends, rasterize, resolve_backend
@@ -37,10 +37,16 @@ def test_single_gaussian_hand_computed(backend, opacity):
     W, H, f, z, s = 40, 36, 30.0, 2.0, 0.2
     color = [0.9, 0.5, 0.1]
     scene = Scene(
-        torch.tensor([[0.0, 0.0, z]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.full((1, 3), s),
-        torch.tensor([opacity]), torch.tensor([color]), torch.eye(4)[None],
-        torch.tensor([[[f, 0.0, W / 2], [0.0, f, H / 2], [0.0, 0.0, 1.0]]]), W, H,
-    )  # fmt: skip
+        torch.tensor([[0.0, 0.0, z]]),
+        torch.tensor([[1.0, 0.0, 0.0, 0.0]]),
+        torch.full((1, 3), s),
+        torch.tensor([opacity]),
+        torch.tensor([color]),
+        torch.eye(4)[None],
+        torch.tensor([[[f, 0.0, W / 2], [0.0, f, H / 2], [0.0, 0.0, 1.0]]]),
+        W,
+        H,
+    )
     render, alpha, info = rasterize(*scene.params(), scene.viewmats, scene.Ks, W, H, backend=backend)
     want_rgb, want_alpha, r = single_gaussian_expected(W, H, f, z, s, opacity, color)
     np.testing.assert_allclose(alpha[0].detach().numpy(), want_alpha, atol=2e-6)
@@ -59,9 +65,17 @@ def test_alpha_clamp_and_early_stop():
     K = torch.tensor([[[20.0, 0, 8.5], [0, 20.0, 8.5], [0, 0, 1]]])  # all centred on pixel (8, 8)
     for backend in ("cpu", "reference"):
         render, alpha, _ = rasterize(
-            means, torch.tensor([[1.0, 0, 0, 0]] * n), torch.full((n, 3), 0.5), torch.ones(n), colors,
-            torch.eye(4)[None], K, 16, 16, backend=backend,
-        )  # fmt: skip
+            means,
+            torch.tensor([[1.0, 0, 0, 0]] * n),
+            torch.full((n, 3), 0.5),
+            torch.ones(n),
+            colors,
+            torch.eye(4)[None],
+            K,
+            16,
+            16,
+            backend=backend,
+        )
         centre = render[0, 8, 8]
         torch.testing.assert_close(alpha[0, 8, 8, 0], torch.tensor(0.999))
         torch.testing.assert_close(centre, torch.tensor([0.999, 0.0, 0.0]))
@@ -73,7 +87,9 @@ def test_cpu_kernels_exp_against_float64():
     range a contribution can have (sigma in [0, log(255)]) and beyond, to the clamp at 15."""
     from splatforge.raster import _cpu_raster
 
-    s = np.concatenate([np.linspace(0.0, 15.0, 300_001), [0.0, math.log(2.0), math.log(255.0), 1e-9]]).astype(np.float32)
+    s = np.concatenate([np.linspace(0.0, 15.0, 300_001), [0.0, math.log(2.0), math.log(255.0), 1e-9]]).astype(
+        np.float32
+    )
     got = np.empty_like(s)
     _cpu_raster.exp_neg(s, got)
     want = np.exp(-s.astype(np.float64))
@@ -87,7 +103,7 @@ def _box_lists(means2d, radii, depths, width, height):
     """The tile lists of every Gaussian's whole box (what the kernels took before the ellipse
     culling), built in numpy: each tile's members in stable depth order and, per entry, the
     flat pixel range of the box's rows in the tile."""
-    C, N = depths.shape
+    C, _N = depths.shape
     tx_n, ty_n = -(-width // 16), -(-height // 16)
     u, v = means2d[..., 0].astype(np.float64), means2d[..., 1].astype(np.float64)
     rx, ry = radii[..., 0].astype(np.float64), radii[..., 1].astype(np.float64)
@@ -131,8 +147,8 @@ def test_tile_lists_sorted_by_depth_then_index():
     C = depths.shape[0]
     T = (offsets.shape[0] - 1) // C
     for tile in range(C * T):
-        box = box_ids[box_offsets[tile]:box_offsets[tile + 1]]
-        got = ids[offsets[tile]:offsets[tile + 1]]
+        box = box_ids[box_offsets[tile] : box_offsets[tile + 1]]
+        got = ids[offsets[tile] : offsets[tile + 1]]
         assert np.isin(got, box).all()
         want = np.sort(got)
         want = want[np.argsort(depths[tile // T, want], kind="stable")]
@@ -175,7 +191,7 @@ def test_isect_gradients_summed_per_gaussian():
     ids = rng.integers(0, N, M).astype(np.int32)
     ids[:3], ids[-3:] = 0, N - 1
     grads = [rng.standard_normal(s).astype(np.float32) for s in ((M, 2), (M, 2), (M, 3), (M, D), (M,))]
-    cams = np.repeat(np.arange(C), [counts[c * T:(c + 1) * T].sum() for c in range(C)])
+    cams = np.repeat(np.arange(C), [counts[c * T : (c + 1) * T].sum() for c in range(C)])
     outs = [np.zeros((C, N) + g.shape[1:], np.float32) for g in grads]
     reduce_isects(offsets, ids, T, *grads, *outs)
     for g, got in zip(grads, outs):
@@ -193,20 +209,24 @@ def test_culled_tile_lists_cover_every_contributing_pixel():
 
     W, H = 70, 45
     p = _projected(random_scene(seed=5, n=500, width=W, height=H))
-    offsets, ids, lanes = _cpu_raster.bin_gaussians(p["means2d"], p["radii"], p["depths"], p["conics"], p["opacities"], W, H)
+    offsets, ids, lanes = _cpu_raster.bin_gaussians(
+        p["means2d"], p["radii"], p["depths"], p["conics"], p["opacities"], W, H
+    )
     box_offsets, box_ids, box_lanes = _box_lists(p["means2d"], p["radii"], p["depths"], W, H)
     C, T = p["depths"].shape[0], (offsets.shape[0] - 1) // p["depths"].shape[0]
     f32 = np.float32
     checked = 0
     for tile in range(C * T):
         c, t = divmod(tile, T)
-        kept = dict(zip(ids[offsets[tile]:offsets[tile + 1]], lanes[offsets[tile]:offsets[tile + 1]]))
+        kept = dict(zip(ids[offsets[tile] : offsets[tile + 1]], lanes[offsets[tile] : offsets[tile + 1]]))
         x0, y0 = (t % -(-W // 16)) * 16, (t // -(-W // 16)) * 16
         flat = np.arange(256)
         px, py = x0 + flat % 16, y0 + flat // 16
         live = (px < W) & (py < H)
         pxc, pyc = px.astype(f32) + f32(0.5), py.astype(f32) + f32(0.5)
-        for n, (lo, hi) in zip(box_ids[box_offsets[tile]:box_offsets[tile + 1]], box_lanes[box_offsets[tile]:box_offsets[tile + 1]]):
+        for n, (lo, hi) in zip(
+            box_ids[box_offsets[tile] : box_offsets[tile + 1]], box_lanes[box_offsets[tile] : box_offsets[tile + 1]]
+        ):
             u, v = p["means2d"][c, n]
             ca, cb, cc = p["conics"][c, n]
             o = p["opacities"][c, n]
@@ -241,16 +261,27 @@ def test_culled_lists_render_the_bits_of_the_box_lists():
     v_alpha = rng.standard_normal((C, H, W), dtype=np.float32)
     outs, grads = [], []
     for offsets, ids, lanes in (culled, box):
-        render, alpha, last = np.empty((C, H, W, 3), np.float32), np.empty((C, H, W), np.float32), np.empty((C, H, W), np.int32)
+        render, alpha, last = (
+            np.empty((C, H, W, 3), np.float32),
+            np.empty((C, H, W), np.float32),
+            np.empty((C, H, W), np.int32),
+        )
         args = (p["means2d"], p["conics"], colors, p["opacities"], bgs, offsets, ids, lanes, W, H, -(-W // 16))
         kr.raster_fwd(*args, render, alpha, last)
         T = (offsets.shape[0] - 1) // C
         tile = (np.arange(H)[:, None] // 16) * -(-W // 16) + np.arange(W)[None, :] // 16
-        who = np.where(last > 0, ids[np.minimum(offsets[np.arange(C)[:, None, None] * T + tile] + last - 1, ids.shape[0] - 1)], -1)
+        who = np.where(
+            last > 0, ids[np.minimum(offsets[np.arange(C)[:, None, None] * T + tile] + last - 1, ids.shape[0] - 1)], -1
+        )
         outs.append((render, alpha, who))
         M = ids.shape[0]
-        g = [np.zeros((M, 2), np.float32), np.zeros((M, 2), np.float32), np.zeros((M, 3), np.float32),
-             np.zeros((M, 3), np.float32), np.zeros(M, np.float32)]  # fmt: skip
+        g = [
+            np.zeros((M, 2), np.float32),
+            np.zeros((M, 2), np.float32),
+            np.zeros((M, 3), np.float32),
+            np.zeros((M, 3), np.float32),
+            np.zeros(M, np.float32),
+        ]
         kr.raster_bwd(*args, alpha, last, v_render, v_alpha, *g)
         cams = np.repeat(np.arange(C), np.diff(offsets[::T]))
         per = []
@@ -281,9 +312,10 @@ def test_strip_rows_against_a_dense_sample():
         ca, cb, cc = np.linalg.inv(R @ np.diag([sx * sx, sy * sy]) @ R.T)[[0, 0, 1], [0, 1, 1]]
         o = rng.uniform(0.01, 1.0)
         px0 = int(rng.integers(0, 4)) * 16
-        r0, r1 = _cpu_raster.strip_rows(np.float32(u), np.float32(v), np.float32(ca), np.float32(cb), np.float32(cc),
-                                        np.float32(o), px0, px0 + 16)  # fmt: skip
-        ys, xs = np.mgrid[-40:110, px0:px0 + 16] + 0.5
+        r0, r1 = _cpu_raster.strip_rows(
+            np.float32(u), np.float32(v), np.float32(ca), np.float32(cb), np.float32(cc), np.float32(o), px0, px0 + 16
+        )
+        ys, xs = np.mgrid[-40:110, px0 : px0 + 16] + 0.5
         dx, dy = u - xs, v - ys
         sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
         rows = np.flatnonzero((sigma <= math.log(o * 255.0)).any(axis=1)) - 40
@@ -303,9 +335,20 @@ def test_gradcheck_reference_float64():
 
     def fn(means, quats, scales, opacities, colors):
         render, alpha, _ = rasterize(
-            means, quats, scales, opacities, colors, scene.viewmats, scene.Ks, scene.width, scene.height,
-            sh_degree=1, render_mode="RGB+ED", rasterize_mode="antialiased", backend="reference",
-        )  # fmt: skip
+            means,
+            quats,
+            scales,
+            opacities,
+            colors,
+            scene.viewmats,
+            scene.Ks,
+            scene.width,
+            scene.height,
+            sh_degree=1,
+            render_mode="RGB+ED",
+            rasterize_mode="antialiased",
+            backend="reference",
+        )
         return render, alpha
 
     render, _ = fn(*scene.params())
@@ -338,18 +381,32 @@ def test_default_strategy_runs_on_cpu_info():
 
     scene = random_scene(seed=2, n=200, n_cameras=1, width=64, height=48, sh_degree=1)
     n = scene.means.shape[0]
-    params = torch.nn.ParameterDict({
-        "means": scene.means, "quats": scene.quats, "scales": torch.log(scene.scales),
-        "opacities": torch.logit(scene.opacities.clamp(0.05, 0.95)),
-        "sh0": scene.colors[:, :1].clone(), "shN": scene.colors[:, 1:4].clone(),
-    })  # fmt: skip
+    params = torch.nn.ParameterDict(
+        {
+            "means": scene.means,
+            "quats": scene.quats,
+            "scales": torch.log(scene.scales),
+            "opacities": torch.logit(scene.opacities.clamp(0.05, 0.95)),
+            "sh0": scene.colors[:, :1].clone(),
+            "shN": scene.colors[:, 1:4].clone(),
+        }
+    )
     optimizers = {k: torch.optim.Adam([p], lr=1e-3) for k, p in params.items()}
     for absgrad in (False, True):
-        render, alpha, info = rasterize(
-            params["means"], params["quats"], torch.exp(params["scales"]), torch.sigmoid(params["opacities"]),
-            torch.cat([params["sh0"], params["shN"]], 1), scene.viewmats, scene.Ks, 64, 48, sh_degree=1,
-            absgrad=absgrad, backend="cpu",
-        )  # fmt: skip
+        render, _alpha, info = rasterize(
+            params["means"],
+            params["quats"],
+            torch.exp(params["scales"]),
+            torch.sigmoid(params["opacities"]),
+            torch.cat([params["sh0"], params["shN"]], 1),
+            scene.viewmats,
+            scene.Ks,
+            64,
+            48,
+            sh_degree=1,
+            absgrad=absgrad,
+            backend="cpu",
+        )
         info["means2d"].retain_grad()
         render.mean().backward()
         g = (info["means2d"].absgrad if absgrad else info["means2d"].grad).clone()
@@ -360,8 +417,15 @@ def test_default_strategy_runs_on_cpu_info():
         threshold = float(norms[visible].median())
         expected_growth = int((visible & (norms > threshold)).sum())
         assert 0.3 * visible.sum() < expected_growth < 0.7 * visible.sum() and visible.sum() > 100
-        strategy = DefaultStrategy(refine_start_iter=0, refine_every=1, grow_grad2d=threshold, prune_opa=0.0,
-                                   absgrad=absgrad, pause_refine_after_reset=0, reset_every=1000)  # fmt: skip
+        strategy = DefaultStrategy(
+            refine_start_iter=0,
+            refine_every=1,
+            grow_grad2d=threshold,
+            prune_opa=0.0,
+            absgrad=absgrad,
+            pause_refine_after_reset=0,
+            reset_every=1000,
+        )
         strategy.check_sanity(params, optimizers)
         state = strategy.initialize_state()
         for opt in optimizers.values():
@@ -385,10 +449,14 @@ def test_sh_coefficients_as_parts_match_the_concatenation(backend):
     results = []
     for split in (False, True):
         means, quats, scales, opacities, coeffs = scene.params()
-        sh0, shN = coeffs[:, :1].detach().clone().requires_grad_(True), coeffs[:, 1:].detach().clone().requires_grad_(True)
+        sh0, shN = (
+            coeffs[:, :1].detach().clone().requires_grad_(True),
+            coeffs[:, 1:].detach().clone().requires_grad_(True),
+        )
         colors = (sh0, shN) if split else torch.cat([sh0, shN], dim=1)
-        render, _, _ = rasterize(means, quats, scales, opacities, colors, scene.viewmats, scene.Ks, 40, 30, sh_degree=2,
-                                 backend=backend)  # fmt: skip
+        render, _, _ = rasterize(
+            means, quats, scales, opacities, colors, scene.viewmats, scene.Ks, 40, 30, sh_degree=2, backend=backend
+        )
         (render * weights).sum().backward()
         results.append([render.detach(), means.grad, sh0.grad, shN.grad])
     assert results[0][0].abs().sum() > 1.0
@@ -449,7 +517,9 @@ def test_kernels_compiled_here_and_loaded_from_cache_give_the_same_bits(tmp_path
     ``generate`` job against the next ones."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     for name in ("compiled", "cached"):
-        subprocess.run([sys.executable, "-c", _FRESH_VS_CACHED, str(tmp_path / f"{name}.npz")], check=True, cwd=REPO, env=env)
+        subprocess.run(
+            [sys.executable, "-c", _FRESH_VS_CACHED, str(tmp_path / f"{name}.npz")], check=True, cwd=REPO, env=env
+        )
     assert any((tmp_path / "numba").rglob("*.nbi")), "the first process should have written the cache"
     compiled, cached = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "cached.npz")
     for key in compiled.files:
@@ -470,27 +540,43 @@ def test_backend_selection_and_errors():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(quats=torch.zeros(4, 3)), r"quats must have shape \[4, 4\]"),
-        (dict(opacities=torch.zeros(4, 1)), r"opacities must have shape \[4\]"),
-        (dict(Ks=torch.zeros(2, 3, 3)), r"Ks must have shape \[1, 3, 3\]"),
-        (dict(render_mode="RGBD"), "render_mode must be one of"),
-        (dict(rasterize_mode="mip"), "rasterize_mode must be one of"),
-        (dict(sh_degree=3, colors=torch.zeros(4, 9, 3)), "sh_degree=3 needs 16 SH coefficients"),
-        (dict(sh_degree=4, colors=torch.zeros(4, 25, 3)), "sh_degree must be 0, 1, 2 or 3"),
-        (dict(sh_degree=1, colors=(torch.zeros(4, 1, 3),)), r"must be the pair \(sh0, shN\)"),
-        (dict(sh_degree=1, colors=(torch.zeros(4, 2, 3), torch.zeros(4, 3, 3))), r"colors\[0\] \(sh0\) must have shape \[4, 1, 3\]"),
-        (dict(sh_degree=2, colors=(torch.zeros(4, 1, 3), torch.zeros(4, 3, 3))), "sh_degree=2 needs 9 SH coefficients per channel, colors has 4"),
-        (dict(sh_degree=1, colors=(torch.zeros(4, 1, 3), torch.zeros(4, 3, 3, dtype=torch.float64))), "cpu backend needs float32"),
-        (dict(means=torch.zeros(4, 3, dtype=torch.float64)), "cpu backend needs float32"),
-        (dict(width=0), "width and height must be positive"),
-        (dict(backgrounds=torch.zeros(1, 4)), r"backgrounds must have shape \[1, 3\]"),
+        ({"quats": torch.zeros(4, 3)}, r"quats must have shape \[4, 4\]"),
+        ({"opacities": torch.zeros(4, 1)}, r"opacities must have shape \[4\]"),
+        ({"Ks": torch.zeros(2, 3, 3)}, r"Ks must have shape \[1, 3, 3\]"),
+        ({"render_mode": "RGBD"}, "render_mode must be one of"),
+        ({"rasterize_mode": "mip"}, "rasterize_mode must be one of"),
+        ({"sh_degree": 3, "colors": torch.zeros(4, 9, 3)}, "sh_degree=3 needs 16 SH coefficients"),
+        ({"sh_degree": 4, "colors": torch.zeros(4, 25, 3)}, "sh_degree must be 0, 1, 2 or 3"),
+        ({"sh_degree": 1, "colors": (torch.zeros(4, 1, 3),)}, r"must be the pair \(sh0, shN\)"),
+        (
+            {"sh_degree": 1, "colors": (torch.zeros(4, 2, 3), torch.zeros(4, 3, 3))},
+            r"colors\[0\] \(sh0\) must have shape \[4, 1, 3\]",
+        ),
+        (
+            {"sh_degree": 2, "colors": (torch.zeros(4, 1, 3), torch.zeros(4, 3, 3))},
+            "sh_degree=2 needs 9 SH coefficients per channel, colors has 4",
+        ),
+        (
+            {"sh_degree": 1, "colors": (torch.zeros(4, 1, 3), torch.zeros(4, 3, 3, dtype=torch.float64))},
+            "cpu backend needs float32",
+        ),
+        ({"means": torch.zeros(4, 3, dtype=torch.float64)}, "cpu backend needs float32"),
+        ({"width": 0}, "width and height must be positive"),
+        ({"backgrounds": torch.zeros(1, 4)}, r"backgrounds must have shape \[1, 3\]"),
     ],
 )
 def test_bad_arguments_raise_config_error(change, message):
-    args = dict(
-        means=torch.zeros(4, 3), quats=torch.zeros(4, 4), scales=torch.ones(4, 3), opacities=torch.ones(4),
-        colors=torch.ones(4, 3), viewmats=torch.eye(4)[None], Ks=torch.eye(3)[None], width=8, height=8,
-    )  # fmt: skip
+    args = {
+        "means": torch.zeros(4, 3),
+        "quats": torch.zeros(4, 4),
+        "scales": torch.ones(4, 3),
+        "opacities": torch.ones(4),
+        "colors": torch.ones(4, 3),
+        "viewmats": torch.eye(4)[None],
+        "Ks": torch.eye(3)[None],
+        "width": 8,
+        "height": 8,
+    }
     args.update(change)
     with pytest.raises(ConfigError, match=message):
         rasterize(**args, backend="cpu")
@@ -508,9 +594,16 @@ def test_cpu_matches_gsplat_on_cuda(sh_degree, rasterize_mode):
     for backend, device in (("cpu", "cpu"), ("gsplat", "cuda")):
         params = [p.detach().to(device).requires_grad_(True) for p in scene.params()]
         render, alpha, info = rasterize(
-            *params, scene.viewmats.to(device), scene.Ks.to(device), scene.width, scene.height,
-            sh_degree=sh_degree, rasterize_mode=rasterize_mode, render_mode="RGB+ED", backend=backend,
-        )  # fmt: skip
+            *params,
+            scene.viewmats.to(device),
+            scene.Ks.to(device),
+            scene.width,
+            scene.height,
+            sh_degree=sh_degree,
+            rasterize_mode=rasterize_mode,
+            render_mode="RGB+ED",
+            backend=backend,
+        )
         info["means2d"].retain_grad()
         (render.sum() + alpha.sum()).backward()
         outs[backend] = (render.detach().cpu(), alpha.detach().cpu(), [p.grad.cpu() for p in params])
@@ -532,8 +625,16 @@ def test_inverse_depth_cpu_matches_gsplat_on_cuda(render_mode):
     outs = {}
     for backend, device in (("cpu", "cpu"), ("gsplat", "cuda")):
         params = [p.detach().to(device).requires_grad_(True) for p in scene.params()]
-        render, alpha, _ = rasterize(*params, scene.viewmats.to(device), scene.Ks.to(device), scene.width,
-                                     scene.height, sh_degree=3, render_mode=render_mode, backend=backend)  # fmt: skip
+        render, alpha, _ = rasterize(
+            *params,
+            scene.viewmats.to(device),
+            scene.Ks.to(device),
+            scene.width,
+            scene.height,
+            sh_degree=3,
+            render_mode=render_mode,
+            backend=backend,
+        )
         (render.sum() + alpha.sum()).backward()
         outs[backend] = (render.detach().cpu(), [None if p.grad is None else p.grad.cpu() for p in params])
     (r0, g0), (r1, g1) = outs["cpu"], outs["gsplat"]
@@ -562,7 +663,9 @@ def test_inverse_depth_hand_case(backend):
     Ks = torch.tensor([[[50.0, 0.0, 16.0], [0.0, 50.0, 16.0], [0.0, 0.0, 1.0]]])
     out = {}
     for mode in ("ID", "D", "ED"):
-        r, a, _ = rasterize(means, quats, scales, opac, colors, viewmats, Ks, 32, 32, render_mode=mode, backend=backend)
+        r, _a, _ = rasterize(
+            means, quats, scales, opac, colors, viewmats, Ks, 32, 32, render_mode=mode, backend=backend
+        )
         out[mode] = r[0, 15:17, 15:17, 0].mean().item()
     # the centre pixels sit 0.5 px off each centre: falloff exp(-0.5 * 0.5 px^2 / sigma_px^2)
     sig1, sig2 = 0.5 * 50 / 2, 2.0 * 50 / 4
@@ -578,10 +681,11 @@ def test_inverse_depth_hand_case(backend):
 @pytest.mark.parametrize(("opacities", "median"), [((0.6, 0.8), 2.0), ((0.3, 0.8), 4.0), ((0.2, 0.3), 0.0)])
 def test_median_depth_hand_case(backend, opacities, median):
     """The median depth is the depth of the Gaussian that brings the transmittance to 0.5 or
-    below, at the point of the pixel's ray where it peaks: two Gaussians on the optical axis at z = 2 and 4 (the centre pixels' alphas are the
-    opacities to 1e-3): 0.6 in front crosses at once (T = 0.4, median 2); 0.3 then 0.8 crosses at
-    the second (T = 0.7, then 0.14: median 4); 0.2 then 0.3 never does (T = 0.56: 0, no surface).
-    The median has no gradient; the colour channels of RGB+MD are RGB's."""
+    below, at the point of the pixel's ray where it peaks: two Gaussians on the optical axis at
+    z = 2 and 4 (the centre pixels' alphas are the opacities to 1e-3): 0.6 in front crosses at
+    once (T = 0.4, median 2); 0.3 then 0.8 crosses at the second (T = 0.7, then 0.14: median 4);
+    0.2 then 0.3 never does (T = 0.56: 0, no surface). The median has no gradient; the colour
+    channels of RGB+MD are RGB's."""
     from splatforge.raster import rasterize
 
     means = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 4.0]])
@@ -589,15 +693,30 @@ def test_median_depth_hand_case(backend, opacities, median):
     scales = torch.tensor([[0.5, 0.5, 0.5], [2.0, 2.0, 2.0]], requires_grad=True)
     colors = torch.rand(2, 3, generator=torch.Generator().manual_seed(0))
     viewmats, Ks = torch.eye(4)[None], torch.tensor([[[50.0, 0.0, 16.0], [0.0, 50.0, 16.0], [0.0, 0.0, 1.0]]])
-    r, a, _ = rasterize(means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32,
-                        render_mode="RGB+MD", backend=backend)  # fmt: skip
+    r, a, _ = rasterize(
+        means,
+        quats,
+        scales,
+        torch.tensor(opacities),
+        colors,
+        viewmats,
+        Ks,
+        32,
+        32,
+        render_mode="RGB+MD",
+        backend=backend,
+    )
     # isotropic Gaussians peak on a pixel's ray t (dx, dy, 1) at t = z / (1 + dx^2 + dy^2), here
     # dx = dy = +-0.5 px / 50 px
     assert r[0, 15:17, 15:17, 3].flatten().tolist() == pytest.approx([median / (1 + 2 * 0.01**2)] * 4, rel=1e-6)
-    rgb, a_rgb, _ = rasterize(means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32, backend=backend)
+    rgb, a_rgb, _ = rasterize(
+        means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32, backend=backend
+    )
     torch.testing.assert_close(r[..., :3], rgb)
     torch.testing.assert_close(a, a_rgb)
-    only, _, _ = rasterize(means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32, render_mode="MD", backend=backend)
+    only, _, _ = rasterize(
+        means, quats, scales, torch.tensor(opacities), colors, viewmats, Ks, 32, 32, render_mode="MD", backend=backend
+    )
     torch.testing.assert_close(only[..., 0], r[..., 3])
     assert not only.requires_grad
 
@@ -619,8 +738,9 @@ def test_nan_depth_is_culled_like_the_reference():
     means[7, 2] = float("nan")
     out = {}
     for backend in ("cpu", "reference"):
-        img, alpha, info = rasterize(means, s.quats, s.scales, s.opacities, s.colors, s.viewmats, s.Ks, 40, 30,
-                                     backend=backend)  # fmt: skip
+        img, alpha, info = rasterize(
+            means, s.quats, s.scales, s.opacities, s.colors, s.viewmats, s.Ks, 40, 30, backend=backend
+        )
         assert torch.isfinite(img).all() and torch.isfinite(alpha).all(), backend
         assert (info["radii"][0, 7] == 0).all(), backend
         out[backend] = img
@@ -630,17 +750,25 @@ def test_nan_depth_is_culled_like_the_reference():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(rasterize_mode="mip"), "rasterize_mode must be one of"),
-        (dict(near_plane=2.0, far_plane=1.0), "near_plane"),
-        (dict(means=torch.zeros(4, 3, dtype=torch.float64)), "cpu backend needs float32"),
-        (dict(Ks=torch.zeros(2, 3, 3)), r"Ks must have shape \[1, 3, 3\]"),
+        ({"rasterize_mode": "mip"}, "rasterize_mode must be one of"),
+        ({"near_plane": 2.0, "far_plane": 1.0}, "near_plane"),
+        ({"means": torch.zeros(4, 3, dtype=torch.float64)}, "cpu backend needs float32"),
+        ({"Ks": torch.zeros(2, 3, 3)}, r"Ks must have shape \[1, 3, 3\]"),
     ],
 )
 def test_transmittance_stats_checks_its_arguments_as_rasterize(change, message):
     from splatforge.raster import transmittance_stats
 
-    args = dict(means=torch.zeros(4, 3), quats=torch.zeros(4, 4), scales=torch.ones(4, 3), opacities=torch.ones(4),
-                viewmats=torch.eye(4)[None], Ks=torch.eye(3)[None], width=8, height=8)  # fmt: skip
+    args = {
+        "means": torch.zeros(4, 3),
+        "quats": torch.zeros(4, 4),
+        "scales": torch.ones(4, 3),
+        "opacities": torch.ones(4),
+        "viewmats": torch.eye(4)[None],
+        "Ks": torch.eye(3)[None],
+        "width": 8,
+        "height": 8,
+    }
     args.update(change)
     with pytest.raises(ConfigError, match=message):
         transmittance_stats(**args, backend="cpu")

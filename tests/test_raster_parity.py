@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from scenes import Scene, garden_subset, look_at, needs_datasets, random_scene
+
 from splatforge.raster import rasterize
 
 PARAM_NAMES = ("means", "quats", "scales", "opacities", "colors")
@@ -49,7 +49,9 @@ def assert_images_close(got, want, atol: float, flip_frac: float = 2e-4, flip_at
     be kept in float32 and skipped in float64. One such flip moves a pixel by ~1/255."""
     err = (got - want).abs()
     bad = err > atol + 1e-4 * want.abs()
-    assert bad.float().mean().item() <= flip_frac, f"{int(bad.sum())} of {bad.numel()} values differ (max {err.max():.3g})"
+    assert bad.float().mean().item() <= flip_frac, (
+        f"{int(bad.sum())} of {bad.numel()} values differ (max {err.max():.3g})"
+    )
     assert err.max().item() <= flip_atol, f"max difference {err.max():.3g}"
 
 
@@ -83,7 +85,9 @@ def test_parity_colors_and_sh(sh_degree, rasterize_mode):
 def test_parity_render_modes(render_mode):
     scene = random_scene(seed=3, n_cameras=2, sh_degree=2)
     out = compare(scene, sh_degree=2, render_mode=render_mode, rel=3e-3, img_atol=5e-4)
-    channels = {"RGB": 3, "D": 1, "ED": 1, "ID": 1, "MD": 1, "RGB+D": 4, "RGB+ED": 4, "RGB+ID": 4, "RGB+MD": 4}[render_mode]
+    channels = {"RGB": 3, "D": 1, "ED": 1, "ID": 1, "MD": 1, "RGB+D": 4, "RGB+ED": 4, "RGB+ID": 4, "RGB+MD": 4}[
+        render_mode
+    ]
     assert out["render"].shape == (2, scene.height, scene.width, channels)
 
 
@@ -128,10 +132,16 @@ def test_parity_tile_borders():
     n = means.shape[0]
     g = torch.Generator().manual_seed(2)
     scene = Scene(
-        means.float(), torch.randn(n, 4, generator=g), torch.rand(n, 3, generator=g) * 0.4 + 0.05,
-        torch.rand(n, generator=g) * 0.9 + 0.1, torch.rand(n, 3, generator=g),
-        torch.eye(4)[None], torch.tensor([[[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]]]), W, H,
-    )  # fmt: skip
+        means.float(),
+        torch.randn(n, 4, generator=g),
+        torch.rand(n, 3, generator=g) * 0.4 + 0.05,
+        torch.rand(n, generator=g) * 0.9 + 0.1,
+        torch.rand(n, 3, generator=g),
+        torch.eye(4)[None],
+        torch.tensor([[[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]]]),
+        W,
+        H,
+    )
     out = compare(scene)
     assert (out["info"]["radii"] > 16).any()  # some span several tiles
 
@@ -162,7 +172,9 @@ def test_nothing_visible_gives_background_and_zero_grads():
     bg = torch.tensor([[0.2, 0.4, 0.6]])
     for backend in ("cpu", "reference"):
         params = scene.params()
-        render, alpha, _ = rasterize(*params, scene.viewmats, scene.Ks, scene.width, scene.height, backgrounds=bg, backend=backend)
+        render, alpha, _ = rasterize(
+            *params, scene.viewmats, scene.Ks, scene.width, scene.height, backgrounds=bg, backend=backend
+        )
         torch.testing.assert_close(render, bg.view(1, 1, 1, 3).expand_as(render))
         (render.sum() + alpha.sum()).backward()
         assert all(torch.count_nonzero(p.grad) == 0 for p in params), backend
@@ -170,11 +182,14 @@ def test_nothing_visible_gives_background_and_zero_grads():
 
 def _viewmat_grad(scene: Scene, backend: str, **kw) -> torch.Tensor:
     viewmats = scene.viewmats.detach().clone().requires_grad_(True)
-    render, alpha, _ = rasterize(*[p.detach() for p in scene.params()], viewmats, scene.Ks, scene.width, scene.height,
-                                 backend=backend, **kw)  # fmt: skip
+    render, alpha, _ = rasterize(
+        *[p.detach() for p in scene.params()], viewmats, scene.Ks, scene.width, scene.height, backend=backend, **kw
+    )
     g = torch.Generator().manual_seed(3)
-    ((render * torch.randn(render.shape, generator=g, dtype=render.dtype)).sum()
-     + (alpha * torch.randn(alpha.shape, generator=g, dtype=alpha.dtype)).sum()).backward()  # fmt: skip
+    (
+        (render * torch.randn(render.shape, generator=g, dtype=render.dtype)).sum()
+        + (alpha * torch.randn(alpha.shape, generator=g, dtype=alpha.dtype)).sum()
+    ).backward()
     return viewmats.grad
 
 
@@ -186,7 +201,7 @@ def test_parity_viewmats_gradient(sh_degree, rasterize_mode, render_mode):
     through the camera centres, taken from the inverse as gsplat and the reference do, which
     also gives the bottom row a gradient) against the reference's autograd one."""
     scene = random_scene(seed=30 + (sh_degree or 0), n_cameras=3, sh_degree=sh_degree)
-    kw = dict(sh_degree=sh_degree, rasterize_mode=rasterize_mode, render_mode=render_mode)
+    kw = {"sh_degree": sh_degree, "rasterize_mode": rasterize_mode, "render_mode": render_mode}
     got, want = _viewmat_grad(scene, "cpu", **kw), _viewmat_grad(scene, "reference", **kw)
     assert want[:, :3].abs().max() > 1e-2  # the scene exercises it
     assert_grad_close("viewmats", got, want, rel=2e-3)

@@ -25,6 +25,7 @@ JOB = datasets_dir() / "skull_splatter_job"
 TOKEN = "s3cret-token"
 needs_job = needs_datasets("skull_splatter_job/datasets")
 SMALL = {"steps": 300, "data_factor": 2, "checkpoint_every": 50, "preview_size": 128}
+TINY = {"steps": 30, "data_factor": 4, "checkpoint_every": 0, "preview_size": 64}
 
 
 def free_port() -> int:
@@ -41,11 +42,28 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = None
 
-    def start(self, timeout: float = 60) -> "Server":
+    def start(self, timeout: float = 60) -> Server:
         log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115 - kept for the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "splatforge.cli", "serve", "--port", str(self.port), "--data-dir",
-                                      str(self.data_dir), "--token", TOKEN, "--workers", "1", *self.extra],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "splatforge.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--token",
+                TOKEN,
+                "--workers",
+                "1",
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         import httpx
 
         deadline = time.monotonic() + timeout
@@ -130,20 +148,33 @@ def _zip(members: dict[str, bytes | None], symlink: str | None = None) -> bytes:
             z.writestr(name, data or b"x")
         if symlink:
             info = zipfile.ZipInfo(symlink)
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             z.writestr(info, "/etc/passwd")
     return buf.getvalue()
 
 
-LAYOUT = {"datasets/d/Frames.mp4": None, "refined/global/refined_sfm_combined/cameras.bin": None,
-          "refined/global/refined_sfm_combined/images.bin": None, "refined/global/refined_sfm_combined/points3D.bin": None}  # fmt: skip
+LAYOUT = {
+    "datasets/d/Frames.mp4": None,
+    "refined/global/refined_sfm_combined/cameras.bin": None,
+    "refined/global/refined_sfm_combined/images.bin": None,
+    "refined/global/refined_sfm_combined/points3D.bin": None,
+}
 
 
-@pytest.mark.parametrize("case, status, message", [
-    ("absolute", 400, "absolute path"), ("dotdot", 400, "'..'"), ("symlink", 400, "symbolic link"),
-    ("no layout", 400, "no recognisable job root"), ("not a zip", 400, "not a zip"), ("too big", 413, "limit"),
-    ("bad options", 400, "unknown option"), ("both", 400, "either one"), ("not a capture", 400, "neither a video"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "case, status, message",
+    [
+        ("absolute", 400, "absolute path"),
+        ("dotdot", 400, "'..'"),
+        ("symlink", 400, "symbolic link"),
+        ("no layout", 400, "no recognisable job root"),
+        ("not a zip", 400, "not a zip"),
+        ("too big", 413, "limit"),
+        ("bad options", 400, "unknown option"),
+        ("both", 400, "either one"),
+        ("not a capture", 400, "neither a video"),
+    ],
+)
 def test_bad_uploads_are_refused_and_leave_nothing(shared_server, case, status, message):
     import httpx
 
@@ -167,7 +198,9 @@ def test_bad_uploads_are_refused_and_leave_nothing(shared_server, case, status, 
         files = [("file", ("a.zip", _zip(LAYOUT))), ("files", ("v.mp4", b"x"))]
     elif case == "not a capture":
         files = {"files": ("notes.txt", b"hello")}
-    r = httpx.post(f"{server.url}/api/jobs", files=files, data=data, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    r = httpx.post(
+        f"{server.url}/api/jobs", files=files, data=data, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+    )
     assert r.status_code == status, r.text
     body = r.json()
     assert message in body["error"] and body["request_id"] and "Traceback" not in r.text
@@ -195,10 +228,20 @@ def test_submit_poll_download_and_crash_resume(server, job_zip, tmp_path):
         assert done["attempts"] == 2 and len(c.jobs()) == 1
         log = c.log(job["id"])
         assert "--- attempt 2" in log and '"resumed_from": ' in log
-        resumed = [json.loads(line)["resumed_from"] for line in log.splitlines() if line.startswith("{") and '"resumed_from"' in line]
+        resumed = [
+            json.loads(line)["resumed_from"]
+            for line in log.splitlines()
+            if line.startswith("{") and '"resumed_from"' in line
+        ]
         assert resumed[0] is None and resumed[-1] >= 100  # attempt 2 started from a checkpoint
         names = {a["name"]: a for a in done["artifacts"]}
-        assert {"refined_splat", "refined_splat_preview_top", "refined_splat_preview_video", "splat.ply", "result.json"} <= names.keys()
+        assert {
+            "refined_splat",
+            "refined_splat_preview_top",
+            "refined_splat_preview_video",
+            "splat.ply",
+            "result.json",
+        } <= names.keys()
         folder = tmp_path / "download"
         paths = c.download_all(done, folder)
         for a in done["artifacts"]:
@@ -228,12 +271,29 @@ def _page_screenshot(server, tmp_path: Path, job_id: str) -> None:
     if chromium is None:
         return
     shot = tmp_path / "page.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=8000"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+        "--virtual-time-budget=8000",
+    ]
     url = f"{server.url}/?token={TOKEN}"
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False
+    ).stdout
     assert f"job-{job_id}" in dom and "succeeded" in dom and "refined_splat" in dom
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,500", url], capture_output=True, timeout=120)
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,500", url],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert shot.stat().st_size > 5000
     docs = Path(__file__).resolve().parents[1] / "docs" / "server_page.png"
     if os.environ.get("SPLATFORGE_UPDATE_DOCS"):
@@ -263,7 +323,9 @@ def test_cancel_twenty_concurrent_submissions_none_lost(server, job_zip):
     assert len(ids) == 20
     with Client(server.url, TOKEN) as c:
         assert {j["id"] for j in c.jobs()} == ids
-        first = wait_for(lambda: next((j for j in c.jobs() if j["status"] == "running"), None), 60, what="a running job")
+        first = wait_for(
+            lambda: next((j for j in c.jobs() if j["status"] == "running"), None), 60, what="a running job"
+        )
         wait_for(lambda: _workers_alive(first["id"]), 30, what="its worker")
         for j in sorted(ids - {first["id"]}) + [first["id"]]:  # the queued first: none may start meanwhile
             assert c.cancel(j)["status"] == "cancelled"
@@ -286,8 +348,21 @@ def test_captures_are_posed_by_prepare_and_trained(server, tmp_path, capsys):
 
     photos = sorted((datasets_dir() / "skull" / "images_8").iterdir())  # 66 photos at 266x177
     out = tmp_path / "artifacts"
-    rc = main(["submit", *map(str, photos), "--server", server.url, "--token", TOKEN, "--wait", "--output", str(out),
-               "--options", json.dumps({"steps": 60, "preview_size": 64, "test_every": 0})])  # fmt: skip
+    rc = main(
+        [
+            "submit",
+            *map(str, photos),
+            "--server",
+            server.url,
+            "--token",
+            TOKEN,
+            "--wait",
+            "--output",
+            str(out),
+            "--options",
+            json.dumps({"steps": 60, "preview_size": 64, "test_every": 0}),
+        ]
+    )
     job = json.loads(capsys.readouterr().out)
     assert rc == 0 and job["status"] == "succeeded" and job["kind"] == "captures"
     for a in job["artifacts"]:
@@ -300,8 +375,54 @@ def test_captures_are_posed_by_prepare_and_trained(server, tmp_path, capsys):
     assert uploads == [p.name for p in photos]
 
 
+@needs_job
+def test_ray_executor_runs_a_job_end_to_end(tmp_path, job_zip):
+    """``serve --executor ray`` (a local Ray started by the server): a short job runs as a Ray
+    task; its progress lines feed the job's ``progress``, its log has them and the task's logs,
+    its artifacts are listed."""
+    pytest.importorskip("ray")
+    server = Server(tmp_path / "data", free_port(), "--executor", "ray").start(timeout=120)
+    try:
+        with Client(server.url, TOKEN) as c:
+            job = c.submit([job_zip], TINY)
+            stages = set()
+            done = c.wait(
+                job["id"], timeout=240, poll=0.5, on_update=lambda j: stages.add((j.get("progress") or {}).get("stage"))
+            )
+            log = c.log(job["id"])
+            assert done["status"] == "succeeded", log[-3000:]
+            assert done["progress"] == done["progress"] | {"pct": 100, "stage": "complete", "status": "succeeded"}
+            assert "train" in stages or "export" in stages or "previews" in stages, stages
+            assert log.startswith("--- attempt 1 on ray\n")
+            lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
+            assert {"frames", "train", "export", "complete"} <= {x["stage"] for x in lines}
+            assert any(x["stage"] == "train" and x["status"] == "running" for x in lines)
+            assert "INFO splatforge.products.export" in log  # the task's own log records
+            assert {"refined_splat", "splat.ply", "result.json"} <= {a["name"] for a in done["artifacts"]}
+    finally:
+        server.stop()
+    assert "executor: ray" in (tmp_path / f"server-{server.port}.log").read_text()
+
+
 def test_refuses_a_public_address_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SPLATFORGE_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "splatforge.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
-                           "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "splatforge.cli",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 1 and "without a token" in proc.stderr.strip().splitlines()[-1]

@@ -106,46 +106,90 @@ def test_splatter_job_end_to_end(tmp_path, capsys):
     """Two datasets, each with every other frame named, short training; every output checked."""
     import av
     from PIL import Image
+    from processes import checkpoint_in, kill_when
 
     from splatforge.geometry.transform import named_transform, rotate_sh, transform_splats
 
     root = job_root(tmp_path, second="second_take")
-    rc, lines, err = run_cli(["--job_root_path", str(root), "--steps", "200", "--data-factor", "2", "--preview-size", "256",
-                              "--job_id", "j-1", "--artifact-suffix", "2024-01-02"], capsys)  # fmt: skip
+    args = [
+        "--job_root_path",
+        str(root),
+        "--steps",
+        "200",
+        "--data-factor",
+        "2",
+        "--preview-size",
+        "256",
+        "--job_id",
+        "j-1",
+        "--artifact-suffix",
+        "2024-01-02",
+        "--checkpoint-every",
+        "50",
+    ]
+    # the host's retry: killed with SIGKILL during training, started again with the same command
+    kill_when(["splatter", *args], checkpoint_in(root / "refined" / "splatter" / "run" / "checkpoints"))
+    frames = {p: p.stat().st_mtime_ns for p in (root / "Frames").iterdir()}
+    rc, lines, err = run_cli(args, capsys)
     assert rc == 0, err[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (root / "Frames").iterdir()} == frames  # frames not redone
+    assert [ln.get("skipped") for ln in lines if ln["stage"] == "frames" and ln["status"] == "completed"] == [True]
+    started = next(ln for ln in lines if ln["stage"] == "train" and ln["status"] == "started")
+    assert started["resumed_from"] >= 50 and started["steps"] == 200
     # progress: the stages in order, training with its step and loss, the node's final line
     stages = [ln["stage"] for ln in lines]
-    assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == ["frames", "train", "export", "previews", "complete"]
+    assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == [
+        "frames",
+        "train",
+        "export",
+        "previews",
+        "complete",
+    ]
     assert all({"pct", "stage", "status"} <= ln.keys() for ln in lines)
     assert [ln["pct"] for ln in lines] == sorted(ln["pct"] for ln in lines)
     steps = [ln for ln in lines if ln["stage"] == "train" and ln["status"] == "running"]
     assert steps and all({"step", "loss", "num_gaussians"} <= ln.keys() for ln in steps) and steps[-1]["step"] == 200
-    assert lines[-1] == {"pct": 100, "progress": 100, "stage": "complete", "status": "succeeded", "artifacts": [
-        "refined_splat_2024-01-02", "refined_splat_sog_2024-01-02", "refined_splat_preview_top_2024-01-02",
-        "refined_splat_preview_angle_2024-01-02", "refined_splat_preview_video_2024-01-02"]}  # fmt: skip
+    assert lines[-1] == {
+        "pct": 100,
+        "progress": 100,
+        "stage": "complete",
+        "status": "succeeded",
+        "artifacts": [
+            "refined_splat_2024-01-02",
+            "refined_splat_sog_2024-01-02",
+            "refined_splat_preview_top_2024-01-02",
+            "refined_splat_preview_angle_2024-01-02",
+            "refined_splat_preview_video_2024-01-02",
+        ],
+    }
     # frames: exactly the 66 named ones, split between the two datasets
     names = sorted(p.name for p in (root / "Frames").iterdir())
     assert len(names) == 66 and sum(n.startswith("second_take_") for n in names) == 33
     assert f"second_take_{1:06d}.jpg" in names and f"{DATASET}_{1:06d}.jpg" not in names
     out = root / "refined" / "splatter"
     result = json.loads((out / "result.json").read_text())
-    assert result["job_id"] == "j-1" and result["status"] == "succeeded"
+    assert result["job_id"] == "j-1" and result["status"] == "succeeded" and result["train"]["resumed"] is True
     types = {a["name"]: a["data_type"] for a in result["artifacts"]}
-    assert types == {"refined_splat_2024-01-02": "splat_data", "refined_splat_sog_2024-01-02": "splat_data_sog",
-                     "refined_splat_preview_top_2024-01-02": "splat_preview_top",
-                     "refined_splat_preview_angle_2024-01-02": "splat_preview_angle",
-                     "refined_splat_preview_video_2024-01-02": "splat_preview_video"}  # fmt: skip
+    assert types == {
+        "refined_splat_2024-01-02": "splat_data",
+        "refined_splat_sog_2024-01-02": "splat_data_sog",
+        "refined_splat_preview_top_2024-01-02": "splat_preview_top",
+        "refined_splat_preview_angle_2024-01-02": "splat_preview_angle",
+        "refined_splat_preview_video_2024-01-02": "splat_preview_video",
+    }
     for a in result["artifacts"]:
         assert (root / a["file"]).stat().st_size == a["bytes"] > 0
     assert result["train"]["image_size"] == [266, 177] and result["metrics"]["num_views"] == 9
     assert result["metrics"]["psnr"] > 15.0
     # splat_rot.ply: (x, y, z) -> (y, -x, z) of splat.ply, rotations and SH rotated with it
     ply, rot = read_ply(out / "splat.ply"), read_ply(out / "splat_rot.ply")
-    np.testing.assert_allclose(rot["means"], np.stack([ply["means"][:, 1], -ply["means"][:, 0], ply["means"][:, 2]], 1), atol=1e-6)
+    np.testing.assert_allclose(
+        rot["means"], np.stack([ply["means"][:, 1], -ply["means"][:, 0], ply["means"][:, 2]], 1), atol=1e-6
+    )
     R = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]])
     np.testing.assert_allclose(rot["shN"], rotate_sh(ply["shN"], R), atol=1e-5)
     expected = transform_splats(ply, named_transform("splatter"))
-    cov = lambda s: _covariances(s)  # noqa: E731
+    cov = lambda s: _covariances(s)
     np.testing.assert_allclose(cov(rot), cov(expected), atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(cov(rot), R @ cov(ply) @ R.T, atol=1e-6, rtol=1e-4)
     # splat_rot.splat: byte-identical to ply2splat's conversion of splat_rot.ply
@@ -163,12 +207,14 @@ def test_splatter_job_end_to_end(tmp_path, capsys):
 
 
 def _covariances(s) -> np.ndarray:
-    from splatforge.geometry.quats import quat_scale_to_covar
-
     import torch
 
+    from splatforge.geometry.quats import quat_scale_to_covar
+
     q = torch.tensor(np.asarray(s["quats"], np.float64))
-    return quat_scale_to_covar(q / q.norm(dim=1, keepdim=True), torch.tensor(np.exp(np.asarray(s["scales"], np.float64)))).numpy()
+    return quat_scale_to_covar(
+        q / q.norm(dim=1, keepdim=True), torch.tensor(np.exp(np.asarray(s["scales"], np.float64)))
+    ).numpy()
 
 
 def _bad(tmp_path: Path, case: str) -> Path:
@@ -196,10 +242,15 @@ def _bad(tmp_path: Path, case: str) -> Path:
     return root
 
 
-BAD = {"no videos": "no <dataset>/Frames.mp4", "missing dataset": "no datasets/elsewhere/Frames.mp4",
-       "index past the end": "names frame 100 .* has 66 frames", "missing images.bin": "images.bin: missing",
-       "truncated images.bin": "images.bin|COLMAP model could not be read", "truncated cameras.bin": "cameras",
-       "undecodable video": "Frames.mp4"}  # fmt: skip
+BAD = {
+    "no videos": "no <dataset>/Frames.mp4",
+    "missing dataset": "no datasets/elsewhere/Frames.mp4",
+    "index past the end": "names frame 100 .* has 66 frames",
+    "missing images.bin": "images.bin: missing",
+    "truncated images.bin": "images.bin|COLMAP model could not be read",
+    "truncated cameras.bin": "cameras",
+    "undecodable video": "Frames.mp4",
+}
 
 
 @needs_job
@@ -224,7 +275,9 @@ def test_splatter_takes_run_py_flags_and_a_positional_root(tmp_path):
     --log_level info``: the same flags parse here, as does ``splatforge splatter ROOT``."""
     from splatforge.cli import parse
 
-    a = parse(["splatter", "--domain_id", "d", "--job_id", "j", "--job_root_path", str(tmp_path), "--log_level", "info"])
+    a = parse(
+        ["splatter", "--domain_id", "d", "--job_id", "j", "--job_root_path", str(tmp_path), "--log_level", "info"]
+    )
     b = parse(["splatter", str(tmp_path), "--max-gaussians", "5000", "--data_factor", "4"])
     assert (a.job_root_path, a.domain_id, a.job_id, a.log_level) == (tmp_path, "d", "j", "info")
     assert b.root == tmp_path and b.max_gaussians == 5000 and b.data_factor == 4
@@ -232,8 +285,13 @@ def test_splatter_takes_run_py_flags_and_a_positional_root(tmp_path):
 
 def test_splatter_cli_runs_as_a_subprocess_with_its_exit_code(tmp_path):
     """What the node's runner sees: a missing job root exits 1 with one last error line."""
-    proc = subprocess.run([sys.executable, "-m", "splatforge.cli", "splatter", "--job_root_path", str(tmp_path / "nowhere")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "splatforge.cli", "splatter", "--job_root_path", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "nowhere" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["status"] == "failed"

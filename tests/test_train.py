@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from scenes import datasets_dir, needs_skull
 
 REPO_DATA = datasets_dir() / "skull"  # only named by configs that are resolved, never read
@@ -27,9 +26,18 @@ def demo_scene(tmp_path_factory):
 
 
 def small_cfg(scene, out, **kw) -> TrainConfig:
-    base = dict(data=scene, output=out, steps=30, sh_degree=1, sh_degree_interval=10, init_random_count=1500,
-                init_extent=0.5, checkpoint_every=0, strategy="default",
-                densify=DensifyConfig(refine_start_iter=5, refine_stop_iter=25, refine_every=5, reset_every=10**6))  # fmt: skip
+    base = {
+        "data": scene,
+        "output": out,
+        "steps": 30,
+        "sh_degree": 1,
+        "sh_degree_interval": 10,
+        "init_random_count": 1500,
+        "init_extent": 0.5,
+        "checkpoint_every": 0,
+        "strategy": "default",
+        "densify": DensifyConfig(refine_start_iter=5, refine_stop_iter=25, refine_every=5, reset_every=10**6),
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -38,8 +46,13 @@ def small_cfg(scene, out, **kw) -> TrainConfig:
 def skull_400(tmp_path_factory):
     """400 steps on skull images_8 with the library's defaults (MCMC, schedules for 400 steps),
     trained once for the tests of this module that need a real model: ``(trainer, result)``."""
-    cfg = TrainConfig(data=datasets_dir() / "skull", output=tmp_path_factory.mktemp("skull") / "run", data_factor=8,
-                      steps=400, checkpoint_every=100)  # fmt: skip
+    cfg = TrainConfig(
+        data=datasets_dir() / "skull",
+        output=tmp_path_factory.mktemp("skull") / "run",
+        data_factor=8,
+        steps=400,
+        checkpoint_every=100,
+    )
     trainer = Trainer(cfg)
     return trainer, trainer.train()
 
@@ -93,7 +106,9 @@ def test_resume_equals_uninterrupted_run(demo_scene, tmp_path):
 
 def test_opacity_reset_happens(demo_scene, tmp_path):
     """gsplat 1.5.3's DefaultStrategy never resets opacities by itself; the trainer does."""
-    cfg = small_cfg(demo_scene, tmp_path, densify=DensifyConfig(refine_start_iter=1000, refine_stop_iter=100, reset_every=7))
+    cfg = small_cfg(
+        demo_scene, tmp_path, densify=DensifyConfig(refine_start_iter=1000, refine_stop_iter=100, reset_every=7)
+    )
     trainer = Trainer(cfg)
     for _ in range(7):
         trainer.train_step()
@@ -115,7 +130,10 @@ def test_hard_cap_keeps_most_opaque_and_optimizer_aligned(demo_scene, tmp_path):
         assert param is trainer.params[key]
         assert opt.state[param]["exp_avg"].shape == param.shape
     # the survivors are (after one small Adam step) the initially most opaque
-    assert torch.sigmoid(trainer.params["opacities"]).min() >= torch.sigmoid(torch.sort(before, descending=True).values[799]) - 0.05
+    assert (
+        torch.sigmoid(trainer.params["opacities"]).min()
+        >= torch.sigmoid(torch.sort(before, descending=True).values[799]) - 0.05
+    )
     trainer.train()
     assert len(trainer.params["means"]) <= 800
 
@@ -166,7 +184,7 @@ def test_run_opens_a_finished_run_without_a_trainer(demo_scene, tmp_path):
     trainer.train()
     run = Run.open(tmp_path / "run")
     assert run.step == 12 and run.num_gaussians == len(trainer.params["means"]) and run.source.name == "ckpt_000012.pt"
-    for key in run.splats.keys():
+    for key in run.splats.keys():  # noqa: SIM118 (Splats is no dict)
         assert torch.equal(run.splats[key], trainer.params[key].detach()), key
     with torch.no_grad():
         want, _, _ = trainer.render(3)
@@ -213,7 +231,9 @@ def test_rgba_scene_trains_on_random_backgrounds_and_renders_on_its_own(demo_sce
     (opaque / "transforms.json").write_text((demo_scene / "transforms.json").read_text())
     plain = Trainer(small_cfg(opaque, tmp_path / "plain", steps=2))
     assert plain.scene.alpha_background is None and not plain.random_background
-    assert plain.render(4, backgrounds=None)[0].shape[-1] == 3 and plain.ground_truth([4], bg).equal(plain.image(4)[None])
+    assert plain.render(4, backgrounds=None)[0].shape[-1] == 3 and plain.ground_truth([4], bg).equal(
+        plain.image(4)[None]
+    )
 
 
 def test_world_unit_is_resolved_into_cfg_yml_and_older_configs_keep_the_scene_units(demo_scene, tmp_path):
@@ -255,8 +275,15 @@ def test_mcmc_training_does_not_depend_on_the_scale_of_the_world(demo_scene, tmp
     runs = []
     large_scene = dataclasses.replace(scene, camtoworlds=c2w, points=scene.points * k)
     for name, data in (("unit", scene), ("large", large_scene)):
-        cfg = small_cfg(demo_scene, tmp_path / name, steps=60, strategy="mcmc", pose_opt=True, pose_opt_lr=1e-3,
-                        mcmc=MCMCConfig(cap_max=2000, refine_start_iter=10, refine_stop_iter=50, refine_every=10))  # fmt: skip
+        cfg = small_cfg(
+            demo_scene,
+            tmp_path / name,
+            steps=60,
+            strategy="mcmc",
+            pose_opt=True,
+            pose_opt_lr=1e-3,
+            mcmc=MCMCConfig(cap_max=2000, refine_start_iter=10, refine_stop_iter=50, refine_every=10),
+        )
         trainer = Trainer(cfg, scene=data)
         for _ in range(cfg.steps):
             trainer.train_step()
@@ -270,8 +297,12 @@ def test_mcmc_training_does_not_depend_on_the_scale_of_the_world(demo_scene, tmp
     torch.testing.assert_close(big["opacities"].detach(), ref["opacities"].detach(), atol=1e-2, rtol=0)
     moved = small.refined_camtoworlds()[:, :3, 3] - small.scene.camtoworlds[:, :3, 3]
     assert np.abs(moved).max() > 1e-3 * small.scene_scale  # the poses were refined
-    np.testing.assert_allclose(large.refined_camtoworlds()[:, :3, 3] / k, small.refined_camtoworlds()[:, :3, 3], rtol=0,
-                               atol=1e-3 * small.scene_scale)  # fmt: skip
+    np.testing.assert_allclose(
+        large.refined_camtoworlds()[:, :3, 3] / k,
+        small.refined_camtoworlds()[:, :3, 3],
+        rtol=0,
+        atol=1e-3 * small.scene_scale,
+    )
     with torch.no_grad():
         image, alpha, _ = small.render(3)
         assert alpha.mean() > 0.1  # the torus is in view
@@ -286,7 +317,11 @@ def test_schedules_scale_with_steps_unless_given():
     d = cfg.densify
     assert (d.refine_start_iter, d.refine_stop_iter, d.refine_every, d.reset_every) == (50, 1500, MIN_REFINE_EVERY, 300)
     m = cfg.mcmc
-    assert cfg.sh_degree_interval == 100 and (m.refine_start_iter, m.refine_stop_iter, m.refine_every) == (500, 2500, 100)
+    assert cfg.sh_degree_interval == 100 and (m.refine_start_iter, m.refine_stop_iter, m.refine_every) == (
+        500,
+        2500,
+        100,
+    )
     short = TrainConfig(data=REPO_DATA, steps=300).resolve().mcmc  # too short for MCMC's paces: 20 refinements
     assert (short.refine_start_iter, short.refine_stop_iter, short.refine_every) == (50, 250, MIN_REFINE_EVERY)
     full = TrainConfig(data=REPO_DATA, steps=30_000).resolve()
@@ -328,8 +363,10 @@ def test_plan_predicts_mcmc_growth_and_run_takes_sfm_features_from_the_preset(de
     assert "from 400 Gaussians, up to 520 Gaussians: about" in describe_plan(trainer, estimate)
     trainer.train()
     assert len(trainer.params["means"]) == 520
-    features = {p: prepare_config(RunConfig(inputs=[demo_scene], output=tmp_path / p, preset=p, device="cpu")).max_features
-                for p in ("auto", "fast", "default")}  # fmt: skip
+    features = {
+        p: prepare_config(RunConfig(inputs=[demo_scene], output=tmp_path / p, preset=p, device="cpu")).max_features
+        for p in ("auto", "fast", "default")
+    }
     assert features == {"auto": 2048, "fast": 2048, "default": 4096}
     given = RunConfig(inputs=[demo_scene], output=tmp_path / "x", max_features=1000, device="cpu")
     assert prepare_config(given).max_features == 1000
@@ -361,7 +398,6 @@ def test_batch_gradient_is_the_mean_of_its_views(demo_scene, tmp_path):
     assert t4.optimizers["sh0"].param_groups[0]["betas"] == pytest.approx((0.6, 0.996))
     t.train_step()
     assert int(t.strategy_state["count"].max()) == 2  # one count per view that saw the Gaussian
-
 
 
 def test_antialiased_mode_is_kept_by_the_run_and_its_files(demo_scene, tmp_path):
@@ -433,14 +469,14 @@ def test_masked_pixels_change_no_gradient(demo_scene, tmp_path):
 
     def grads(edit=None):
         trainer.image(0)
-        saved = trainer._images[0].clone()
+        saved = trainer.views._images[0].clone()
         if edit is not None:
-            edit(trainer._images[0])
+            edit(trainer.views._images[0])
         for p in trainer.params.values():
             p.grad = None
         loss, _, _, _ = trainer.batch_loss([0], 0)
         loss.backward()
-        trainer._images[0] = saved
+        trainer.views._images[0] = saved
         return float(loss.detach()), {k: p.grad.clone() for k, p in trainer.params.items()}
 
     base_loss, base = grads()
@@ -461,7 +497,7 @@ def test_masked_pixels_change_no_gradient(demo_scene, tmp_path):
     metrics = evaluate(trainer.as_run(), splits=("test",), write_images=False)
     assert metrics["masks"].startswith("SCENE/masks") and metrics["test"]["psnr_masked"] is not None
     # a masks folder missing one image's mask is an error naming it
-    first = sorted((root / "masks").iterdir())[0]
+    first = min((root / "masks").iterdir())
     first.unlink()
     with pytest.raises(DataFormatError, match="no mask for 1 of"):
         Trainer(small_cfg(root, tmp_path / "run2"))
@@ -509,8 +545,17 @@ def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
         img = rgba[..., :3] * rgba[..., 3:] / 255.0 * (gains[i] if i in sd.split["train"] else 1.0)
         Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).save(path)
     # a short run renders each view ~30 times: 10x Inria's rates (its 0.01 -> 0.001 are for 30k steps)
-    cfg = small_cfg(scaled, tmp_path / "on", steps=300, strategy="mcmc", random_background=False, exposure=True,
-                    exposure_lr_init=0.1, exposure_lr_final=0.01, checkpoint_every=150)  # fmt: skip
+    cfg = small_cfg(
+        scaled,
+        tmp_path / "on",
+        steps=300,
+        strategy="mcmc",
+        random_background=False,
+        exposure=True,
+        exposure_lr_init=0.1,
+        exposure_lr_final=0.01,
+        checkpoint_every=150,
+    )
     trainer = Trainer(cfg)
     trainer.train()
     ids = trainer.scene.split["train"]
@@ -521,7 +566,9 @@ def test_exposure_compensation_absorbs_per_image_gains(demo_scene, tmp_path):
     # steps give about half, 0.52 and 0.48 with MCMC's noise in the scene's units and in gsplat's
     assert np.std(diag / diag.mean()) > 0.4 * np.std(g / g.mean())
     untouched = trainer.exposure.E.detach()[trainer.scene.split["test"]]
-    assert torch.equal(untouched, torch.cat([torch.eye(3), torch.zeros(3, 1)], 1).expand_as(untouched))  # never rendered
+    assert torch.equal(
+        untouched, torch.cat([torch.eye(3), torch.zeros(3, 1)], 1).expand_as(untouched)
+    )  # never rendered
     metrics = evaluate(trainer.as_run(), splits=("test", "train"), write_images=False)
     assert metrics["exposure"] == EXPOSURE_PROTOCOL
     resumed = Trainer(cfg)
@@ -557,11 +604,14 @@ def test_exposure_compensation_recovers_the_unscaled_quality_on_skull(tmp_path):
         img = np.asarray(Image.open(sd.image_paths[i]).convert("RGB"), np.float32) * gains[i]
         Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8)).save(sd.image_paths[i])
     # ~9 renders per view in 500 steps: 5x Inria's rates (0.01 -> 0.001, for 30k steps)
-    rates = dict(exposure_lr_init=0.05, exposure_lr_final=0.005)
+    rates = {"exposure_lr_init": 0.05, "exposure_lr_final": 0.005}
 
     def score(data, name, **kw) -> float:
-        trainer = Trainer(TrainConfig(data=data, output=tmp_path / name, data_factor=8, steps=500, device="cpu",
-                                      checkpoint_every=0, **kw))  # fmt: skip
+        trainer = Trainer(
+            TrainConfig(
+                data=data, output=tmp_path / name, data_factor=8, steps=500, device="cpu", checkpoint_every=0, **kw
+            )
+        )
         trainer.train()
         return render_split(trainer.as_run(), "test", write=False, left_right=True)["psnr"]
 
@@ -577,7 +627,7 @@ def test_absgrad_has_its_own_default_threshold(tmp_path):
     larger); a value given explicitly is kept; without absgrad the default is 2e-4."""
     from splatforge.train.strategies import build_strategy
 
-    resolve = lambda **d: TrainConfig(data=REPO_DATA, strategy="default", densify=DensifyConfig(**d)).resolve()  # noqa: E731
+    resolve = lambda **d: TrainConfig(data=REPO_DATA, strategy="default", densify=DensifyConfig(**d)).resolve()
     assert resolve().densify.grow_grad2d == 2e-4
     cfg = resolve(absgrad=True)
     assert cfg.densify.grow_grad2d == 8e-4
@@ -622,8 +672,15 @@ def test_pose_alignment_recovers_a_perturbed_pose(demo_scene, skull_400, tmp_pat
     assert abs(a0 - 1.0) < 1e-6 and abs(t0 - 0.02) < 0.005
     assert a1 < 0.1 and t1 < 0.002, (a1, t1)
 
-    cfg = small_cfg(demo_scene, tmp_path / "opt", steps=20, pose_opt=True, pose_opt_lr=1e-3, checkpoint_every=10,
-                    pose_align_steps=20)  # the alignment at evaluation: short here, the skull view above tests its accuracy
+    cfg = small_cfg(
+        demo_scene,
+        tmp_path / "opt",
+        steps=20,
+        pose_opt=True,
+        pose_opt_lr=1e-3,
+        checkpoint_every=10,
+        pose_align_steps=20,
+    )  # the alignment at evaluation: short here, the skull view above tests its accuracy
     opt = Trainer(cfg)
     opt.train()
     assert opt.poses.deltas.detach()[opt.train_ids].abs().max() > 0  # the corrections moved
@@ -660,8 +717,13 @@ def _check_refined_poses_reach_products(trainer, run_dir):
     img_run = run.render(moved)[0]
     with torch.no_grad():
         vm = torch.linalg.inv(trainer.poses.refine(trainer.camtoworlds[[moved]], [moved]))
-        img_trainer = trainer.as_run().splats.rasterize(vm, trainer.Ks[moved : moved + 1], *run.image_size(moved),
-                                                        sh_degree=trainer.cfg.sh_degree, backgrounds=run.backgrounds(1))[0]  # fmt: skip
+        img_trainer = trainer.as_run().splats.rasterize(
+            vm,
+            trainer.Ks[moved : moved + 1],
+            *run.image_size(moved),
+            sh_degree=trainer.cfg.sh_degree,
+            backgrounds=run.backgrounds(1),
+        )[0]
     assert torch.allclose(img_run, img_trainer, atol=1e-4)
     metrics = evaluate(run, splits=("test",), write_images=False)
     cfg = trainer.cfg

@@ -15,10 +15,10 @@ from splatforge.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
     "BackendUnavailableError",
     "ConfigError",
     "DataFormatError",
     "SplatforgeError",
     "UnsupportedCameraModel",
+    "__version__",
 ]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["atomic_path", "build_once", "staging_dir", "read_input", "remove_stale_temps"]
+__all__ = ["atomic_path", "build_once", "read_input", "remove_stale_temps", "staging_dir"]
 
 
 @contextmanager

@@ -51,8 +51,10 @@ def ensure_torchvision_importable() -> bool:
     _shim_library = torch.library.Library("torchvision", "FRAGMENT")  # kept alive: the schemas live as long as it
     for schema in _TORCHVISION_SCHEMAS.values():
         _shim_library.define(schema)
-    log.info("torchvision's compiled ops do not load beside this torch (a CUDA wheel on a CPU torch): "
-             "its detection ops are unavailable, its models work")  # fmt: skip
+    log.info(
+        "torchvision's compiled ops do not load beside this torch (a CUDA wheel on a CPU torch): "
+        "its detection ops are unavailable, its models work"
+    )
     return True
 
 

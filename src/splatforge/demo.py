@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,8 +30,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TORUS_RING", "TORUS_TUBE", "build_demo_scene", "demo_train_config", "run_demo", "torus_points", "torus_sdf",
-           "visible_torus_points"]  # fmt: skip
+__all__ = [
+    "TORUS_RING",
+    "TORUS_TUBE",
+    "build_demo_scene",
+    "demo_train_config",
+    "run_demo",
+    "torus_points",
+    "torus_sdf",
+    "visible_torus_points",
+]
 
 
 #: The demo torus (world units): ring radius and tube radius; its surface is
@@ -61,8 +70,9 @@ def torus_sdf(points: np.ndarray) -> np.ndarray:
     return np.sqrt(ring**2 + points[:, 1] ** 2) - TORUS_TUBE
 
 
-def visible_torus_points(camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int, n: int = 200_000,
-                         seed: int = 0) -> np.ndarray:  # fmt: skip
+def visible_torus_points(
+    camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int, n: int = 200_000, seed: int = 0
+) -> np.ndarray:
     """The points of :func:`torus_points` (``n`` drawn) that at least one camera sees: in its
     image, facing it, and with nothing of the torus between (sphere tracing of
     :func:`torus_sdf` towards the camera centre). ``camtoworlds [C, 4, 4]`` (OpenCV axes),
@@ -78,8 +88,9 @@ def visible_torus_points(camtoworlds: np.ndarray, Ks: np.ndarray, width: int, he
         cam = pts @ w2c[:3, :3].T + w2c[:3, 3]
         z = np.maximum(cam[:, 2], 1e-9)
         u, v = cam[:, 0] / z * K[0, 0] + K[0, 2], cam[:, 1] / z * K[1, 1] + K[1, 2]
-        idx = np.nonzero((cam[:, 2] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
-                         & ((normals * to_cam).sum(1) > 0) & ~seen)[0]  # fmt: skip
+        idx = np.nonzero(
+            (cam[:, 2] > 0) & (u >= 0) & (u < width) & (v >= 0) & (v < height) & ((normals * to_cam).sum(1) > 0) & ~seen
+        )[0]
         start, ray = pts[idx] + 1e-3 * normals[idx], to_cam[idx]
         t, free = np.zeros(len(idx)), np.ones(len(idx), bool)
         for _ in range(256):
@@ -125,8 +136,18 @@ def build_demo_scene(folder: Path, *, n_views: int = 24, width: int = 160, heigh
         c2w = look_at(eye, np.zeros(3), image_up=(0.0, -1.0, 0.0))
         viewmat = torch.from_numpy(np.linalg.inv(c2w)).float()[None]
         with torch.no_grad():
-            img, alpha, _ = rasterize(means, quats, scales, opacities, colors, viewmat, torch.from_numpy(K).float()[None],
-                                      width, height, backend="cpu")  # fmt: skip
+            img, alpha, _ = rasterize(
+                means,
+                quats,
+                scales,
+                opacities,
+                colors,
+                viewmat,
+                torch.from_numpy(K).float()[None],
+                width,
+                height,
+                backend="cpu",
+            )
         name = f"images/frame_{i:04d}.png"
         # straight RGBA, as Blender scenes are: the render (premultiplied on black) over alpha
         write_png(torch.cat([img[0] / alpha[0].clamp_min(1e-6), alpha[0]], -1), folder / name)
@@ -135,28 +156,44 @@ def build_demo_scene(folder: Path, *, n_views: int = 24, width: int = 160, heigh
         frames.append({"file_path": name, "transform_matrix": gl.tolist()})
     # the analytic surface the views see, for `splatforge mesh-eval` (independent of the Gaussians)
     c2ws = np.stack([np.array(f["transform_matrix"]) * [1, -1, -1, 1] for f in frames])  # back to OpenCV axes
-    write_points_ply(folder / "reference_points.ply", visible_torus_points(c2ws, np.stack([K] * n_views), width, height, 50_000, seed))
+    write_points_ply(
+        folder / "reference_points.ply",
+        visible_torus_points(c2ws, np.stack([K] * n_views), width, height, 50_000, seed),
+    )
     meta = {"fl_x": focal, "fl_y": focal, "cx": width / 2, "cy": height / 2, "w": width, "h": height, "frames": frames}
     with atomic_path(folder / "transforms.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
     return folder
 
 
-def demo_train_config(scene_dir: Path, output: Path, *, steps: int = 300, seed: int = 0, backend: str = "auto",
-                      **overrides: Any) -> "TrainConfig":  # fmt: skip
+def demo_train_config(
+    scene_dir: Path, output: Path, *, steps: int = 300, seed: int = 0, backend: str = "auto", **overrides: Any
+) -> TrainConfig:
     """How the demo trains on the scene of :func:`build_demo_scene` in ``scene_dir``: the
     library's defaults (MCMC, schedules scaled to the run's length), sized for the scene: a random
     start in the torus's bounds, degree-1 colour, at most 12,000 Gaussians, on the CPU.
     ``overrides`` are further ``TrainConfig`` fields."""
     from splatforge.train import TrainConfig
 
-    fields = dict(data=scene_dir, output=output, steps=steps, seed=seed, backend=backend, device="cpu", sh_degree=1,
-                  init_random_count=4000, init_extent=0.5, max_gaussians=12_000, checkpoint_every=0)  # fmt: skip
+    fields = {
+        "data": scene_dir,
+        "output": output,
+        "steps": steps,
+        "seed": seed,
+        "backend": backend,
+        "device": "cpu",
+        "sh_degree": 1,
+        "init_random_count": 4000,
+        "init_extent": 0.5,
+        "max_gaussians": 12_000,
+        "checkpoint_every": 0,
+    }
     return TrainConfig(**{**fields, **overrides})
 
 
-def run_demo(output: Path, *, steps: int = 300, seed: int = 0, backend: str = "auto",
-             progress: Optional[Callable] = None) -> dict:  # fmt: skip
+def run_demo(
+    output: Path, *, steps: int = 300, seed: int = 0, backend: str = "auto", progress: Callable | None = None
+) -> dict:
     """Build the demo scene in ``output/scene``, train ``steps`` steps into ``output/run``,
     render and evaluate; returns the metrics dict (also in ``output/run/metrics.json``)."""
     from splatforge.products import evaluate
@@ -167,7 +204,12 @@ def run_demo(output: Path, *, steps: int = 300, seed: int = 0, backend: str = "a
     trainer = Trainer(cfg)
     result = trainer.train(progress)
     metrics = evaluate(trainer.as_run(), ("test",))
-    return {"run": str(cfg.output), "steps": result.step, "num_gaussians": result.num_gaussians,
-            "train_seconds": round(result.train_seconds, 2), "test_psnr": metrics["test"]["psnr"],
-            "test_ssim": metrics["test"]["ssim"], "ply": str(result.ply_path)}  # fmt: skip
-
+    return {
+        "run": str(cfg.output),
+        "steps": result.step,
+        "num_gaussians": result.num_gaussians,
+        "train_seconds": round(result.train_seconds, 2),
+        "test_psnr": metrics["test"]["psnr"],
+        "test_ssim": metrics["test"]["ssim"],
+        "ply": str(result.ply_path),
+    }

@@ -5,13 +5,13 @@ bug. Messages name the file, argument or value at fault."""
 from __future__ import annotations
 
 __all__ = [
-    "SplatforgeError",
     "BackendUnavailableError",
     "ConfigError",
     "DataFormatError",
-    "UnsupportedCameraModel",
-    "TrainingProcessError",
+    "SplatforgeError",
     "TrainingError",
+    "TrainingProcessError",
+    "UnsupportedCameraModel",
 ]
 
 

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,8 +40,15 @@ class SplatViewer:
         BackendUnavailableError: viser is not installed.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, camtoworlds: Optional[np.ndarray] = None,
-                 Ks: Optional[np.ndarray] = None, sizes: Optional[np.ndarray] = None):  # fmt: skip
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        camtoworlds: np.ndarray | None = None,
+        Ks: np.ndarray | None = None,
+        sizes: np.ndarray | None = None,
+    ):
         try:
             import viser
         except ImportError as exc:
@@ -59,18 +65,23 @@ class SplatViewer:
         if camtoworlds is not None:
             self._add_cameras(np.asarray(camtoworlds), Ks, sizes)
 
-    def _add_cameras(self, camtoworlds: np.ndarray, Ks: Optional[np.ndarray], sizes: Optional[np.ndarray]) -> None:
+    def _add_cameras(self, camtoworlds: np.ndarray, Ks: np.ndarray | None, sizes: np.ndarray | None) -> None:
         from splatforge.geometry.transform import rotmat_to_quat
 
         centres = camtoworlds[:, :3, 3]
         extent = float(np.linalg.norm(centres - centres.mean(0), axis=1).mean()) if len(centres) > 1 else 1.0
         for i, c2w in enumerate(camtoworlds):
-            w, h = (sizes[i] if sizes is not None else (4, 3))
+            w, h = sizes[i] if sizes is not None else (4, 3)
             fy = Ks[i][1, 1] if Ks is not None else h
             self.server.scene.add_camera_frustum(
-                f"/cameras/{i:05d}", fov=float(2 * np.arctan(h / (2 * fy))), aspect=float(w / h),
-                scale=0.05 * extent, wxyz=rotmat_to_quat(c2w[:3, :3]), position=c2w[:3, 3], color=(255, 160, 0),
-            )  # fmt: skip
+                f"/cameras/{i:05d}",
+                fov=float(2 * np.arctan(h / (2 * fy))),
+                aspect=float(w / h),
+                scale=0.05 * extent,
+                wxyz=rotmat_to_quat(c2w[:3, :3]),
+                position=c2w[:3, 3],
+                color=(255, 160, 0),
+            )
 
     def set_splats(self, splats: Splats | dict) -> None:
         """Show ``splats`` (:class:`~splatforge.model.Splats`, numpy or torch: log scales, logit
@@ -79,8 +90,13 @@ class SplatViewer:
         a = splats.torch(dtype=torch.float64).activated(0)
         rgb = np.clip(0.5 + SH_C0 * splats.sh0.reshape(-1, 3), 0, 1)
         cov = quat_scale_to_covar(a.quats, a.scales).numpy()
-        self.server.scene.add_gaussian_splats("/splats", centers=splats.means, covariances=cov.astype(np.float32), rgbs=rgb,
-                                              opacities=a.opacities.numpy().astype(np.float32).reshape(-1, 1))  # fmt: skip
+        self.server.scene.add_gaussian_splats(
+            "/splats",
+            centers=splats.means,
+            covariances=cov.astype(np.float32),
+            rgbs=rgb,
+            opacities=a.opacities.numpy().astype(np.float32).reshape(-1, 1),
+        )
         if self._home is None:
             self._frame_scene(splats)
         self._last_update = time.monotonic()

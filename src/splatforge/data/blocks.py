@@ -11,9 +11,9 @@ image, in front of the camera) fall inside the block's enlarged box; with a coar
 (CityGaussian V2's way), when its Gaussians inside the enlarged box cover at least that fraction
 of the image in a render of them alone.
 
-The plane: the up axis is the normal of the plane the camera centres span (or their mean up
-vector, see :func:`_up_axis`); its first axis is the points' principal direction in the plane. Everything is in the scene's world
-frame and units.
+The plane: the up axis is the normal of the plane the camera centres span (or their mean up vector,
+see :func:`_up_axis`); its first axis is the points' principal direction in the plane. Everything
+is in the scene's world frame and units.
 
 ``blocks.json`` (written by :func:`write_plan`, read by :func:`load_plan`)::
 
@@ -28,8 +28,9 @@ with ``null`` for an unbounded edge.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,16 @@ from splatforge._fs import atomic_path
 from splatforge.data.scene import SceneData
 from splatforge.errors import ConfigError, DataFormatError
 
-__all__ = ["block_points", "plan_blocks", "write_plan", "load_plan", "plane_coords", "in_box", "find_block", "PLAN_VERSION"]
+__all__ = [
+    "PLAN_VERSION",
+    "block_points",
+    "find_block",
+    "in_box",
+    "load_plan",
+    "plan_blocks",
+    "plane_coords",
+    "write_plan",
+]
 
 PLAN_VERSION = 1
 
@@ -92,7 +102,7 @@ def in_box(uv: np.ndarray, box: list) -> np.ndarray:
     return keep
 
 
-def _edges(values: np.ndarray, k: int) -> list[Optional[float]]:
+def _edges(values: np.ndarray, k: int) -> list[float | None]:
     """``k + 1`` edges at the ``i / k`` quantiles, the outer ones unbounded."""
     inner = [float(np.quantile(values, i / k)) for i in range(1, k)] if len(values) else [0.0] * (k - 1)
     return [None, *inner, None]
@@ -129,8 +139,13 @@ def _coverage(scene: SceneData, keep: np.ndarray, i: int) -> float:
 Coverage = Callable[[int, Callable[[np.ndarray], np.ndarray]], float]
 
 
-def plan_blocks(scene: SceneData, grid: tuple[int, int], margin: float = 0.1, content_threshold: float = 0.05,
-                coverage: Optional[Coverage] = None) -> dict[str, Any]:  # fmt: skip
+def plan_blocks(
+    scene: SceneData,
+    grid: tuple[int, int],
+    margin: float = 0.1,
+    content_threshold: float = 0.05,
+    coverage: Coverage | None = None,
+) -> dict[str, Any]:
     """The block plan of ``scene`` (see the module docstring). With ``coverage`` (a coarse
     model's renders), an image's share of a block is the fraction of the image the block's
     Gaussians cover instead of the fraction of its SfM points.
@@ -149,11 +164,20 @@ def plan_blocks(scene: SceneData, grid: tuple[int, int], margin: float = 0.1, co
     if not len(scene.points):
         raise DataFormatError(f"{scene.root}: no SfM points: blocks are cut at the points' quantiles")
     origin, axes = _plane(scene)
-    plan: dict[str, Any] = {"version": PLAN_VERSION, "scene": str(scene.root), "grid": [gx, gy], "margin": margin,
-                            "content_threshold": content_threshold, "origin": origin.tolist(), "axes": axes.tolist()}  # fmt: skip
+    plan: dict[str, Any] = {
+        "version": PLAN_VERSION,
+        "scene": str(scene.root),
+        "grid": [gx, gy],
+        "margin": margin,
+        "content_threshold": content_threshold,
+        "origin": origin.tolist(),
+        "axes": axes.tolist(),
+    }
     uv = plane_coords(scene.points, plan)
     centres = plane_coords(scene.camtoworlds[:, :3, 3], plan)
-    extent = [[float(np.quantile(uv[:, d], 0.01)), float(np.quantile(uv[:, d], 0.99))] for d in range(2)]  # robust to stray points
+    extent = [
+        [float(np.quantile(uv[:, d], 0.01)), float(np.quantile(uv[:, d], 0.99))] for d in range(2)
+    ]  # robust to stray points
     xs = _edges(uv[:, 0], gx)
     blocks = []
     for i in range(gx):
@@ -163,15 +187,26 @@ def plan_blocks(scene: SceneData, grid: tuple[int, int], margin: float = 0.1, co
             box = [[xs[i], xs[i + 1]], [ys[j], ys[j + 1]]]
             big = _enlarge(box, extent, margin)
             inside = in_box(uv, big)
+
             def share(k: int, big: list = big, inside: np.ndarray = inside) -> float:
                 if coverage is not None:
                     return coverage(k, lambda xyz: in_box(plane_coords(xyz, plan), big))
                 return _coverage(scene, inside, k)
 
-            images = [name for k, name in enumerate(scene.image_names)
-                      if in_box(centres[k : k + 1], big)[0] or share(k) >= content_threshold]  # fmt: skip
-            blocks.append({"id": f"{i}_{j}", "box": box, "enlarged": big, "images": images,
-                           "num_points": int(in_box(uv, box).sum())})  # fmt: skip
+            images = [
+                name
+                for k, name in enumerate(scene.image_names)
+                if in_box(centres[k : k + 1], big)[0] or share(k) >= content_threshold
+            ]
+            blocks.append(
+                {
+                    "id": f"{i}_{j}",
+                    "box": box,
+                    "enlarged": big,
+                    "images": images,
+                    "num_points": int(in_box(uv, box).sum()),
+                }
+            )
     plan["blocks"] = blocks
     plan["membership"] = "coarse model render" if coverage is not None else "SfM points"
     return plan

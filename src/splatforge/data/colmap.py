@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -28,7 +27,7 @@ PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 MODEL_FILES = ("cameras", "images", "points3D")
 
 
-def find_sparse_dir(root: Path) -> Optional[Path]:
+def find_sparse_dir(root: Path) -> Path | None:
     """``root/sparse/0``, ``root/sparse`` or ``root`` itself, whichever holds a COLMAP model."""
     for cand in (root / "sparse" / "0", root / "sparse", root):
         if all((cand / f"{name}.bin").exists() or (cand / f"{name}.txt").exists() for name in MODEL_FILES):
@@ -47,7 +46,7 @@ def load_reconstruction(sparse: Path):
         ) from exc
 
 
-def read_colmap(root: Path, data_factor: int = 1, cache_dir: Optional[Path] = None) -> SceneData:
+def read_colmap(root: Path, data_factor: int = 1, cache_dir: Path | None = None) -> SceneData:
     """Read a COLMAP scene folder.
 
     Args:
@@ -63,7 +62,9 @@ def read_colmap(root: Path, data_factor: int = 1, cache_dir: Optional[Path] = No
     root = Path(root)
     sparse = find_sparse_dir(root)
     if sparse is None:
-        raise DataFormatError(f"{root}: no COLMAP model (looked for cameras/images/points3D .bin or .txt in sparse/0, sparse, .)")
+        raise DataFormatError(
+            f"{root}: no COLMAP model (looked for cameras/images/points3D .bin or .txt in sparse/0, sparse, .)"
+        )
     rec = load_reconstruction(sparse)
     if rec.num_reg_images() == 0:
         raise DataFormatError(f"{sparse}: the COLMAP model has no registered images")
@@ -107,10 +108,18 @@ def read_colmap(root: Path, data_factor: int = 1, cache_dir: Optional[Path] = No
         xy = np.array([q[1] for q in seen], dtype=np.float64).reshape(-1, 2) * [w / cam.width, h / cam.height]
         observations.append((np.array([q[0] for q in seen], dtype=np.int64), xy))
     return SceneData(
-        root=root, source="colmap", image_names=names, image_paths=paths, camtoworlds=np.stack(c2ws),
-        Ks=np.stack(Ks), widths=np.array(widths), heights=np.array(heights), points=points, points_rgb=rgb,
+        root=root,
+        source="colmap",
+        image_names=names,
+        image_paths=paths,
+        camtoworlds=np.stack(c2ws),
+        Ks=np.stack(Ks),
+        widths=np.array(widths),
+        heights=np.array(heights),
+        points=points,
+        points_rgb=rgb,
         observations=observations,
-    )  # fmt: skip
+    )
 
 
 def validate_reconstruction(rec, sparse: Path) -> None:
@@ -130,7 +139,7 @@ def validate_reconstruction(rec, sparse: Path) -> None:
             raise DataFormatError(f"{sparse}: image {im.name!r} has a non-finite pose (corrupt images file?)")
 
 
-def _undistort(rec, sparse: Path, images_dir: Path, models: set[str], cache_dir: Optional[Path]):
+def _undistort(rec, sparse: Path, images_dir: Path, models: set[str], cache_dir: Path | None):
     """Undistort to PINHOLE with pycolmap into ``cache_dir/undistorted/<hash>``, once."""
     import pycolmap
 
@@ -166,4 +175,3 @@ def _undistort(rec, sparse: Path, images_dir: Path, models: set[str], cache_dir:
     if bad:
         raise UnsupportedCameraModel(f"{sparse}: undistortion left camera models {sorted(bad)}")
     return rec, out / "images"
-

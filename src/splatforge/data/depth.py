@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import cv2
 import numpy as np
@@ -39,9 +39,26 @@ from splatforge.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_DEPTH_MODEL", "PNG_SCALE", "DepthFit", "sfm_inverse_depths", "fit_depth_scale", "write_inverse_depth_png",
-           "read_inverse_depth", "depth_file", "depth_key", "read_depth_params", "write_depth_params", "reliable_views",
-           "depth_neighbours", "multiview_depth_mask", "load_depth_model", "predict_inverse_depth", "make_depth_priors", "fit_depth_folder"]  # fmt: skip
+__all__ = [
+    "DEFAULT_DEPTH_MODEL",
+    "PNG_SCALE",
+    "DepthFit",
+    "depth_file",
+    "depth_key",
+    "depth_neighbours",
+    "fit_depth_folder",
+    "fit_depth_scale",
+    "load_depth_model",
+    "make_depth_priors",
+    "multiview_depth_mask",
+    "predict_inverse_depth",
+    "read_depth_params",
+    "read_inverse_depth",
+    "reliable_views",
+    "sfm_inverse_depths",
+    "write_depth_params",
+    "write_inverse_depth_png",
+]
 
 #: Depth Anything V2 Small (Apache-2.0). Base and Large (``-Base-hf``, ``-Large-hf``) are CC-BY-NC-4.0.
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -86,8 +103,9 @@ def sfm_inverse_depths(scene: SceneData, index: int) -> tuple[np.ndarray, np.nda
 def _sample(map_: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Bilinear samples of ``map_ [H, W]`` at ``xy [M, 2]`` (pixel centres at +0.5), edges replicated."""
     coords = (xy - 0.5).astype(np.float32).reshape(-1, 1, 2)
-    return cv2.remap(map_.astype(np.float32), coords[..., 0], coords[..., 1], cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE).reshape(-1)  # fmt: skip
+    return cv2.remap(
+        map_.astype(np.float32), coords[..., 0], coords[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    ).reshape(-1)
 
 
 def fit_depth_scale(inv_map: np.ndarray, xy: np.ndarray, inv_sfm: np.ndarray) -> DepthFit:
@@ -154,7 +172,7 @@ def depth_key(image_name: str) -> str:
     return str(Path(image_name).with_suffix("")).replace(os.sep, "/")
 
 
-def depth_file(folder: Path, image_name: str) -> Optional[Path]:
+def depth_file(folder: Path, image_name: str) -> Path | None:
     """The map of ``image_name`` in ``folder``: ``<name without suffix>.png`` or ``.npy``, or the
     bare stem at the top of the folder; None when there is none."""
     folder = Path(folder)
@@ -174,7 +192,10 @@ def read_depth_params(path: Path) -> dict[str, DepthFit]:
     """
     try:
         raw = json.loads(Path(path).read_text())
-        return {str(k): DepthFit(float(v["scale"]), float(v["offset"]), int(v.get("num_points", -1))) for k, v in raw.items()}
+        return {
+            str(k): DepthFit(float(v["scale"]), float(v["offset"]), int(v.get("num_points", -1)))
+            for k, v in raw.items()
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataFormatError(f"{path}: not a depth_params.json of {{name: {{scale, offset}}}}: {exc}") from exc
 
@@ -201,7 +222,9 @@ def reliable_views(keys: list[str], fits: dict[str, DepthFit]) -> list[bool]:
 # ---------------------------------------------------------------------------------- multi-view filter
 
 
-def depth_neighbours(camtoworlds: np.ndarray, index: int, max_neighbours: int = 8, max_angle_deg: float = 30.0) -> list[int]:
+def depth_neighbours(
+    camtoworlds: np.ndarray, index: int, max_neighbours: int = 8, max_angle_deg: float = 30.0
+) -> list[int]:
     """Up to ``max_neighbours`` other views whose viewing direction (camera +z) is within
     ``max_angle_deg`` of view ``index``'s, nearest camera centre first (CityGS-X's
     ``multi_view_precess.py``)."""
@@ -209,7 +232,9 @@ def depth_neighbours(camtoworlds: np.ndarray, index: int, max_neighbours: int = 
     c = camtoworlds[:, :3, 3]
     ok = (z @ z[index] > np.cos(np.radians(max_angle_deg))) & (np.arange(len(z)) != index)
     cand = np.flatnonzero(ok)
-    return [int(j) for j in cand[np.argsort(np.linalg.norm(c[cand] - c[index], axis=1), kind="stable")][:max_neighbours]]
+    return [
+        int(j) for j in cand[np.argsort(np.linalg.norm(c[cand] - c[index], axis=1), kind="stable")][:max_neighbours]
+    ]
 
 
 def _backproject(depth: np.ndarray, K: np.ndarray, c2w: np.ndarray, uv: np.ndarray) -> np.ndarray:
@@ -228,9 +253,15 @@ def _project(points: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> tuple[np.nda
     return uv, z
 
 
-def multiview_depth_mask(depth_of: Callable[[int], Optional[np.ndarray]], camtoworlds: np.ndarray, Ks: np.ndarray,
-                         index: int, threshold_px: float = 1.0, max_neighbours: int = 8,
-                         max_angle_deg: float = 30.0) -> np.ndarray:  # fmt: skip
+def multiview_depth_mask(
+    depth_of: Callable[[int], np.ndarray | None],
+    camtoworlds: np.ndarray,
+    Ks: np.ndarray,
+    index: int,
+    threshold_px: float = 1.0,
+    max_neighbours: int = 8,
+    max_angle_deg: float = 30.0,
+) -> np.ndarray:
     """Which pixels of view ``index``'s depth agree with its neighbours' (CityGS-X's multi-view
     check): each pixel is back-projected with its depth, projected into a neighbour (each camera
     with its own intrinsics; CityGS-X reuses the reference's), the neighbour's depth read there
@@ -310,10 +341,12 @@ def load_depth_model(model_id: str = DEFAULT_DEPTH_MODEL, device: str = "cpu"):
 
 
 def _missing_model(model_id: str, exc: Exception) -> str:
-    return (f"depth model {model_id!r} is not in the Hugging Face cache and could not be downloaded ({exc}). "
-            f"Fetch it where there is internet with `huggingface-cli download {model_id}` and copy "
-            f"~/.cache/huggingface/hub here (or set HF_HOME), or pass --model a local folder; "
-            f"--depth-prior sfm needs no model")  # fmt: skip
+    return (
+        f"depth model {model_id!r} is not in the Hugging Face cache and could not be downloaded ({exc}). "
+        f"Fetch it where there is internet with `huggingface-cli download {model_id}` and copy "
+        f"~/.cache/huggingface/hub here (or set HF_HOME), or pass --model a local folder; "
+        f"--depth-prior sfm needs no model"
+    )
 
 
 def predict_inverse_depth(proc, model, rgb: np.ndarray) -> np.ndarray:
@@ -329,8 +362,13 @@ def predict_inverse_depth(proc, model, rgb: np.ndarray) -> np.ndarray:
     return post[0]["predicted_depth"].float().cpu().numpy()
 
 
-def make_depth_priors(scene: SceneData, output: Path, model_id: str = DEFAULT_DEPTH_MODEL, device: str = "cpu",
-                      progress: Optional[Callable[[int, int], None]] = None) -> dict[str, DepthFit]:  # fmt: skip
+def make_depth_priors(
+    scene: SceneData,
+    output: Path,
+    model_id: str = DEFAULT_DEPTH_MODEL,
+    device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, DepthFit]:
     """Run Depth Anything on every view of ``scene`` and write the prior folder ``output`` (maps at
     the scene's loaded resolution and ``depth_params.json``). Written into a temporary folder
     beside ``output`` and renamed into place at the end: an interrupted run leaves nothing.
@@ -353,7 +391,9 @@ def make_depth_priors(scene: SceneData, output: Path, model_id: str = DEFAULT_DE
             if progress is not None:
                 progress(i + 1, len(scene))
         write_depth_params(tmp / "depth_params.json", fits)
-        (tmp / "prior.json").write_text(json.dumps({"model": model_id, "scene": str(scene.root), "size": "loaded images"}))
+        (tmp / "prior.json").write_text(
+            json.dumps({"model": model_id, "scene": str(scene.root), "size": "loaded images"})
+        )
     return fits
 
 
@@ -375,6 +415,8 @@ def fit_depth_folder(scene: SceneData, folder: Path) -> dict[str, DepthFit]:
         s = np.array([inv.shape[1] / scene.widths[i], inv.shape[0] / scene.heights[i]])
         fits[depth_key(name)] = fit_depth_scale(inv, xy * s, inv_sfm)
     if not fits:
-        raise DataFormatError(f"{folder}: no depth map for any of the scene's {len(scene)} images "
-                              f"(looked for <image name without suffix>.png / .npy)")  # fmt: skip
+        raise DataFormatError(
+            f"{folder}: no depth map for any of the scene's {len(scene)} images "
+            f"(looked for <image name without suffix>.png / .npy)"
+        )
     return fits

@@ -12,9 +12,10 @@ near-duplicate.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,8 +28,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sharpness", "select_windows", "WindowBest", "video_frame_count", "is_near_duplicate", "extract_video_frames",
-           "import_photos", "decode_video", "upright", "VIDEO_SUFFIXES"]  # fmt: skip
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "WindowBest",
+    "decode_video",
+    "extract_video_frames",
+    "import_photos",
+    "is_near_duplicate",
+    "select_windows",
+    "sharpness",
+    "upright",
+    "video_frame_count",
+]
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".MP4", ".MOV")
 _THUMB = 64
@@ -52,7 +63,7 @@ def select_windows(positions: np.ndarray, scores: np.ndarray, target: int, total
     """
     edges = np.linspace(0, total, target + 1)
     chosen = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:]):  # noqa: RUF007
         inside = np.nonzero((positions >= lo) & (positions < hi))[0]
         if len(inside):
             chosen.append(int(inside[np.argmax(scores[inside])]))
@@ -73,7 +84,9 @@ def is_near_duplicate(a: np.ndarray, b: np.ndarray, threshold: float = 0.01) -> 
 def _resize(img: Image.Image, max_size: int) -> Image.Image:
     if max_size and max(img.size) > max_size:
         scale = max_size / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS
+        )
     return img
 
 
@@ -86,8 +99,14 @@ class FrameStats:
     duplicates: int
 
 
-def extract_video_frames(path: Path, out_dir: Path, target: int, max_size: int = 1600, oversample: int = 4,
-                         progress: Optional[Callable[[int], None]] = None) -> FrameStats:  # fmt: skip
+def extract_video_frames(
+    path: Path,
+    out_dir: Path,
+    target: int,
+    max_size: int = 1600,
+    oversample: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> FrameStats:
     """Write about ``target`` sharp, evenly spread frames of the video ``path`` to ``out_dir`` as
     ``{stem}_{frame:06d}.jpg`` (frame = decode order), upright (rotation metadata applied) and at
     most ``max_size`` pixels on the longer side.
@@ -157,7 +176,7 @@ def decode_video(path: Path) -> Iterator[tuple[int, av.VideoFrame]]:
 def upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
     """``[H, W, 3]`` turned upright by a display-matrix ``rotation`` (counter-clockwise
     degrees, multiples of 90, as PyAV's ``frame.rotation`` and ffmpeg's autorotate apply it)."""
-    k = int(round(rotation / 90.0)) % 4 if rotation else 0
+    k = int(round(rotation / 90.0)) % 4 if rotation else 0  # noqa: RUF046
     return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
 
 
@@ -198,7 +217,7 @@ class WindowBest:
         return [(i, p) for _, (_, i, p) in sorted(self.best.items())]
 
 
-def _photo_mask(photo: Path, stored: tuple[int, int], orientation: int, size: tuple[int, int]) -> Optional[Image.Image]:
+def _photo_mask(photo: Path, stored: tuple[int, int], orientation: int, size: tuple[int, int]) -> Image.Image | None:
     """The mask of ``photo`` (``<its folder>/masks/<stem>.png|.jpg``) made upright and sized as
     the imported photo (``size``): a mask of the stored size gets the photo's EXIF rotation, one
     of the upright size is taken as it is; box-filtered and thresholded at one half (0/255)."""
@@ -222,8 +241,9 @@ def _photo_mask(photo: Path, stored: tuple[int, int], orientation: int, size: tu
     return mask.point(lambda v: 255 if v > 127 else 0)
 
 
-def import_photos(paths: Iterable[Path], out_dir: Path, max_size: int = 1600,
-                  masks_dir: Optional[Path] = None) -> tuple[int, list[str]]:  # fmt: skip
+def import_photos(
+    paths: Iterable[Path], out_dir: Path, max_size: int = 1600, masks_dir: Path | None = None
+) -> tuple[int, list[str]]:
     """Copy photos into ``out_dir`` upright (EXIF orientation applied) and resized to at most
     ``max_size`` px; unreadable or non-image files are skipped with a warning. With
     ``masks_dir``, each photo's mask (``masks/<stem>.png`` beside the photos, white = keep) is

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,8 +14,18 @@ from splatforge.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "WHITE", "image_size", "image_folder", "has_alpha", "load_image", "load_rgba", "list_images",
-           "downscale_into", "write_png"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "WHITE",
+    "downscale_into",
+    "has_alpha",
+    "image_folder",
+    "image_size",
+    "list_images",
+    "load_image",
+    "load_rgba",
+    "write_png",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".webp", ".tif", ".tiff")
 
@@ -39,7 +48,7 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataFormatError(f"{path}: not a readable image: {exc}") from exc
 
 
-def image_folder(root: Path, data_factor: int, cache_dir: Optional[Path] = None, base: str = "images") -> Path:
+def image_folder(root: Path, data_factor: int, cache_dir: Path | None = None, base: str = "images") -> Path:
     """The image folder for ``data_factor``: ``root/images`` (1) or ``root/images_<k>``.
 
     When ``images_<k>`` is absent but ``images`` exists and ``cache_dir`` is given, a downscaled
@@ -79,7 +88,7 @@ def _downscaled(full: Path, factor: int, cache_dir: Path) -> Path:
     return build_once(cache_dir / "downscaled" / f"{key}_{factor}", lambda tmp: downscale_into(full, tmp, factor))
 
 
-def load_image(path: Path, background: Optional[tuple[float, float, float]] = None) -> np.ndarray:
+def load_image(path: Path, background: tuple[float, float, float] | None = None) -> np.ndarray:
     """``[H, W, 3]`` float32 RGB in [0, 1]. Images with an alpha channel are composited over
     ``background`` (white when None).
 
@@ -131,7 +140,7 @@ def has_alpha(path: Path) -> bool:
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def find_masks(root: Path, image_names: list[str]) -> Optional[list[Path]]:
+def find_masks(root: Path, image_names: list[str]) -> list[Path] | None:
     """The masks of a scene, one per image, from ``root/masks/`` (OpenSplat's, Brush's and
     nerfstudio's layout): ``masks/<image stem>.png`` (also ``.jpg``, or ``masks/<image name>``
     itself, subfolders as the images'); None without a ``masks/`` folder.
@@ -152,8 +161,10 @@ def find_masks(root: Path, image_names: list[str]) -> Optional[list[Path]]:
             missing.append(name)
         out.append(hit)
     if missing:
-        raise DataFormatError(f"{folder}: no mask for {len(missing)} of {len(image_names)} images, e.g. "
-                              f"{', '.join(missing[:3])} (looked for masks/<image stem>.png)")  # fmt: skip
+        raise DataFormatError(
+            f"{folder}: no mask for {len(missing)} of {len(image_names)} images, e.g. "
+            f"{', '.join(missing[:3])} (looked for masks/<image stem>.png)"
+        )
     return out
 
 
@@ -181,7 +192,7 @@ def load_mask(path: Path, width: int, height: int, invert: bool = False) -> np.n
     return np.ascontiguousarray((~keep if invert else keep).astype(np.float32))
 
 
-def load_alpha(path: Path) -> Optional[np.ndarray]:
+def load_alpha(path: Path) -> np.ndarray | None:
     """``[H, W]`` float32 alpha in [0, 1] of an image with an alpha channel, else None."""
     try:
         with Image.open(path) as im:

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 from splatforge.data.colmap import find_sparse_dir, read_colmap
 from splatforge.data.images import find_masks, image_size, list_images
@@ -16,7 +15,7 @@ from splatforge.errors import DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["detect_format", "load_scene", "image_folders", "fit_data_factor"]
+__all__ = ["detect_format", "fit_data_factor", "image_folders", "load_scene"]
 
 
 def detect_format(root: Path) -> str:
@@ -46,11 +45,11 @@ def load_scene(
     root: Path,
     *,
     data_factor: int = 1,
-    test_every: Optional[int] = 8,
-    split_ratio: Optional[float] = None,
-    partition: Optional[Path] = None,
-    cache_dir: Optional[Path] = None,
-    background: Optional[tuple[float, float, float]] = None,
+    test_every: int | None = 8,
+    split_ratio: float | None = None,
+    partition: Path | None = None,
+    cache_dir: Path | None = None,
+    background: tuple[float, float, float] | None = None,
 ) -> SceneData:
     """Read a scene folder of any supported format into :class:`SceneData` with its split.
 
@@ -120,7 +119,7 @@ def fit_data_factor(root: Path, data_factor: int, max_image_size: int) -> int:
     """
     if max_image_size <= 0:
         return data_factor
-    base, folders = image_folders(root)
+    _base, folders = image_folders(root)
     if not folders:
         return data_factor  # load_scene names what is missing
     k0, folder = (data_factor, folders[data_factor]) if data_factor in folders else min(folders.items())
@@ -137,10 +136,21 @@ def fit_data_factor(root: Path, data_factor: int, max_image_size: int) -> int:
     else:
         larger = sorted(k for k in folders if k >= wanted)
         if not larger:
-            log.warning("%s: images are %d px at factor %d and no folder of a larger factor exists to fit %d px",
-                        root, round(longer), data_factor, max_image_size)  # fmt: skip
+            log.warning(
+                "%s: images are %d px at factor %d and no folder of a larger factor exists to fit %d px",
+                root,
+                round(longer),
+                data_factor,
+                max_image_size,
+            )
             return data_factor
         chosen = larger[0]
-    log.info("%s: training at data factor %d (images at most %d px; the longer side at factor %d is %d px)",
-             root, chosen, max_image_size, data_factor, round(longer))  # fmt: skip
+    log.info(
+        "%s: training at data factor %d (images at most %d px; the longer side at factor %d is %d px)",
+        root,
+        chosen,
+        max_image_size,
+        data_factor,
+        round(longer),
+    )
     return chosen

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -70,9 +70,9 @@ class SceneData:
     points: np.ndarray
     points_rgb: np.ndarray
     split: dict[str, list[int]] = field(default_factory=lambda: {"train": [], "test": []})
-    background: Optional[tuple[float, float, float]] = None
-    observations: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
-    mask_paths: Optional[list[Path]] = None
+    background: tuple[float, float, float] | None = None
+    observations: list[tuple[np.ndarray, np.ndarray]] | None = None
+    mask_paths: list[Path] | None = None
     """Per view, its mask (``SCENE/masks/<image stem>.png``, white = keep), or None when the
     scene has no ``masks/`` folder (see :func:`splatforge.data.images.find_masks`)."""
 
@@ -80,7 +80,7 @@ class SceneData:
         return len(self.image_names)
 
     @cached_property
-    def alpha_background(self) -> Optional[tuple[float, float, float]]:
+    def alpha_background(self) -> tuple[float, float, float] | None:
         """The colour this scene's images are composited on when they have an alpha channel
         (``background``, white when None; the first image decides), None for opaque images.
         Renders compared with such images are drawn on that colour, and training composites them
@@ -94,7 +94,9 @@ class SceneData:
                 return None
         except DataFormatError:
             return None
-        return tuple(float(c) for c in (self.background if self.background is not None else WHITE))  # type: ignore[return-value]
+        return tuple(  # type: ignore[return-value]
+            float(c) for c in (self.background if self.background is not None else WHITE)
+        )
 
     @property
     def viewmats(self) -> np.ndarray:
@@ -115,9 +117,9 @@ class SceneData:
 def make_split(
     names: Sequence[str],
     *,
-    test_every: Optional[int] = 8,
-    split_ratio: Optional[float] = None,
-    partition: Optional[Path] = None,
+    test_every: int | None = 8,
+    split_ratio: float | None = None,
+    partition: Path | None = None,
 ) -> dict[str, list[int]]:
     """Train/test indices over views sorted by name.
 
@@ -142,7 +144,7 @@ def make_split(
             raise ConfigError(f"split ratio must be in (0, 1), got {split_ratio}")
         if n < 2:
             raise ConfigError(f"a split ratio needs at least 2 views, the scene has {n}")
-        n_train = min(max(1, int(round(split_ratio * n))), n - 1)
+        n_train = min(max(1, int(round(split_ratio * n))), n - 1)  # noqa: RUF046
         train = sorted(set(np.linspace(0, n - 1, n_train).round().astype(int).tolist()))
         test = [i for i in range(n) if i not in set(train)]
         return {"train": train, "test": test}

@@ -34,14 +34,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from splatforge.data.images import list_images
 from splatforge.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SfmResult", "run_sfm", "feature_images"]
+__all__ = ["SfmResult", "feature_images", "run_sfm"]
 
 
 @dataclass
@@ -76,7 +76,9 @@ def feature_images(images_dir: Path, out_dir: Path, upscale_below: int = 1000) -
             raise DataFormatError(f"{images_dir / name}: cannot decode image")
         if i == 0:
             longer = max(img.shape[:2])
-            factor = 1.0 if longer >= upscale_below else float(min(4, 2 ** math.ceil(math.log2(upscale_below / longer))))
+            factor = (
+                1.0 if longer >= upscale_below else float(min(4, 2 ** math.ceil(math.log2(upscale_below / longer))))
+            )
         if factor != 1.0:
             img = cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
         lab = cv2.cvtColor(img, cv2.COLOR_BGR2LAB)
@@ -98,7 +100,7 @@ def _rescale_model(rec, factor: float) -> None:
     rec.update_point_3d_errors()
 
 
-def _database_in_name_order(raw: Path, out: Path, sources: Optional[dict[str, str]] = None) -> dict[int, list[str]]:
+def _database_in_name_order(raw: Path, out: Path, sources: dict[str, str] | None = None) -> dict[int, list[str]]:
     """Copy the cameras, images (with their frames and rigs), keypoints and descriptors of the
     database ``raw`` (extracted with one camera per image) into a new database ``out`` with
     image and frame ids 1..N in image-name order and **one camera per source and image size**:
@@ -160,9 +162,19 @@ def _mapper_options(seed: int):
     return opts
 
 
-def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Literal["sequential", "exhaustive"],
-            camera_model: str = "SIMPLE_RADIAL", sources: Optional[dict[str, str]] = None, max_image_size: int = 1600,
-            max_features: int = 4096, upscale_below: int = 1000, seed: int = 0) -> SfmResult:  # fmt: skip
+def run_sfm(
+    images_dir: Path,
+    work_dir: Path,
+    scene_dir: Path,
+    *,
+    matcher: Literal["sequential", "exhaustive"],
+    camera_model: str = "SIMPLE_RADIAL",
+    sources: dict[str, str] | None = None,
+    max_image_size: int = 1600,
+    max_features: int = 4096,
+    upscale_below: int = 1000,
+    seed: int = 0,
+) -> SfmResult:
     """Pose the images in ``images_dir``; write the undistorted scene (``images/``,
     ``sparse/0/``) into ``scene_dir``. ``work_dir`` holds the database, the feature images and
     the raw models. There is one camera per source (``sources``: image name -> video or folder;
@@ -177,7 +189,9 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
     import pycolmap
 
     if camera_model not in pycolmap.CameraModelId.__members__:
-        raise ConfigError(f"camera model {camera_model!r} is not one pycolmap knows: {sorted(pycolmap.CameraModelId.__members__)}")
+        raise ConfigError(
+            f"camera model {camera_model!r} is not one pycolmap knows: {sorted(pycolmap.CameraModelId.__members__)}"
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
     database, raw_database = work_dir / "database.db", work_dir / "database_extraction.db"
     for stale in (database, raw_database):
@@ -197,12 +211,21 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
     extraction.max_image_size = int(max_image_size * factor)
     extraction.sift.max_num_features = max_features
     # one camera per image here (none is dropped for its size); merged per source and size next
-    pycolmap.extract_features(raw_database, feat_dir, camera_mode=pycolmap.CameraMode.PER_IMAGE, reader_options=reader,
-                              extraction_options=extraction, device=device)  # fmt: skip
+    pycolmap.extract_features(
+        raw_database,
+        feat_dir,
+        camera_mode=pycolmap.CameraMode.PER_IMAGE,
+        reader_options=reader,
+        extraction_options=extraction,
+        device=device,
+    )
     cameras = _database_in_name_order(raw_database, database, sources)
     if len(cameras) > 1:
-        log.info("SfM with %d cameras (one per source and image size): %s", len(cameras),
-                 ", ".join(f"{len(v)} images" for v in cameras.values()))  # fmt: skip
+        log.info(
+            "SfM with %d cameras (one per source and image size): %s",
+            len(cameras),
+            ", ".join(f"{len(v)} images" for v in cameras.values()),
+        )
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -214,8 +237,13 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = 10
         pairing.quadratic_overlap = True
-        pycolmap.match_sequential(database, matching_options=matching, pairing_options=pairing,
-                                  verification_options=verification, device=device)  # fmt: skip
+        pycolmap.match_sequential(
+            database,
+            matching_options=matching,
+            pairing_options=pairing,
+            verification_options=verification,
+            device=device,
+        )
     elif matcher == "exhaustive":
         pycolmap.match_exhaustive(database, matching_options=matching, verification_options=verification, device=device)
     else:
@@ -253,8 +281,12 @@ def run_sfm(images_dir: Path, work_dir: Path, scene_dir: Path, *, matcher: Liter
             p.unlink()
     timings["undistort_s"] = time.perf_counter() - t
     return SfmResult(
-        num_images=num_images, num_registered=best.num_reg_images(), num_points=best.num_points3D(),
-        mean_reprojection_error=float(best.compute_mean_reprojection_error()), camera_model=camera_model,
-        matcher=matcher, timings=timings,
+        num_images=num_images,
+        num_registered=best.num_reg_images(),
+        num_points=best.num_points3D(),
+        mean_reprojection_error=float(best.compute_mean_reprojection_error()),
+        camera_model=camera_model,
+        matcher=matcher,
+        timings=timings,
         unregistered=sorted(set(names) - {im.name for im in best.images.values() if im.has_pose}),
-    )  # fmt: skip
+    )

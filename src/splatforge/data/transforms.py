@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +48,8 @@ def _resolve(root: Path, file_path: str) -> Path:
 def read_transforms(
     root: Path,
     data_factor: int = 1,
-    cache_dir: Optional[Path] = None,
-    background: Optional[tuple[float, float, float]] = None,
+    cache_dir: Path | None = None,
+    background: tuple[float, float, float] | None = None,
     filename: str = "transforms.json",
 ) -> SceneData:
     """Read ``root/transforms.json``.
@@ -127,19 +127,31 @@ def read_transforms(
     if np.any(dists_arr != 0.0):
         paths = _undistort(path, paths, np.stack(Ks), dists_arr, cache_dir)
     return SceneData(
-        root=root, source="transforms", image_names=names, image_paths=paths, camtoworlds=np.stack(c2ws),
-        Ks=np.stack(Ks), widths=np.array(widths), heights=np.array(heights),
-        points=np.zeros((0, 3), np.float32), points_rgb=np.zeros((0, 3), np.uint8), background=background,
-    )  # fmt: skip
+        root=root,
+        source="transforms",
+        image_names=names,
+        image_paths=paths,
+        camtoworlds=np.stack(c2ws),
+        Ks=np.stack(Ks),
+        widths=np.array(widths),
+        heights=np.array(heights),
+        points=np.zeros((0, 3), np.float32),
+        points_rgb=np.zeros((0, 3), np.uint8),
+        background=background,
+    )
 
 
-def _undistort(path: Path, paths: list[Path], Ks: np.ndarray, dists: np.ndarray, cache_dir: Optional[Path]) -> list[Path]:
+def _undistort(path: Path, paths: list[Path], Ks: np.ndarray, dists: np.ndarray, cache_dir: Path | None) -> list[Path]:
     """Remove OPENCV distortion (same K) into ``cache_dir/undistorted/<hash>/``, once."""
     import cv2
 
     if cache_dir is None:
-        raise UnsupportedCameraModel(f"{path}: images have OPENCV distortion; pass cache_dir so they can be undistorted")
-    digest = hashlib.sha1(json.dumps([str(path.resolve()), [str(p) for p in paths], Ks.tolist(), dists.tolist()]).encode())
+        raise UnsupportedCameraModel(
+            f"{path}: images have OPENCV distortion; pass cache_dir so they can be undistorted"
+        )
+    digest = hashlib.sha1(
+        json.dumps([str(path.resolve()), [str(p) for p in paths], Ks.tolist(), dists.tolist()]).encode()
+    )
 
     def build(tmp: Path) -> None:
         log.info("undistorting %d images of %s", len(paths), path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["quat_to_rotmat", "quat_scale_to_covar"]
+__all__ = ["quat_scale_to_covar", "quat_to_rotmat"]
 
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:

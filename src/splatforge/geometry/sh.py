@@ -17,7 +17,7 @@ from torch import Tensor
 
 from splatforge.errors import ConfigError
 
-__all__ = ["SH_C0", "SH_C1", "SH_C2", "SH_C3", "num_sh_bases", "sh_bases", "eval_sh", "rgb_to_sh", "sh_to_rgb"]
+__all__ = ["SH_C0", "SH_C1", "SH_C2", "SH_C3", "eval_sh", "num_sh_bases", "rgb_to_sh", "sh_bases", "sh_to_rgb"]
 
 #: Degree 0: 1 / (2 sqrt(pi)).
 SH_C0 = 0.28209479177387814

@@ -27,8 +27,17 @@ import torch
 from splatforge.errors import ConfigError
 from splatforge.geometry.sh import sh_bases
 
-__all__ = ["Similarity", "NAMED_TRANSFORMS", "named_transform", "euler_transform", "sh_rotation_matrices",
-           "rotate_sh", "transform_splats", "quat_multiply", "rotmat_to_quat"]  # fmt: skip
+__all__ = [
+    "NAMED_TRANSFORMS",
+    "Similarity",
+    "euler_transform",
+    "named_transform",
+    "quat_multiply",
+    "rotate_sh",
+    "rotmat_to_quat",
+    "sh_rotation_matrices",
+    "transform_splats",
+]
 
 
 @dataclass(frozen=True)
@@ -46,14 +55,14 @@ class Similarity:
         m[:3, 3] = self.translation
         return m
 
-    def then(self, other: "Similarity") -> "Similarity":
+    def then(self, other: Similarity) -> Similarity:
         """The composition: first ``self``, then ``other``."""
         rot = np.asarray(other.rotation) @ np.asarray(self.rotation)
         t = other.scale * np.asarray(other.rotation) @ np.asarray(self.translation) + np.asarray(other.translation)
         return Similarity(rot, self.scale * other.scale, t)
 
     @staticmethod
-    def from_matrix(m: np.ndarray, source: str = "matrix") -> "Similarity":
+    def from_matrix(m: np.ndarray, source: str = "matrix") -> Similarity:
         """From a ``[4, 4]`` or ``[3, 4]`` matrix whose ``3 x 3`` block is ``s R`` (``R`` a proper
         rotation, ``s > 0``).
 
@@ -66,11 +75,16 @@ class Similarity:
         a = m[:3, :3]
         det = np.linalg.det(a)
         if det <= 0:
-            raise ConfigError(f"{source}: the 3x3 block has determinant {det:.3g}; a reflection or degenerate matrix is not a similarity")
+            raise ConfigError(
+                f"{source}: the 3x3 block has determinant {det:.3g}; "
+                "a reflection or degenerate matrix is not a similarity"
+            )
         s = float(np.cbrt(det))
         rot = a / s
         if not np.allclose(rot @ rot.T, np.eye(3), atol=1e-4):
-            raise ConfigError(f"{source}: the 3x3 block is not a uniformly scaled rotation (shear or non-uniform scale)")
+            raise ConfigError(
+                f"{source}: the 3x3 block is not a uniformly scaled rotation (shear or non-uniform scale)"
+            )
         u, _, vt = np.linalg.svd(rot)
         return Similarity(u @ vt, s, m[:3, 3].copy())
 
@@ -119,7 +133,9 @@ def euler_transform(text: str) -> Similarity:
     try:
         x, y, z = (float(v) for v in text.replace("deg", "").split(","))
     except ValueError as exc:
-        raise ConfigError(f"--rotate expects three comma-separated angles in degrees like '90,0,0', got {text!r}") from exc
+        raise ConfigError(
+            f"--rotate expects three comma-separated angles in degrees like '90,0,0', got {text!r}"
+        ) from exc
     return Similarity(_rz(z) @ _ry(y) @ _rx(x))
 
 
@@ -166,7 +182,7 @@ def rotate_sh(coeffs: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     total = k if with_dc else k + 1
     if total not in (1, 4, 9, 16):
         raise ConfigError(f"{k} SH coefficients per channel is not a whole number of bands (degree <= 3)")
-    degree = int(round(np.sqrt(total))) - 1
+    degree = int(round(np.sqrt(total))) - 1  # noqa: RUF046
     mats = sh_rotation_matrices(rotation, degree)
     out = np.array(coeffs, dtype=np.float64, copy=True)
     offset = 0 if with_dc else 1
@@ -180,8 +196,15 @@ def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamilton product ``a * b`` of wxyz quaternions (broadcasting ``[..., 4]``)."""
     aw, ax, ay, az = np.moveaxis(a, -1, 0)
     bw, bx, by, bz = np.moveaxis(b, -1, 0)
-    return np.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
-                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], axis=-1)  # fmt: skip
+    return np.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        axis=-1,
+    )
 
 
 def rotmat_to_quat(rotation: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -68,8 +67,16 @@ def read_cameras_json(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], np
     return c2w, Ks, [str(e.get("img_name", i)) for i, e in enumerate(entries)], sizes
 
 
-def write_colmap_model(path: Path, names, camtoworlds: np.ndarray, Ks: np.ndarray, widths, heights,
-                       points: Optional[np.ndarray] = None, points_rgb: Optional[np.ndarray] = None) -> Path:  # fmt: skip
+def write_colmap_model(
+    path: Path,
+    names,
+    camtoworlds: np.ndarray,
+    Ks: np.ndarray,
+    widths,
+    heights,
+    points: np.ndarray | None = None,
+    points_rgb: np.ndarray | None = None,
+) -> Path:
     """Write a COLMAP model (``cameras.bin``, ``images.bin``, ``points3D.bin``, and the rig and
     frame files of COLMAP 3.12+) into the folder ``path`` (replaced whole, atomically): one
     ``PINHOLE`` camera per distinct ``(K [3, 3], width, height)`` (pixels), image ``i`` named
@@ -84,8 +91,11 @@ def write_colmap_model(path: Path, names, camtoworlds: np.ndarray, Ks: np.ndarra
         key = (float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]), int(w), int(h))
         if key not in cameras:
             cameras[key] = len(cameras) + 1
-            rec.add_camera_with_trivial_rig(pycolmap.Camera(model="PINHOLE", width=key[4], height=key[5],
-                                                            params=list(key[:4]), camera_id=cameras[key]))  # fmt: skip
+            rec.add_camera_with_trivial_rig(
+                pycolmap.Camera(
+                    model="PINHOLE", width=key[4], height=key[5], params=list(key[:4]), camera_id=cameras[key]
+                )
+            )
         w2c = np.linalg.inv(np.asarray(c2w, dtype=np.float64))
         image = pycolmap.Image(name=str(name), camera_id=cameras[key], image_id=i + 1)
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(w2c[:3, :4]))

@@ -11,8 +11,8 @@ all of red's coefficients, then green's, then blue's), ``opacity`` (logit), ``sc
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from splatforge._fs import atomic_path
 from splatforge.errors import DataFormatError
 from splatforge.model.splats import SPLAT_KEYS, Splats
 
-__all__ = ["write_ply", "read_ply", "write_points_ply", "ply_rasterize_mode", "SPLAT_KEYS"]
+__all__ = ["SPLAT_KEYS", "ply_rasterize_mode", "read_ply", "write_ply", "write_points_ply"]
 
 #: The header comment that records how a PLY's Gaussians were trained to be drawn (readers that
 #: do not know it ignore comments and draw them classically).
@@ -47,8 +47,15 @@ def write_ply(path: Path, splats: Splats | Mapping, rasterize_mode: str = "class
     arr = Splats.from_mapping(splats, str(path)).numpy()
     n = len(arr)
     shN = arr["shN"]
-    columns = [arr["means"], np.zeros((n, 3), np.float32), arr["sh0"].reshape(n, 3),
-               shN.transpose(0, 2, 1).reshape(n, -1), arr["opacities"][:, None], arr["scales"], arr["quats"]]  # fmt: skip
+    columns = [
+        arr["means"],
+        np.zeros((n, 3), np.float32),
+        arr["sh0"].reshape(n, 3),
+        shN.transpose(0, 2, 1).reshape(n, -1),
+        arr["opacities"][:, None],
+        arr["scales"],
+        arr["quats"],
+    ]
     data = np.ascontiguousarray(np.concatenate(columns, axis=1), dtype="<f4")
     names = _attributes(shN.shape[1])
     header = "ply\nformat binary_little_endian 1.0\n"
@@ -56,10 +63,9 @@ def write_ply(path: Path, splats: Splats | Mapping, rasterize_mode: str = "class
         header += f"{_MODE_COMMENT}{rasterize_mode}\n"
     header += f"element vertex {n}\n"
     header += "".join(f"property float {name}\n" for name in names) + "end_header\n"
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header.encode("ascii"))
-            f.write(data.tobytes())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(data.tobytes())
 
 
 def write_points_ply(path: Path, points) -> None:
@@ -74,10 +80,9 @@ def write_points_ply(path: Path, points) -> None:
         raise DataFormatError(f"{path}: points must be [M, 3], got {arr.shape}")
     header = f"ply\nformat binary_little_endian 1.0\nelement vertex {len(arr)}\n"
     header += "property float x\nproperty float y\nproperty float z\nend_header\n"
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header.encode("ascii"))
-            f.write(arr.tobytes())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(arr.tobytes())
 
 
 def ply_rasterize_mode(path: Path) -> str:
@@ -93,13 +98,28 @@ def ply_rasterize_mode(path: Path) -> str:
         raise DataFormatError(f"{path}: cannot read: {exc}") from exc
     for line in head.split(b"end_header")[0].decode("ascii", errors="replace").splitlines():
         if line.startswith(_MODE_COMMENT):
-            return line[len(_MODE_COMMENT):].strip()
+            return line[len(_MODE_COMMENT) :].strip()
     return "classic"
 
 
-_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
-          "char": "i1", "int8": "i1", "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
-          "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4"}  # fmt: skip
+_TYPES = {
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
+    "uchar": "u1",
+    "uint8": "u1",
+    "char": "i1",
+    "int8": "i1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+}
 
 
 def read_ply(path: Path) -> Splats:
@@ -165,20 +185,40 @@ def read_ply(path: Path) -> Splats:
         order = "<" if fmt == "binary_little_endian" else ">"
         dtype = np.dtype([(name, order + t) for name, t in props])
         if len(raw) - body_start < n * dtype.itemsize:
-            raise DataFormatError(f"{path}: truncated: {n} vertices need {n * dtype.itemsize} bytes, found {len(raw) - body_start}")
+            raise DataFormatError(
+                f"{path}: truncated: {n} vertices need {n * dtype.itemsize} bytes, found {len(raw) - body_start}"
+            )
         rec = np.frombuffer(raw, dtype=dtype, count=n, offset=body_start)
         table = {name: rec[name] for name, _ in props}
-    needed = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    needed = [
+        "x",
+        "y",
+        "z",
+        "f_dc_0",
+        "f_dc_1",
+        "f_dc_2",
+        "opacity",
+        "scale_0",
+        "scale_1",
+        "scale_2",
+        "rot_0",
+        "rot_1",
+        "rot_2",
+        "rot_3",
+    ]
     missing = [k for k in needed if k not in table]
     if missing:
         raise DataFormatError(f"{path}: not a Gaussian splat PLY, missing properties {missing}")
     rest = sorted((k for k in table if re.fullmatch(r"f_rest_\d+", k)), key=lambda k: int(k[7:]))
     if len(rest) % 3:
         raise DataFormatError(f"{path}: {len(rest)} f_rest properties is not a multiple of 3")
-    col = lambda keys: np.stack([np.asarray(table[k], dtype=np.float32) for k in keys], axis=1)  # noqa: E731
+    col = lambda keys: np.stack([np.asarray(table[k], dtype=np.float32) for k in keys], axis=1)
     shN = col(rest).reshape(n, 3, len(rest) // 3).transpose(0, 2, 1) if rest else np.zeros((n, 0, 3), np.float32)
     return Splats(
-        means=col(["x", "y", "z"]), quats=col(["rot_0", "rot_1", "rot_2", "rot_3"]),
-        scales=col(["scale_0", "scale_1", "scale_2"]), opacities=np.asarray(table["opacity"], dtype=np.float32),
-        sh0=col(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :], shN=np.ascontiguousarray(shN),
-    ).validate(str(path))  # fmt: skip
+        means=col(["x", "y", "z"]),
+        quats=col(["rot_0", "rot_1", "rot_2", "rot_3"]),
+        scales=col(["scale_0", "scale_1", "scale_2"]),
+        opacities=np.asarray(table["opacity"], dtype=np.float32),
+        sh0=col(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :],
+        shN=np.ascontiguousarray(shN),
+    ).validate(str(path))

@@ -36,8 +36,8 @@ import io
 import json
 import math
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -45,7 +45,7 @@ from splatforge._fs import atomic_path
 from splatforge.errors import ConfigError
 from splatforge.model.splats import Splats
 
-__all__ = ["write_sog", "encode_sog", "MAX_PALETTE"]
+__all__ = ["MAX_PALETTE", "encode_sog", "write_sog"]
 
 MAX_PALETTE = 16_384
 _KEEP = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
@@ -56,8 +56,8 @@ def _log_t(x: np.ndarray) -> np.ndarray:
 
 
 def _texture_size(n: int) -> tuple[int, int]:
-    w = max(4, int(math.ceil(math.sqrt(n) / 4)) * 4)
-    h = max(4, int(math.ceil(n / w / 4)) * 4)
+    w = max(4, int(math.ceil(math.sqrt(n) / 4)) * 4)  # noqa: RUF046
+    h = max(4, int(math.ceil(n / w / 4)) * 4)  # noqa: RUF046
     if w > 16383 or h > 16383:
         raise ConfigError(f"{n} Gaussians need a {w}x{h} SOG texture; WebP allows at most 16383 per side")
     return w, h
@@ -136,7 +136,9 @@ def _webp(rgba: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgba, np.uint8), "RGBA").save(buf, "WEBP", lossless=True, exact=True, quality=50, method=4)
+    Image.fromarray(np.ascontiguousarray(rgba, np.uint8), "RGBA").save(
+        buf, "WEBP", lossless=True, exact=True, quality=50, method=4
+    )
     return buf.getvalue()
 
 
@@ -197,20 +199,24 @@ def encode_sog(splats: Splats | Mapping, *, seed: int = 0, sh_iterations: int = 
         alpha = np.clip(np.floor(255 / (1 + np.exp(-logits))), 0, 255).astype(np.uint8)
     files["sh0.webp"] = _webp(_image(np.column_stack([dc_labels, alpha]), w, h))
 
-    meta: dict = {"version": 2, "asset": {"generator": "splatforge"}, "count": n,
-                  "means": {"mins": lmin.tolist(), "maxs": lmax.tolist(), "files": ["means_l.webp", "means_u.webp"]},
-                  "scales": {"codebook": scale_book.tolist(), "files": ["scales.webp"]},
-                  "quats": {"files": ["quats.webp"]},
-                  "sh0": {"codebook": dc_book.tolist(), "files": ["sh0.webp"]}}  # fmt: skip
+    meta: dict = {
+        "version": 2,
+        "asset": {"generator": "splatforge"},
+        "count": n,
+        "means": {"mins": lmin.tolist(), "maxs": lmax.tolist(), "files": ["means_l.webp", "means_u.webp"]},
+        "scales": {"codebook": scale_book.tolist(), "files": ["scales.webp"]},
+        "quats": {"files": ["quats.webp"]},
+        "sh0": {"codebook": dc_book.tolist(), "files": ["sh0.webp"]},
+    }
     if coeffs:
         # channel-major vectors (all R coefficients, then G, then B), as the PLY's f_rest
         vectors = rest.transpose(0, 2, 1).reshape(n, 3 * coeffs)
-        palette = int(min(MAX_PALETTE, max(1, 2 ** int(math.floor(math.log2(max(n / 16, 1)))))))
+        palette = int(min(MAX_PALETTE, max(1, 2 ** int(math.floor(math.log2(max(n / 16, 1)))))))  # noqa: RUF046
         centroids, labels = _kmeans(vectors, palette, sh_iterations, seed)
         palette = len(centroids)
         book, cl = codebook_1d(centroids)
         cl = cl.reshape(palette, 3, coeffs)
-        rows = int(math.ceil(palette / 64))
+        rows = int(math.ceil(palette / 64))  # noqa: RUF046
         cimg = np.zeros((rows, 64 * coeffs, 4), np.uint8)
         idx = np.arange(palette)
         for j in range(coeffs):
@@ -218,9 +224,15 @@ def encode_sog(splats: Splats | Mapping, *, seed: int = 0, sh_iterations: int = 
             cimg[idx // 64, (idx % 64) * coeffs + j, 3] = 255
         labels = labels.astype(np.uint32)
         files["shN_centroids.webp"] = _webp(cimg)
-        files["shN_labels.webp"] = _webp(_image(np.column_stack([labels & 0xFF, (labels >> 8) & 0xFF, np.zeros(n), ones]).astype(np.uint8), w, h))
-        meta["shN"] = {"count": palette, "bands": {3: 1, 8: 2, 15: 3}[coeffs], "codebook": book.tolist(),
-                       "files": ["shN_centroids.webp", "shN_labels.webp"]}  # fmt: skip
+        files["shN_labels.webp"] = _webp(
+            _image(np.column_stack([labels & 0xFF, (labels >> 8) & 0xFF, np.zeros(n), ones]).astype(np.uint8), w, h)
+        )
+        meta["shN"] = {
+            "count": palette,
+            "bands": {3: 1, 8: 2, 15: 3}[coeffs],
+            "codebook": book.tolist(),
+            "files": ["shN_centroids.webp", "shN_labels.webp"],
+        }
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
         for name, data in files.items():

@@ -23,8 +23,8 @@ in IEEE total order (Rust's ``f32::total_cmp``), the sort stable.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numba
 import numpy as np
@@ -34,7 +34,7 @@ from splatforge.errors import DataFormatError
 from splatforge.geometry.sh import SH_C0
 from splatforge.model.splats import Splats
 
-__all__ = ["write_splat", "read_splat", "encode_splat", "decode_splat"]
+__all__ = ["decode_splat", "encode_splat", "read_splat", "write_splat"]
 
 _DTYPE = np.dtype([("means", "<f4", 3), ("scales", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
 
@@ -81,7 +81,9 @@ def encode_splat(splats: Splats | Mapping) -> bytes:
         rot = unit * f32(128) + f32(128)
         volume = _expf(np.ascontiguousarray((log_scales[:, 0] + log_scales[:, 1]) + log_scales[:, 2]))
         key = -(volume * alpha)
-    order = np.lexsort([_total_order(means[:, 2]), _total_order(means[:, 1]), _total_order(means[:, 0]), _total_order(key)])
+    order = np.lexsort(
+        [_total_order(means[:, 2]), _total_order(means[:, 1]), _total_order(means[:, 0]), _total_order(key)]
+    )
     rec = np.zeros(len(order), dtype=_DTYPE)
     rec["means"] = means[order]
     rec["scales"] = scales[order]
@@ -105,11 +107,13 @@ def decode_splat(data: bytes, source: str = ".splat data") -> Splats:
     rgba = rec["rgba"].astype(np.float64) / 255.0
     alpha = np.clip(rgba[:, 3], 0.5 / 255, 1 - 0.5 / 255)
     return Splats(
-        means=rec["means"].astype(np.float32), quats=(rec["rot"].astype(np.float32) - 128.0) / 128.0,
+        means=rec["means"].astype(np.float32),
+        quats=(rec["rot"].astype(np.float32) - 128.0) / 128.0,
         scales=np.log(np.maximum(rec["scales"].astype(np.float64), 1e-30)).astype(np.float32),
         opacities=np.log(alpha / (1 - alpha)).astype(np.float32),
-        sh0=((rgba[:, :3] - 0.5) / SH_C0).astype(np.float32)[:, None, :], shN=np.zeros((n, 0, 3), np.float32),
-    )  # fmt: skip
+        sh0=((rgba[:, :3] - 0.5) / SH_C0).astype(np.float32)[:, None, :],
+        shN=np.zeros((n, 0, 3), np.float32),
+    )
 
 
 def write_splat(path: Path, splats: Splats | Mapping) -> None:

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from splatforge.errors import ConfigError, DataFormatError
 from splatforge.geometry.transform import named_transform, transform_splats
 from splatforge.model.splats import Splats
 
-__all__ = ["write_spz", "read_spz", "encode_spz", "decode_spz"]
+__all__ = ["decode_spz", "encode_spz", "read_spz", "write_spz"]
 
 MAGIC = 0x5053474E
 COLOR_SCALE = 0.15
@@ -93,8 +94,9 @@ def _quantize_sh(x: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(q, 0, 255).astype(np.uint8)
 
 
-def encode_spz(splats: Splats | Mapping, version: int = 3, *, antialiased: bool = False,
-               coordinates: Literal["rdf", "rub"] = "rdf") -> bytes:  # fmt: skip
+def encode_spz(
+    splats: Splats | Mapping, version: int = 3, *, antialiased: bool = False, coordinates: Literal["rdf", "rub"] = "rdf"
+) -> bytes:
     """Encode :class:`~splatforge.model.Splats` as ``.spz`` bytes.
 
     Args:
@@ -196,8 +198,10 @@ def decode_spz(data: bytes, *, coordinates: Literal["rdf", "rub"] = "rdf", sourc
 
         pos = toc_offset + num_streams * _TOC.size
         if toc_offset < _HEADER_V4.size or pos > len(data):
-            raise DataFormatError(f"{source}: truncated: the table of {num_streams} streams at offset {toc_offset} "
-                                  f"needs {pos} bytes, the file has {len(data)}")  # fmt: skip
+            raise DataFormatError(
+                f"{source}: truncated: the table of {num_streams} streams at offset {toc_offset} "
+                f"needs {pos} bytes, the file has {len(data)}"
+            )
         streams = []
         decompressor = zstandard.ZstdDecompressor()
         for i in range(num_streams):
@@ -216,7 +220,9 @@ def decode_spz(data: bytes, *, coordinates: Literal["rdf", "rub"] = "rdf", sourc
     rot_bytes = 4 if version >= 3 else 3
     sizes = [9 * n, n, 3 * n, 3 * n, rot_bytes * n, 3 * k * n]
     if len(body) - offset < sum(sizes):
-        raise DataFormatError(f"{source}: truncated: {n} Gaussians need {sum(sizes)} bytes of attributes, found {len(body) - offset}")
+        raise DataFormatError(
+            f"{source}: truncated: {n} Gaussians need {sum(sizes)} bytes of attributes, found {len(body) - offset}"
+        )
     parts = []
     for size in sizes:
         parts.append(np.frombuffer(body, dtype=np.uint8, count=size, offset=offset))

@@ -5,7 +5,6 @@ log scales, logit opacities, wxyz quaternions), which gsplat's strategies operat
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ from splatforge.errors import ConfigError
 from splatforge.geometry.sh import num_sh_bases, rgb_to_sh
 from splatforge.model.splats import Splats
 
-__all__ = ["init_from_points", "init_random", "cap_gaussians", "per_gaussian"]
+__all__ = ["cap_gaussians", "init_from_points", "init_random", "per_gaussian"]
 
 
 def per_gaussian(state: dict, n: int) -> list[str]:
@@ -38,11 +37,13 @@ def _params(means: np.ndarray, rgb: np.ndarray, log_scales: np.ndarray, sh_degre
     quats = torch.zeros(n, 4)
     quats[:, 0] = 1.0
     return Splats(
-        means=torch.from_numpy(means).float(), quats=quats,
+        means=torch.from_numpy(means).float(),
+        quats=quats,
         scales=torch.from_numpy(np.repeat(log_scales[:, None], 3, axis=1)).float(),
         opacities=torch.full((n,), math.log(init_opacity / (1.0 - init_opacity))),
-        sh0=rgb_to_sh(torch.from_numpy(rgb).float())[:, None, :], shN=torch.zeros(n, num_sh_bases(sh_degree) - 1, 3),
-    )  # fmt: skip
+        sh0=rgb_to_sh(torch.from_numpy(rgb).float())[:, None, :],
+        shN=torch.zeros(n, num_sh_bases(sh_degree) - 1, 3),
+    )
 
 
 def init_from_points(
@@ -67,9 +68,15 @@ def init_from_points(
 
 
 def init_random(
-    n: int, center: np.ndarray, extent: float, *, sh_degree: int = 3, init_opacity: float = 0.1,
-    init_scale: float = 1.0, generator: Optional[torch.Generator] = None,
-) -> Splats:  # fmt: skip
+    n: int,
+    center: np.ndarray,
+    extent: float,
+    *,
+    sh_degree: int = 3,
+    init_opacity: float = 0.1,
+    init_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Splats:
     """``n`` Gaussians uniform in the cube ``center ± extent`` (world units) with random colours,
     scale the mean distance to the 3 nearest (times ``init_scale``), for scenes without sparse
     points (gsplat's ``init_type="random"``)."""

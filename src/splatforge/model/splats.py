@@ -22,8 +22,9 @@ written for gsplat's ``ParameterDict`` works on it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -33,12 +34,12 @@ from torch import Tensor
 from splatforge.errors import DataFormatError
 from splatforge.geometry.sh import num_sh_bases
 
-__all__ = ["SPLAT_KEYS", "Splats", "Activated"]
+__all__ = ["SPLAT_KEYS", "Activated", "Splats"]
 
 #: The six fields, in the order of gsplat's trainer.
 SPLAT_KEYS = ("means", "quats", "scales", "opacities", "sh0", "shN")
 
-Array = Union[np.ndarray, Tensor]
+Array = Union[np.ndarray, Tensor]  # noqa: UP007
 
 
 @dataclass(eq=False)
@@ -53,7 +54,7 @@ class Activated:
     quats: Array
     scales: Array
     opacities: Array
-    colors: Union[Array, tuple[Tensor, Tensor]]
+    colors: Array | tuple[Tensor, Tensor]
     sh_degree: int
 
     def __getitem__(self, key: str) -> Array:
@@ -78,7 +79,7 @@ class Splats:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | "Splats", source: str = "splats") -> "Splats":
+    def from_mapping(cls, m: Mapping[str, Any] | Splats, source: str = "splats") -> Splats:
         """From any mapping with the six keys (a dict, gsplat's ``ParameterDict``, a Splats). The
         arrays are taken as they are (no copy); shapes are checked.
 
@@ -93,12 +94,12 @@ class Splats:
         return cls(*(m[k] for k in SPLAT_KEYS)).validate(source)
 
     @classmethod
-    def empty(cls, sh_degree: int = 0) -> "Splats":
+    def empty(cls, sh_degree: int = 0) -> Splats:
         """Zero Gaussians (numpy float32) with room for ``sh_degree``."""
-        z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+        z = lambda *s: np.zeros(s, np.float32)
         return cls(z(0, 3), z(0, 4), z(0, 3), z(0), z(0, 1, 3), z(0, num_sh_bases(sh_degree) - 1, 3))
 
-    def validate(self, source: str = "splats") -> "Splats":
+    def validate(self, source: str = "splats") -> Splats:
         """Check the shapes against ``means [N, 3]``; returns self.
 
         Raises:
@@ -152,13 +153,13 @@ class Splats:
         return isinstance(self.means, Tensor)
 
     # ------------------------------------------------------------------ conversions
-    def numpy(self) -> "Splats":
+    def numpy(self) -> Splats:
         """float32 numpy arrays on the host (detached copies of tensors; arrays as they are if
         already float32)."""
-        conv = lambda a: a.detach().cpu().float().numpy() if isinstance(a, Tensor) else np.asarray(a, np.float32)  # noqa: E731
+        conv = lambda a: a.detach().cpu().float().numpy() if isinstance(a, Tensor) else np.asarray(a, np.float32)
         return Splats(*(conv(getattr(self, k)) for k in SPLAT_KEYS))
 
-    def torch(self, device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32) -> "Splats":
+    def torch(self, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Splats:
         """Tensors of ``dtype`` on ``device`` (default: where they are, or the CPU for numpy)."""
 
         def conv(a):
@@ -167,11 +168,11 @@ class Splats:
 
         return Splats(*(conv(getattr(self, k)) for k in SPLAT_KEYS))
 
-    def detach(self) -> "Splats":
+    def detach(self) -> Splats:
         """Tensors cut from the autograd graph (numpy arrays unchanged); no copy."""
         return Splats(*(a.detach() if isinstance(a, Tensor) else a for a in (getattr(self, k) for k in SPLAT_KEYS)))
 
-    def select(self, keep: Array) -> "Splats":
+    def select(self, keep: Array) -> Splats:
         """The Gaussians picked by ``keep`` (``[N]`` bool mask or integer indices)."""
         if self.is_torch and not isinstance(keep, Tensor):
             keep = torch.as_tensor(np.asarray(keep), device=self.means.device)
@@ -183,7 +184,7 @@ class Splats:
         """``[N]`` activated opacities, ``sigmoid(opacities)``, in [0, 1]."""
         return torch.sigmoid(self.opacities) if self.is_torch else expit(np.asarray(self.opacities, np.float64))
 
-    def activated(self, sh_degree: Optional[int] = None, sh_parts: bool = False) -> Activated:
+    def activated(self, sh_degree: int | None = None, sh_parts: bool = False) -> Activated:
         """Activated values (see :class:`Activated`); ``sh_degree`` keeps the first
         ``(sh_degree + 1)^2`` coefficients (default: all). Differentiable for tensors.
         ``sh_parts`` (tensors only): ``colors`` is the pair ``(sh0 [N, 1, 3], shN [N, K - 1, 3])``
@@ -196,11 +197,18 @@ class Splats:
             colors = parts if sh_parts else torch.cat(parts, dim=1)
             return Activated(self.means, self.quats, torch.exp(self.scales), torch.sigmoid(self.opacities), colors, deg)
         colors = np.concatenate([np.asarray(self.sh0), np.asarray(self.shN)[:, : k - 1]], axis=1)
-        return Activated(np.asarray(self.means), np.asarray(self.quats), np.exp(np.asarray(self.scales, np.float64)),
-                         expit(np.asarray(self.opacities, np.float64)), colors, deg)  # fmt: skip
+        return Activated(
+            np.asarray(self.means),
+            np.asarray(self.quats),
+            np.exp(np.asarray(self.scales, np.float64)),
+            expit(np.asarray(self.opacities, np.float64)),
+            colors,
+            deg,
+        )
 
-    def rasterize(self, viewmats: Tensor, Ks: Tensor, width: int, height: int, *, sh_degree: Optional[int] = None,
-                  **kwargs: Any):  # fmt: skip
+    def rasterize(
+        self, viewmats: Tensor, Ks: Tensor, width: int, height: int, *, sh_degree: int | None = None, **kwargs: Any
+    ):
         """Render with :func:`splatforge.raster.rasterize`: ``viewmats [C, 4, 4]`` world-to-camera
         (OpenCV axes), ``Ks [C, 3, 3]`` pixels, ``width`` x ``height`` pixels; ``sh_degree``
         (default: all the coefficients hold) and the other keyword arguments as ``rasterize``.
@@ -212,5 +220,16 @@ class Splats:
 
         s = self if self.is_torch else self.torch(viewmats.device)
         a = s.activated(sh_degree, sh_parts=True)
-        return rasterize(a.means, a.quats, a.scales, a.opacities, a.colors, viewmats, Ks, width, height,
-                         sh_degree=a.sh_degree, **kwargs)  # fmt: skip
+        return rasterize(
+            a.means,
+            a.quats,
+            a.scales,
+            a.opacities,
+            a.colors,
+            viewmats,
+            Ks,
+            width,
+            height,
+            sh_degree=a.sh_degree,
+            **kwargs,
+        )

@@ -1,11 +1,11 @@
 """Large scenes as blocks (CityGaussian's scheme): plan, train each block as an ordinary job on
-``generate``'s executors, merge into one run.
+the executors ``generate`` uses, merge into one run.
 
 1. :func:`splatforge.data.blocks.plan_blocks` writes ``blocks.json``.
 2. :func:`train_blocks`: one job per block (``train`` stage, with ``block_plan``/``block_id`` in
    its config: the block's training views and the SfM points of its enlarged box), through the
-   local pool or Ray; a job's manifest makes a rerun skip the finished blocks, and a failing
-   block is reported alone.
+   local pool or Ray (:mod:`splatforge.pipeline.executors`); a job's manifest makes a rerun skip
+   the finished blocks, and a failing block is reported alone.
 3. :func:`merge_blocks`: each block keeps the Gaussians whose centres lie in its own box (the
    un-enlarged one; the outer boxes are unbounded, so nothing is lost at the scene's edge); the
    union is written as one run folder (``cfg.yml``, ``point_cloud/iteration_N/point_cloud.ply``,
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal
 
 import torch
 
@@ -27,7 +28,7 @@ from splatforge.pipeline.job import JobSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["block_jobs", "train_blocks", "merge_blocks", "coarse_coverage"]
+__all__ = ["block_jobs", "coarse_coverage", "merge_blocks", "train_blocks"]
 
 
 def coarse_coverage(run_dir: Path, scene, device: str = "cpu"):
@@ -47,61 +48,116 @@ def coarse_coverage(run_dir: Path, scene, device: str = "cpu"):
         if not bool(keep.any()):
             return 0.0
         with torch.no_grad():
-            _, alpha, _ = splats.select(keep).rasterize(viewmats[index : index + 1], Ks[index : index + 1],
-                                                        int(scene.widths[index]), int(scene.heights[index]),
-                                                        sh_degree=0, backend=run.cfg.backend,
-                                                        near_plane=run.near_plane)  # fmt: skip
+            _, alpha, _ = splats.select(keep).rasterize(
+                viewmats[index : index + 1],
+                Ks[index : index + 1],
+                int(scene.widths[index]),
+                int(scene.heights[index]),
+                sh_degree=0,
+                backend=run.cfg.backend,
+                near_plane=run.near_plane,
+            )
         return float(alpha.mean())
 
     return coverage
 
 
-def block_jobs(plan_path: Path, output: Path, *, ratio: float = 0.875, steps: int = 3000, data_factor: int = 1,
-               strategy: str = "mcmc", cap_max: int = 300_000, seed: int = 0, device: str = "cpu",
-               backend: str = "auto") -> list[JobSpec]:  # fmt: skip
+def block_jobs(
+    plan_path: Path,
+    output: Path,
+    *,
+    ratio: float = 0.875,
+    steps: int = 3000,
+    data_factor: int = 1,
+    strategy: str = "mcmc",
+    cap_max: int = 300_000,
+    seed: int = 0,
+    device: str = "cpu",
+    backend: str = "auto",
+) -> list[JobSpec]:
     """One :class:`JobSpec` per block of the plan at ``plan_path``, each training into
     ``output/block_<id>_<ratio>`` on the scene's ``ratio`` split (the same split for every block
     and for the merged run)."""
     plan_path = Path(plan_path).resolve()
     plan = load_plan(plan_path)
-    return [JobSpec(scene=f"block_{b['id']}", scene_root=plan["scene"], output_dir=str(Path(output).resolve()),
-                    ratio=ratio, stages=["train"], data_factor=data_factor, steps=steps, strategy=strategy,
-                    cap_max=cap_max, seed=seed, device=device, backend=backend,
-                    extra={"block_plan": str(plan_path), "block_id": b["id"]})
-            for b in plan["blocks"]]  # fmt: skip
+    return [
+        JobSpec(
+            scene=f"block_{b['id']}",
+            scene_root=plan["scene"],
+            output_dir=str(Path(output).resolve()),
+            ratio=ratio,
+            stages=["train"],
+            data_factor=data_factor,
+            steps=steps,
+            strategy=strategy,
+            cap_max=cap_max,
+            seed=seed,
+            device=device,
+            backend=backend,
+            extra={"block_plan": str(plan_path), "block_id": b["id"]},
+        )
+        for b in plan["blocks"]
+    ]
 
 
-def train_blocks(plan_path: Path, output: Path, *, executor: Literal["local", "ray"] = "local",
-                 workers: Optional[int] = None, ray_address: Optional[str] = None,
-                 on_event: Optional[Callable] = None, **job_options) -> list[dict]:  # fmt: skip
+def train_blocks(
+    plan_path: Path,
+    output: Path,
+    *,
+    executor: Literal["local", "ray"] = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    on_event: Callable | None = None,
+    **job_options,
+) -> list[dict]:
     """Train every block of the plan (see :func:`block_jobs` for ``job_options``) on the local
-    pool (``workers`` CPU slots, or the GPUs) or on Ray; returns the jobs' results (``status``
-    ``done``/``failed`` with the error line of each)."""
-    from splatforge.pipeline.generate import LocalExecutor, RayExecutor, local_slots
+    pool (``workers`` CPU slots, or the GPUs) or on Ray (:mod:`splatforge.pipeline.executors`;
+    logs in ``output/logs/<job>.log``); returns the jobs' results in the plan's order (``status``
+    ``done``/``failed`` with the error line of each).
 
+    Raises:
+        ConfigError: an unknown executor, or Ray asked for without ray installed.
+    """
+    from splatforge.pipeline.executors import LocalExecutor, RayExecutor, local_slots
+
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
     jobs = block_jobs(plan_path, output, **job_options)
     Path(output).mkdir(parents=True, exist_ok=True)
+    logs = Path(output) / "logs"
     if executor == "ray":
-        runner = RayExecutor(ray_address)
-    elif executor == "local":
-        runner = LocalExecutor(local_slots(workers), Path(output) / "logs")  # type: ignore[assignment]
+        runner = RayExecutor(ray_address, logs=logs)
     else:
-        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+        runner = LocalExecutor(local_slots(workers), logs)  # type: ignore[assignment]
 
     def event(kind, spec, result, where) -> None:
         if kind == "end" and result is not None:
-            log.info("block %s: %s%s", spec.extra["block_id"], result["status"],
-                     f" ({result['error']})" if result.get("error") else "")  # fmt: skip
+            log.info(
+                "block %s: %s%s",
+                spec.extra["block_id"],
+                result["status"],
+                f" ({result['error']})" if result.get("error") else "",
+            )
         if on_event is not None:
             on_event(kind, spec, result, where)
 
-    results = runner.run(jobs, event)
+    try:
+        results = runner.run(jobs, event)
+    finally:
+        runner.close()
     order = {spec.name: i for i, spec in enumerate(jobs)}
     return sorted(results, key=lambda r: order.get(r["job"], len(order)))
 
 
-def merge_blocks(plan_path: Path, output_dir: Path, merged: Path, *, ratio: float = 0.875, evaluate_run: bool = True,
-                 device: str = "cpu") -> dict:  # fmt: skip
+def merge_blocks(
+    plan_path: Path,
+    output_dir: Path,
+    merged: Path,
+    *,
+    ratio: float = 0.875,
+    evaluate_run: bool = True,
+    device: str = "cpu",
+) -> dict:
     """Merge the block runs of ``output_dir`` (what :func:`train_blocks` wrote for the plan at
     ``plan_path``) into the run folder ``merged`` (built beside it, then renamed into place: an
     error leaves no half-written folder and an earlier one as it was); returns ``{"blocks":
@@ -124,7 +180,9 @@ def merge_blocks(plan_path: Path, output_dir: Path, merged: Path, *, ratio: floa
         try:
             run = Run.open(run_dir, device="cpu")
         except DataFormatError as exc:
-            raise DataFormatError(f"block {block['id']}: no trained run in {run_dir} ({exc}); run splatforge blocks train first") from exc
+            raise DataFormatError(
+                f"block {block['id']}: no trained run in {run_dir} ({exc}); run splatforge blocks train first"
+            ) from exc
         s = run.splats.detach()
         keep = torch.from_numpy(in_box(plane_coords(s.means.numpy(), plan), block["box"]))
         if parts and s.shN.shape[1] != parts[0].shN.shape[1]:
@@ -133,19 +191,27 @@ def merge_blocks(plan_path: Path, output_dir: Path, merged: Path, *, ratio: floa
         summary.append({"id": block["id"], "trained": len(s), "kept": int(keep.sum()), "views": len(block["images"])})
         cfg = cfg or run.cfg
         step, seconds = step + run.step, seconds + run.train_seconds
-    all_splats = Splats.from_mapping({k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].keys()})
+    names = parts[0].keys()  # Splats' own field names (it is no dict)
+    all_splats = Splats.from_mapping({k: torch.cat([getattr(p, k) for p in parts]) for k in names})
     merged = Path(merged)
     out_cfg = dataclasses.replace(cfg, output=merged, block_plan=None, block_id=None, steps=step, device=device)
     ply = Path("point_cloud") / f"iteration_{step}" / "point_cloud.ply"
-    result = {"blocks": summary, "num_gaussians": len(all_splats), "ply": str(merged / ply), "step": step,
-              "train_seconds": round(seconds, 1)}  # fmt: skip
+    result = {
+        "blocks": summary,
+        "num_gaussians": len(all_splats),
+        "ply": str(merged / ply),
+        "step": step,
+        "train_seconds": round(seconds, 1),
+    }
     with staging_dir(merged) as tmp:  # the whole run folder appears at once, or not at all
         save_config(out_cfg, tmp / "cfg.yml")
         write_ply(tmp / ply, all_splats, rasterize_mode=out_cfg.rasterize_mode)
         run = Run.open(tmp, device=device)
         run.train_seconds = seconds
         sc = run.scene
-        write_cameras_json(tmp / "cameras.json", cameras_json(sc.image_names, sc.camtoworlds, sc.Ks, sc.widths, sc.heights))
+        write_cameras_json(
+            tmp / "cameras.json", cameras_json(sc.image_names, sc.camtoworlds, sc.Ks, sc.widths, sc.heights)
+        )
         if evaluate_run:
             from splatforge.products import evaluate
 

@@ -4,7 +4,6 @@ per device, and an ETA from the jobs finished so far."""
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 from rich.console import Console
 from rich.live import Live
@@ -17,7 +16,7 @@ class JobBoard:
     """Call it as ``generate``'s ``on_event(event, spec, result, device)``; show it with
     ``with board.live: ...``."""
 
-    def __init__(self, total: int, console: Optional[Console] = None):
+    def __init__(self, total: int, console: Console | None = None):
         self.total, self.t0 = total, None
         self.per_device: dict[str, dict[str, int]] = {}
         self.durations: list[float] = []
@@ -36,7 +35,9 @@ class JobBoard:
         if self.durations and self.t0 is not None:
             rate = finished / max(time.monotonic() - self.t0, 1e-9)
             eta = f"  ETA {(self.total - finished) / max(rate, 1e-9) / 60:.1f} min"
-        table.caption = f"{self.total - finished - running} queued, {running} running, {finished}/{self.total} finished{eta}"
+        table.caption = (
+            f"{self.total - finished - running} queued, {running} running, {finished}/{self.total} finished{eta}"
+        )
         return table
 
     def __call__(self, event: str, spec, result, device: str) -> None:

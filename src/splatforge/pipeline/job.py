@@ -21,36 +21,47 @@ clean           removes the output folder
 =============== ==============================================================================
 
 Each stage's hash covers the scene's input files, the job options it depends on and the hashes
-of the stages it reads from, so a changed option reruns exactly the stages it affects. Run as a
-subprocess: ``python -m splatforge.pipeline.job SPEC.json`` (what the local executor does).
+of the stages it reads from, so a changed option reruns exactly the stages it affects. Executors
+run it as a ``dataset_job`` spec (:mod:`splatforge.pipeline.executors`);
+``python -m splatforge.pipeline.job SPEC.json RESULT.json`` runs one spec by hand.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import sys
-import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
-from splatforge._fs import atomic_path, remove_stale_temps
-from splatforge.pipeline.manifest import Manifest, stage_hash
+from splatforge._fs import atomic_path
+from splatforge.pipeline.engine import Stage, StageContext, StageRunner
+from splatforge.pipeline.events import EventSink
+from splatforge.pipeline.manifest import stage_hash
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobSpec", "JobContext", "STAGES", "run_job", "scene_fingerprint", "train_config"]
+__all__ = ["STAGES", "JobContext", "JobSpec", "run_job", "scene_fingerprint", "train_config"]
 
 STAGES = ("postprocess", "depth_prior", "train", "render", "visibility", "depth", "mesh", "partition_fix", "clean")
 #: which upstream stages each stage reads (its hash includes theirs; train includes depth_prior's
 #: only when the job has that stage, so the hashes of jobs without it are those of before)
-DEPENDS = {"postprocess": (), "depth_prior": ("postprocess",), "train": ("postprocess",), "render": ("train",),
-           "visibility": ("train",), "depth": ("train",), "mesh": ("train",), "partition_fix": ("postprocess",),
-           "clean": ()}  # fmt: skip
+DEPENDS = {
+    "postprocess": (),
+    "depth_prior": ("postprocess",),
+    "train": ("postprocess",),
+    "render": ("train",),
+    "visibility": ("train",),
+    "depth": ("train",),
+    "mesh": ("train",),
+    "partition_fix": ("postprocess",),
+    "clean": (),
+}
 
 
 @dataclass
@@ -75,7 +86,7 @@ class JobSpec:
     sh_degree: int = 3
     threshold: float = 0.5
     skip_existing: bool = True
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -105,8 +116,12 @@ def scene_fingerprint(root: Path, data_factor: int) -> dict:
 def _load_scene(spec: JobSpec):
     from splatforge.data.load import load_scene
 
-    return load_scene(Path(spec.scene_root), data_factor=spec.data_factor, split_ratio=spec.ratio,
-                      cache_dir=Path(spec.cache_dir) if spec.cache_dir else spec.out / "cache")  # fmt: skip
+    return load_scene(
+        Path(spec.scene_root),
+        data_factor=spec.data_factor,
+        split_ratio=spec.ratio,
+        cache_dir=Path(spec.cache_dir) if spec.cache_dir else spec.out / "cache",
+    )
 
 
 def train_config(spec: JobSpec):
@@ -114,36 +129,48 @@ def train_config(spec: JobSpec):
     factor (products and metadata share its resolution, so no ``max_image_size``), the split of
     the job's ratio, the steps, strategy and cap resolved from the preset when the job was
     planned (schedules scale with the steps), ``extra`` fields on top."""
-    from splatforge.train import DensifyConfig, TrainConfig
+    from splatforge.train import DensifyConfig
+    from splatforge.train.presets import preset_train_config
 
     extra = dict(spec.extra)
     if isinstance(extra.get("densify"), dict):  # TrainFeatures.changed() of the plan
         extra["densify"] = DensifyConfig(**extra["densify"])
     if "depth_prior" in spec.stages:
         extra["depth_prior"] = str(spec.out / "depth_prior")
-    return TrainConfig(data=Path(spec.scene_root), output=spec.out, data_factor=spec.data_factor, steps=spec.steps,
-                       split_ratio=spec.ratio, backend=spec.backend, device=spec.device, seed=spec.seed,
-                       sh_degree=spec.sh_degree, strategy=spec.strategy, max_gaussians=spec.cap_max,
-                       checkpoint_every=max(100, spec.steps // 5),
-                       cache_dir=Path(spec.cache_dir) if spec.cache_dir else None, **extra)  # fmt: skip
+    return preset_train_config(
+        "default",  # every value a preset sets is given: steps, strategy and cap from the plan, no size limit
+        data=Path(spec.scene_root),
+        output=spec.out,
+        data_factor=spec.data_factor,
+        max_image_size=0,
+        steps=spec.steps,
+        split_ratio=spec.ratio,
+        backend=spec.backend,
+        device=spec.device,
+        seed=spec.seed,
+        sh_degree=spec.sh_degree,
+        strategy=spec.strategy,
+        max_gaussians=spec.cap_max,
+        checkpoint_every=max(100, spec.steps // 5),
+        cache_dir=Path(spec.cache_dir) if spec.cache_dir else None,
+        **extra,
+    )
 
 
 class JobContext:
-    """What a job's stages share: the spec, the manifest and the trained run, opened once
-    (:meth:`run`) for all the stages that read it."""
+    """What a job's stages share: the spec, the stage engine's context of the running stage and
+    the trained run, opened once (:meth:`run`) for all the stages that read it."""
 
-    def __init__(self, spec: JobSpec, manifest: Manifest):
-        self.spec, self.manifest = spec, manifest
-        self._run = None
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.stage: StageContext | None = None
 
     def run(self):
         """The job's :class:`~splatforge.train.Run` (opened on first use, or the one training
         just produced)."""
-        if self._run is None:
-            from splatforge.train import Run
+        from splatforge.pipeline.stages import open_run
 
-            self._run = Run.open(self.spec.out, device=self.spec.device, backend=self.spec.backend)
-        return self._run
+        return open_run(self.stage, self.spec.out)
 
 
 def _stage_postprocess(ctx: JobContext) -> tuple[list[Path], dict]:
@@ -154,18 +181,13 @@ def _stage_postprocess(ctx: JobContext) -> tuple[list[Path], dict]:
 
 
 def _stage_train(ctx: JobContext) -> tuple[list[Path], dict]:
-    from splatforge.train import Trainer
+    from splatforge.pipeline.stages import train_stage
 
-    spec = ctx.spec
-    trainer = Trainer(train_config(spec))
-    if trainer.resume():
-        log.info("%s: resuming training at step %d", spec.name, trainer.step)
-    result = trainer.train()
-    ctx._run = trainer.as_run()
-    ckpts = sorted((spec.out / "checkpoints").glob("ckpt_*.pt"))
-    outputs = [result.ply_path, spec.out / "cameras.json", spec.out / "cfg.yml"] + ckpts[-1:]
-    return outputs, {"num_gaussians": result.num_gaussians, "train_seconds": round(result.train_seconds, 1),
-                     "step": result.step, "train_psnr": result.last_psnr}  # fmt: skip
+    outputs, info = train_stage(ctx.stage, train_config(ctx.spec), plan=False)
+    if info["resumed_from"] is not None:
+        log.info("%s: resumed training at step %d", ctx.spec.name, info["resumed_from"])
+    keys = ("num_gaussians", "train_seconds", "step", "train_psnr")
+    return outputs, {k: info[k] for k in keys}
 
 
 def _stage_render(ctx: JobContext) -> tuple[list[Path], dict]:
@@ -201,7 +223,9 @@ def _stage_depth_prior(ctx: JobContext) -> tuple[list[Path], dict]:
     spec = ctx.spec
     model = spec.extra.get("depth_model", DEFAULT_DEPTH_MODEL)
     fits = make_depth_priors(_load_scene(spec), spec.out / "depth_prior", model, device=spec.device)
-    return [spec.out / "depth_prior" / "depth_params.json"], {"depth_prior_fitted": sum(f.scale > 0 for f in fits.values())}
+    return [spec.out / "depth_prior" / "depth_params.json"], {
+        "depth_prior_fitted": sum(f.scale > 0 for f in fits.values())
+    }
 
 
 def _stage_mesh(ctx: JobContext) -> tuple[list[Path], dict]:
@@ -222,10 +246,15 @@ def _stage_partition_fix(ctx: JobContext) -> tuple[list[Path], dict]:
 
 
 STAGE_FNS: dict[str, Callable[[JobContext], tuple[list[Path], dict]]] = {
-    "postprocess": _stage_postprocess, "train": _stage_train, "render": _stage_render,
-    "visibility": _stage_visibility, "depth": _stage_depth, "partition_fix": _stage_partition_fix,
-    "depth_prior": _stage_depth_prior, "mesh": _stage_mesh,
-}  # fmt: skip
+    "postprocess": _stage_postprocess,
+    "train": _stage_train,
+    "render": _stage_render,
+    "visibility": _stage_visibility,
+    "depth": _stage_depth,
+    "partition_fix": _stage_partition_fix,
+    "depth_prior": _stage_depth_prior,
+    "mesh": _stage_mesh,
+}
 
 
 def stage_digests(spec: JobSpec) -> dict[str, str]:
@@ -233,11 +262,22 @@ def stage_digests(spec: JobSpec) -> dict[str, str]:
     fp = scene_fingerprint(Path(spec.scene_root), spec.data_factor)
     own = {
         "postprocess": {"ratio": spec.ratio, "data_factor": spec.data_factor},
-        "train": {"steps": spec.steps, "strategy": spec.strategy, "cap_max": spec.cap_max, "seed": spec.seed,
-                  "sh_degree": spec.sh_degree, "extra": spec.extra},
-        "render": {}, "visibility": {"threshold": spec.threshold}, "depth": {}, "partition_fix": {}, "clean": {},
-        "depth_prior": {"model": spec.extra.get("depth_model")}, "mesh": {},
-    }  # fmt: skip
+        "train": {
+            "steps": spec.steps,
+            "strategy": spec.strategy,
+            "cap_max": spec.cap_max,
+            "seed": spec.seed,
+            "sh_degree": spec.sh_degree,
+            "extra": spec.extra,
+        },
+        "render": {},
+        "visibility": {"threshold": spec.threshold},
+        "depth": {},
+        "partition_fix": {},
+        "clean": {},
+        "depth_prior": {"model": spec.extra.get("depth_model")},
+        "mesh": {},
+    }
     digests: dict[str, str] = {}
     for stage in STAGES:
         deps = [digests[d] for d in DEPENDS[stage]]
@@ -263,56 +303,57 @@ def stage_order(stages: list[str]) -> list[str]:
     return [s for s in STAGES if s in wanted]
 
 
-def run_job(spec: JobSpec) -> dict:
-    """Run ``spec``'s stages; returns ``{"job", "status", "stages": {name: "done"|"skipped"|
-    "failed"}, "error", ...}``. A failing stage stops this job (later stages are not run) and is
-    recorded with its error line; it never raises, so one scene cannot stop the others."""
+def run_job(spec: JobSpec, emit: EventSink | None = None) -> dict:
+    """Run ``spec``'s stages on the stage engine (:mod:`splatforge.pipeline.engine`); returns
+    ``{"job", "status", "stages": {name: "done"|"skipped"|"failed"}, "error", ...}``. A failing
+    stage stops this job (later stages are not run) and is recorded with its error line; it never
+    raises, so one scene cannot stop the others."""
     out = spec.out
-    result: dict = {"job": spec.name, "scene": spec.scene, "ratio": spec.ratio, "output": str(out), "status": "done",
-                    "stages": {}, "error": None, "info": {}}  # fmt: skip
+    result: dict = {
+        "job": spec.name,
+        "scene": spec.scene,
+        "ratio": spec.ratio,
+        "output": str(out),
+        "status": "done",
+        "stages": {},
+        "error": None,
+        "info": {},
+    }
     order = stage_order(spec.stages)
     if order == ["clean"]:
         shutil.rmtree(out, ignore_errors=True)
         result["stages"]["clean"] = "done"
         return result
-    out.mkdir(parents=True, exist_ok=True)
-    if remove_stale_temps(out):  # debris of a killed run: temp files never renamed into place
-        log.info("%s: removed temporary files of an interrupted run", spec.name)
-    manifest = Manifest(out)
-    manifest.begin_run()
-    ctx = JobContext(spec, manifest)
+    runner = StageRunner(out, emit, skip_fresh=spec.skip_existing)
+    job = JobContext(spec)
     digests = stage_digests(spec)
+
+    def call(fn, stage_ctx: StageContext) -> tuple[list[Path], dict]:
+        job.stage = stage_ctx
+        return fn(job)
+
     for stage in order:
         if stage == "clean":
             shutil.rmtree(out, ignore_errors=True)
             result["stages"]["clean"] = "done"
             break
-        if spec.skip_existing and manifest.is_fresh(stage, digests[stage]):
-            result["stages"][stage] = "skipped"
-            result["info"].update({k: v for k, v in manifest.stage(stage).items() if k not in ("outputs", "hash", "status", "started")})
-            continue
-        t = time.perf_counter()
-        manifest.start(stage, digests[stage])
         try:
-            outputs, info = STAGE_FNS[stage](ctx)
+            outcome = runner.run(Stage(stage, functools.partial(call, STAGE_FNS[stage]), digests[stage]))
         except Exception as exc:  # noqa: BLE001 - the job boundary: record the failure, never stop other jobs
             line = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.error("%s: stage %s failed: %s\n%s", spec.name, stage, line, traceback.format_exc())
-            manifest.fail(stage, line, time.perf_counter() - t)
             result.update(status="failed", error=f"{stage}: {line}")
             result["stages"][stage] = "failed"
             break
-        if stage == "partition_fix" and info.get("verdict", "").startswith("removed"):
-            result["stages"][stage] = info["verdict"]
-            result["info"].update(info)
+        result["info"].update(outcome.info)
+        if stage == "partition_fix" and outcome.info.get("verdict", "").startswith("removed"):
+            result["stages"][stage] = outcome.info["verdict"]
             break
-        manifest.finish(stage, outputs, time.perf_counter() - t, info)
-        result["stages"][stage] = "done"
-        result["info"].update(info)
+        result["stages"][stage] = outcome.status
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Subprocess entry: ``python -m splatforge.pipeline.job SPEC.json RESULT.json``."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from splatforge._fs import atomic_path
 
@@ -73,8 +75,8 @@ class Manifest:
         files = {}
         for p in outputs:
             p = Path(p)
-            if p.is_file():
-                files[str(p.relative_to(self.folder))] = p.stat().st_size
+            if p.is_file():  # relative to the folder (``../`` for a job's files beside it, splatter's frames)
+                files[os.path.relpath(p, self.folder)] = p.stat().st_size
         rec.update(status="done", outputs=files, seconds=round(seconds, 3), finished_at=self.data.get("runs", 0))
         if extra:
             rec.update(extra)

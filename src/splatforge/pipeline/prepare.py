@@ -16,9 +16,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Literal
 
 from splatforge._fs import atomic_path
 from splatforge.data.frames import VIDEO_SUFFIXES, extract_video_frames, import_photos, video_frame_count
@@ -75,7 +76,9 @@ def _classify(inputs: Sequence[Path]) -> tuple[list[Path], list[Path]]:
         elif item.suffix in IMAGE_SUFFIXES:
             photos.append(item)
         else:
-            raise DataFormatError(f"{item}: neither a video ({', '.join(VIDEO_SUFFIXES[:6])}) nor an image nor a folder")
+            raise DataFormatError(
+                f"{item}: neither a video ({', '.join(VIDEO_SUFFIXES[:6])}) nor an image nor a folder"
+            )
     return videos, photos
 
 
@@ -102,7 +105,7 @@ def _inputs_label(inputs: Sequence[Path]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{names[0]} and {len(names) - 1} other inputs"
 
 
-def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None) -> dict:
+def prepare(cfg: PrepareConfig, on_phase: Callable[[str], None] | None = None) -> dict:
     """Build the scene; returns the summary also written to ``SCENE/prepare.json``.
     ``on_phase(name)`` is called as each phase starts ("frames", "sfm", "layout").
 
@@ -123,8 +126,12 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
     frames_dir = partial / "work" / "frames"
     frames_dir.mkdir(parents=True)
     timings: dict[str, float] = {}
-    summary: dict = {"inputs": [str(p) for p in cfg.inputs], "config": {k: (str(v) if isinstance(v, Path) else v)
-                     for k, v in asdict(cfg).items() if k not in ("inputs", "output")}}  # fmt: skip
+    summary: dict = {
+        "inputs": [str(p) for p in cfg.inputs],
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("inputs", "output")
+        },
+    }
     phase = on_phase or (lambda name: None)
     try:
         phase("frames")
@@ -136,7 +143,13 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
             for video, length in zip(videos, lengths):
                 share = max(MIN_IMAGES, round(cfg.target_frames * length / sum(lengths)))
                 stats = extract_video_frames(video, frames_dir, share, cfg.max_size)
-                log.info("%s: kept %d of %d frames (%d near-duplicates dropped)", video.name, stats.kept, stats.decoded, stats.duplicates)
+                log.info(
+                    "%s: kept %d of %d frames (%d near-duplicates dropped)",
+                    video.name,
+                    stats.kept,
+                    stats.decoded,
+                    stats.duplicates,
+                )
                 frame_stats.append(asdict(stats))
                 sources.update({name: str(video) for name in list_images(frames_dir) if name not in sources})
         masks_dir = partial / "work" / "masks"
@@ -153,17 +166,31 @@ def prepare(cfg: PrepareConfig, on_phase: Optional[Callable[[str], None]] = None
         if matcher == "auto":
             matcher = "sequential" if n_images > EXHAUSTIVE_MAX_IMAGES else "exhaustive"
         phase(f"sfm ({matcher} matching, {n_images} images)")
-        sfm = run_sfm(frames_dir, partial / "work", partial / "scene", matcher=matcher, camera_model=cfg.camera_model,
-                      sources=sources, max_image_size=cfg.max_size,
-                      max_features=cfg.max_features, seed=cfg.seed)  # fmt: skip
+        sfm = run_sfm(
+            frames_dir,
+            partial / "work",
+            partial / "scene",
+            matcher=matcher,
+            camera_model=cfg.camera_model,
+            sources=sources,
+            max_image_size=cfg.max_size,
+            max_features=cfg.max_features,
+            seed=cfg.seed,
+        )
         timings.update(sfm.timings)
-        summary.update(num_registered=sfm.num_registered, registered_fraction=sfm.registered_fraction,
-                       num_points=sfm.num_points, mean_reprojection_error_px=sfm.mean_reprojection_error,
-                       matcher=matcher, unregistered=sfm.unregistered)  # fmt: skip
+        summary.update(
+            num_registered=sfm.num_registered,
+            registered_fraction=sfm.registered_fraction,
+            num_points=sfm.num_points,
+            mean_reprojection_error_px=sfm.mean_reprojection_error,
+            matcher=matcher,
+            unregistered=sfm.unregistered,
+        )
         if sfm.registered_fraction < MIN_REGISTERED_FRACTION:
             raise DataFormatError(
                 f"{_inputs_label(cfg.inputs)}: SfM registered only {sfm.num_registered} of {sfm.num_images} images "
-                f"({100 * sfm.registered_fraction:.0f} %, need {100 * MIN_REGISTERED_FRACTION:.0f} %): too little overlap or texture"
+                f"({100 * sfm.registered_fraction:.0f} %, need {100 * MIN_REGISTERED_FRACTION:.0f} %): "
+                "too little overlap or texture"
             )
         scene = partial / "scene"
         phase("layout")

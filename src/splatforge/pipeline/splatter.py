@@ -10,7 +10,10 @@ Image names in ``images.bin`` are ``<dataset>_<NNNNNN>.jpg``, ``NNNNNN`` the 0-b
 decoded frame in that dataset's ``Frames.mp4`` (every decoded frame counts, in decode order); the
 model usually names only a subset.
 
-Steps, each reported as a JSON progress line (see :data:`STAGES`):
+Stages on the stage engine (:mod:`splatforge.pipeline.engine`, recorded in
+``ROOT/refined/splatter/manifest.json``: a job killed and started again skips the finished
+stages and training continues from its checkpoint), each reported as JSON progress lines (see
+:data:`STAGES` and :class:`~splatforge.pipeline.node.NodeProgress`):
 
 1. ``frames``: each video is decoded once; only the frames the model names are written, to
    ``ROOT/Frames/<name>`` (the node's layout; JPEG quality 95), all at once when every one was
@@ -21,7 +24,7 @@ Steps, each reported as a JSON progress line (see :data:`STAGES`):
 2. ``train``: ``ROOT/refined/splatter/scene`` (``images`` -> ``ROOT/Frames``, ``sparse/0`` -> the
    model, both symlinks) trained into ``ROOT/refined/splatter/run`` with the preset for the device
    (``auto``: ``default`` on a GPU, ``fast`` on a CPU) and the options; every ``test_every``-th
-   frame is held out for the metrics (0: train on all). A run folder with a checkpoint resumes.
+   frame is held out for the metrics (0: train on all); then the metrics (``eval``, no line).
 3. ``export``: ``splat.ply`` (Inria layout, COLMAP world), ``splat_rot.ply`` in the node's frame
    (``--transform splatter``: ``(x, y, z) -> (y, -x, z)``, quaternions and SH rotated too),
    ``splat_rot.splat`` (from ``splat_rot.ply``: byte-identical to what ``ply2splat`` makes of it)
@@ -41,47 +44,53 @@ to (-z, -x, y) and leaves SH unrotated; ours is the issue's ``(y, -x, z)`` with 
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import functools
 import json
 import logging
-import os
-import re
 import shutil
-import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal
 
 from splatforge._fs import atomic_path
-from splatforge.train.config import TrainFeatures
 from splatforge.errors import ConfigError, DataFormatError, SplatforgeError
+from splatforge.pipeline.engine import Stage, StageContext, StageRunner, digest, file_fingerprint, run_stages
+from splatforge.pipeline.events import StageNote
+from splatforge.pipeline.node import (
+    ARTIFACTS,
+    MODEL_DIR,
+    OUT_DIR,
+    REQUIRED_BINS,
+    STAGES,
+    NodeProgress,
+    artifact_suffix,
+    datasets,
+    model_dir,
+    model_frames,
+    read_job_model,
+    scene_folder,
+    write_frames,
+)
+from splatforge.pipeline.stages import eval_stage, open_run, train_digest, train_stage
+from splatforge.train.config import TrainFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SplatterConfig", "STAGES", "ARTIFACTS", "model_frames", "write_frames", "splatter", "splatter_train_config"]
-
-MODEL_DIR = Path("refined") / "global" / "refined_sfm_combined"
-OUT_DIR = Path("refined") / "splatter"
-REQUIRED_BINS = ("cameras.bin", "images.bin", "points3D.bin")
-NAME = re.compile(r"^(?P<dataset>.+)_(?P<index>\d{6,})\.jpg$")
-
-STAGES = ("frames", "train", "export", "previews", "complete")
-"""Progress stages, in order. Every line is ``{"pct", "stage", "status", ...}``; ``status`` is
-``started``, ``running`` (training: with ``step``, ``steps``, ``loss``, ``psnr``,
-``num_gaussians``), ``completed``, ``warning`` (a best-effort step failed) or ``failed``; the last
-line of a successful job is ``{"pct": 100, "progress": 100, "stage": "complete", "status":
-"succeeded"}`` (the host's own final line uses the key ``progress``)."""
-
-_PCT = {"frames": (0, 10), "train": (10, 85), "eval": (85, 88), "export": (88, 92), "previews": (92, 99)}
-
-ARTIFACTS = (  # (file in OUT_DIR, artifact name before the suffix, data type): the node's upload table
-    ("splat_rot.splat", "refined_splat", "splat_data"),
-    ("splat_rot.sog", "refined_splat_sog", "splat_data_sog"),
-    ("preview_top.jpg", "refined_splat_preview_top", "splat_preview_top"),
-    ("preview_angle.jpg", "refined_splat_preview_angle", "splat_preview_angle"),
-    ("preview.mp4", "refined_splat_preview_video", "splat_preview_video"),
-)
+__all__ = [  # the node's names are re-exported: callers import them from here
+    "ARTIFACTS",
+    "MODEL_DIR",
+    "OUT_DIR",
+    "REQUIRED_BINS",
+    "STAGES",
+    "NodeProgress",
+    "SplatterConfig",
+    "model_frames",
+    "splatter",
+    "splatter_train_config",
+    "write_frames",
+]
 
 
 @dataclass
@@ -97,16 +106,16 @@ class SplatterConfig(TrainFeatures):
     """debug, info, warning or error."""
     preset: Literal["auto", "fast", "default", "quality"] = "auto"
     """Training preset (auto: default on a GPU, fast on a CPU); the options below override it."""
-    steps: Optional[int] = None
+    steps: int | None = None
     """Training steps (default: the preset's)."""
-    max_gaussians: Optional[int] = None
+    max_gaussians: int | None = None
     """Most Gaussians (default: the preset's)."""
-    strategy: Optional[Literal["default", "mcmc"]] = None
+    strategy: Literal["default", "mcmc"] | None = None
     """Densification strategy (default: the preset's, mcmc)."""
     device: str = "auto"
     """torch device: auto (cuda when present, else cpu), cpu, cuda[:i]."""
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto"
-    data_factor: Optional[int] = None
+    data_factor: int | None = None
     """Train on the frames downscaled by this factor (default: the preset's image size decides);
     the frames written and the splat's frame are unchanged."""
     test_every: int = 8
@@ -118,271 +127,98 @@ class SplatterConfig(TrainFeatures):
     """Side of the preview images (the orbit video is at most 512), pixels."""
     checkpoint_every: int = 1000
     """Checkpoint the training every n steps (a restarted job resumes from the latest)."""
-    captures: Optional[list[Path]] = None
+    captures: list[Path] | None = None
     """Videos and/or photos to pose with ``prepare`` (SfM) instead of the job's own model and
     videos (what ``splatforge serve`` does with uploaded captures)."""
     seed: int = 0
 
 
-def model_dir(root: Path) -> Path:
-    """``ROOT/refined/global/refined_sfm_combined``: where the node puts the job's COLMAP model."""
-    return Path(root) / MODEL_DIR
-
-
-def read_job_model(root: Path):
-    """The job's COLMAP model (pycolmap ``Reconstruction``), checked.
-
-    Raises:
-        DataFormatError: a missing, truncated or corrupt ``.bin`` file (named).
-    """
-    from splatforge.data.colmap import load_reconstruction, validate_reconstruction
-
-    folder = model_dir(root)
-    for name in REQUIRED_BINS:
-        path = folder / name
-        if not path.is_file():
-            raise DataFormatError(f"{path}: missing (the job's COLMAP model needs {', '.join(REQUIRED_BINS)})")
-        if path.stat().st_size < 8:
-            raise DataFormatError(f"{path}: truncated ({path.stat().st_size} bytes)")
-    rec = load_reconstruction(folder)
-    validate_reconstruction(rec, folder)
-    if not rec.images:
-        raise DataFormatError(f"{folder / 'images.bin'}: no image in the model")
-    return rec
-
-
-def datasets(root: Path) -> dict[str, Path]:
-    """``{dataset: ROOT/datasets/<dataset>/Frames.mp4}``.
-
-    Raises:
-        DataFormatError: no ``datasets/*/Frames.mp4``.
-    """
-    found = {p.parent.name: p for p in sorted((Path(root) / "datasets").glob("*/Frames.mp4")) if p.is_file()}
-    if not found:
-        raise DataFormatError(f"{Path(root) / 'datasets'}: no <dataset>/Frames.mp4 (is {root} a splatter job root?)")
-    return found
-
-
-def model_frames(rec, videos: dict[str, Path]) -> dict[str, dict[int, tuple[str, int, int]]]:
-    """``{dataset: {frame index: (image name, camera width, camera height)}}`` of the images in
-    the model ``rec``.
-
-    Raises:
-        DataFormatError: a name that is not ``<dataset>_<NNNNNN>.jpg``, or a dataset with no
-            ``datasets/<dataset>/Frames.mp4`` (both named).
-    """
-    wanted: dict[str, dict[int, tuple[str, int, int]]] = {}
-    for image in rec.images.values():
-        m = NAME.match(image.name)
-        if m is None:
-            raise DataFormatError(f"images.bin: image {image.name!r} is not named <dataset>_<NNNNNN>.jpg")
-        dataset = m["dataset"]
-        if dataset not in videos:
-            raise DataFormatError(f"images.bin: image {image.name!r} names dataset {dataset!r}, but there is no "
-                                  f"datasets/{dataset}/Frames.mp4 (found: {', '.join(sorted(videos))})")  # fmt: skip
-        cam = rec.cameras[image.camera_id]
-        wanted.setdefault(dataset, {})[int(m["index"])] = (image.name, int(cam.width), int(cam.height))
-    return wanted
-
-
-def write_frames(video: Path, wanted: dict[int, tuple[str, int, int]], out_dir: Path,
-                 progress: Optional[Callable[[int, int], None]] = None) -> dict:  # fmt: skip
-    """Decode ``video`` once and write the frames ``wanted`` names (``{index: (name, w, h)}``)
-    into ``out_dir`` as JPEG (see the module docstring for rotation). Frames already in
-    ``out_dir`` (a resumed job) are kept. Returns ``{"video", "decoded", "written", "kept",
-    "rotation", "oriented"}``.
-
-    Raises:
-        DataFormatError: unreadable video, no decodable frame, an index past the last decoded
-            frame (the frame count is given), or a camera size that matches neither orientation.
-    """
-    from PIL import Image
-
-    from splatforge.data.frames import decode_video, upright, video_frame_count
-
-    todo = {i: v for i, v in wanted.items() if not (out_dir / v[0]).is_file()}
-    summary = {"video": str(video), "decoded": None, "written": 0, "kept": len(wanted) - len(todo), "rotation": 0, "oriented": None}
-    if not todo:
-        return summary
-    total = video_frame_count(video)
-    if total and max(todo) >= total:
-        raise DataFormatError(f"{video}: the model names frame {max(todo)} ({todo[max(todo)][0]}), but the video has "
-                              f"{total} frames (0-{total - 1})")  # fmt: skip
-    staging = Path(tempfile.mkdtemp(prefix=".frames.", dir=out_dir.parent))
-    decoded = 0
-    try:
-        for index, frame in decode_video(video):
-            decoded = index + 1
-            if progress is not None:
-                progress(decoded, total)
-            if index not in todo:
-                continue
-            name, w, h = todo[index]
-            rgb = frame.to_ndarray(format="rgb24")
-            rotation = int(getattr(frame, "rotation", 0) or 0)
-            turned = upright(rgb, rotation)
-            if turned.shape[:2] == (h, w):
-                out, summary["oriented"] = turned, "display matrix applied" if rotation % 360 else "as stored"
-            elif rgb.shape[:2] == (h, w):
-                out, summary["oriented"] = rgb, "as stored (the model's camera has the stored size)"
-            else:
-                raise DataFormatError(f"{video}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]} "
-                                      f"({turned.shape[1]}x{turned.shape[0]} upright), but the model's camera "
-                                      f"for {name} is {w}x{h}")  # fmt: skip
-            summary["rotation"] = rotation
-            Image.fromarray(out).save(staging / name, quality=95)
-            summary["written"] += 1
-        missing = sorted(set(todo) - {i for i in todo if (staging / todo[i][0]).is_file()})
-        if missing:
-            raise DataFormatError(f"{video}: the model names frame {missing[-1]} ({todo[missing[-1]][0]}), but only "
-                                  f"{decoded} frames decode (0-{decoded - 1}); {len(missing)} named frames are missing")  # fmt: skip
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for i in todo:
-            os.replace(staging / todo[i][0], out_dir / todo[i][0])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    summary["decoded"] = decoded
-    return summary
-
-
-def _link(target: Path, link: Path) -> None:
-    """A relative symlink ``link -> target`` (replaced when it points elsewhere)."""
-    rel = os.path.relpath(target, link.parent)
-    if link.is_symlink() and os.readlink(link) == rel:
-        return
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(rel)
-
-
-def scene_folder(root: Path) -> Path:
-    """``ROOT/refined/splatter/scene``: ``images`` -> ``ROOT/Frames``, ``sparse/0/*.bin`` -> the
-    model's files (symlinks: the job's inputs are read in place, never copied or changed)."""
-    root = Path(root)
-    scene = root / OUT_DIR / "scene"
-    _link(root / "Frames", scene / "images")
-    for f in sorted(model_dir(root).glob("*.bin")):
-        _link(f, scene / "sparse" / "0" / f.name)
-    return scene
-
-
 def splatter_train_config(cfg: SplatterConfig):
-    """The training config: the preset for the device, then the explicit options."""
-    from splatforge.pipeline.run import device_and_preset
-    from splatforge.train import TrainConfig, apply_preset
+    """The training config: the preset for the device, then the explicit options.
 
+    Raises:
+        ConfigError: a data factor under 1, an unknown preset or device.
+    """
+    from splatforge.train.presets import preset_train_config
+
+    if cfg.data_factor is not None and cfg.data_factor < 1:
+        raise ConfigError(f"--data-factor must be >= 1, got {cfg.data_factor}")
     root = Path(cfg.job_root_path)
-    device, preset = device_and_preset(cfg)
-    train = apply_preset(TrainConfig(data=root / OUT_DIR / "scene", output=root / OUT_DIR / "run", backend=cfg.backend,
-                                     device=device, seed=cfg.seed, test_every=cfg.test_every,
-                                     checkpoint_every=cfg.checkpoint_every, cache_dir=root / OUT_DIR / "cache"),
-                         preset)  # fmt: skip
-    overrides = {"steps": cfg.steps, "max_gaussians": cfg.max_gaussians, "strategy": cfg.strategy}
-    train = cfg.apply(dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None}))
-    if cfg.data_factor is not None:
-        if cfg.data_factor < 1:
-            raise ConfigError(f"--data-factor must be >= 1, got {cfg.data_factor}")
-        train = dataclasses.replace(train, data_factor=cfg.data_factor, max_image_size=0)
-    return train
+    device, _ = device_and_preset(cfg)
+    return preset_train_config(
+        cfg.preset,
+        data=root / OUT_DIR / "scene",
+        output=root / OUT_DIR / "run",
+        backend=cfg.backend,
+        device=device,
+        seed=cfg.seed,
+        test_every=cfg.test_every,
+        checkpoint_every=cfg.checkpoint_every,
+        cache_dir=root / OUT_DIR / "cache",
+        steps=cfg.steps,
+        max_gaussians=cfg.max_gaussians,
+        strategy=cfg.strategy,
+        data_factor=cfg.data_factor,
+        max_image_size=0 if cfg.data_factor is not None else None,  # the factor given decides the size
+        **cfg.train_fields(),
+    )
 
 
-def _frames_from_captures(cfg: SplatterConfig, emit: Callable[[dict], None]) -> dict:
-    """``prepare`` (frames, SfM) of ``cfg.captures`` into the scene folder, once: a finished
-    scene (``prepare.json``) is reused by a resumed job."""
+def device_and_preset(cfg):
+    from splatforge.pipeline.run import device_and_preset as resolve
+
+    return resolve(cfg)
+
+
+def _prepare_captures(ctx: StageContext, cfg: SplatterConfig) -> tuple[list[Path], dict]:
+    """``prepare`` (frames, SfM) of ``cfg.captures`` into the scene folder."""
     from splatforge.pipeline.prepare import PrepareConfig, prepare
-    from splatforge.pipeline.run import device_and_preset
 
     scene = Path(cfg.job_root_path) / OUT_DIR / "scene"
-    if not (scene / "prepare.json").is_file():
-        features = device_and_preset(cfg)[1].max_features
-        prepare(PrepareConfig(inputs=[Path(p) for p in cfg.captures], output=scene, max_features=features,
-                              test_every=max(cfg.test_every, 0), seed=cfg.seed),
-                on_phase=lambda name: emit({"pct": _PCT["frames"][0], "stage": "frames", "status": "running", "phase": name}))  # fmt: skip
-    summary = json.loads((scene / "prepare.json").read_text())
-    return {"count": int(summary.get("num_registered", 0)), "prepare": {k: summary[k] for k in
-            ("num_images", "num_registered", "registered_fraction", "mean_reprojection_error_px") if k in summary}}  # fmt: skip
+    if scene.exists():  # this job's own scene, unfinished or of other captures
+        shutil.rmtree(scene)
+    features = device_and_preset(cfg)[1].max_features
+    options = PrepareConfig(
+        inputs=[Path(p) for p in cfg.captures],
+        output=scene,
+        max_features=features,
+        test_every=max(cfg.test_every, 0),
+        seed=cfg.seed,
+    )
+    summary = prepare(options, on_phase=lambda name: ctx.emit(StageNote(ctx.name, name, data={"phase": name})))
+    keys = ("num_images", "num_registered", "registered_fraction", "mean_reprojection_error_px")
+    info = {"count": int(summary.get("num_registered", 0)), "prepare": {k: summary[k] for k in keys if k in summary}}
+    return [scene / "prepare.json", *sorted((scene / "sparse" / "0").glob("*.bin"))], info
 
 
-def artifact_suffix(suffix: str) -> str:
-    """The node's ``{suffix}`` of artifact names: ``suffix`` with a leading ``_`` added when
-    missing, ``""`` for none."""
-    return suffix if not suffix or suffix.startswith("_") else f"_{suffix}"
+def _frames(ctx: StageContext, root: Path, wanted: dict, videos: dict) -> tuple[list[Path], dict]:
+    """The frames the model names, from each dataset's video, into ``ROOT/Frames``; the scene
+    folder's links."""
+    frames: dict = {"count": sum(len(w) for w in wanted.values()), "datasets": []}
+    for k, (dataset, want) in enumerate(sorted(wanted.items())):
+        frames["datasets"].append(write_frames(videos[dataset], want, root / "Frames"))
+        ctx.emit(
+            StageNote(
+                ctx.name,
+                f"{dataset}: {len(want)} frames",
+                fraction=(k + 1) / len(wanted),
+                data={"dataset": dataset, "frames": len(want)},
+            )
+        )
+    scene_folder(root)
+    outputs = [root / "Frames" / name for want in wanted.values() for name, _, _ in want.values()]
+    return outputs, frames
 
 
-def splatter(cfg: SplatterConfig, on_progress: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run the job in ``cfg.job_root_path`` (module docstring); ``on_progress(line)`` gets each
-    progress line (a dict, see :data:`STAGES`). Returns the summary also written to
-    ``ROOT/refined/splatter/result.json``.
-
-    Raises:
-        DataFormatError: a bad job root (no videos, missing or truncated model files, a model
-            image without its dataset or past its video's end, a video with no decodable frame).
-        ConfigError: bad options.
-    """
-    from splatforge.products import evaluate
-    from splatforge.products.export import export
-    from splatforge.products.previews import write_previews
-    from splatforge.train import Trainer
-
-    emit = on_progress or (lambda line: None)
-    root = Path(cfg.job_root_path)
-    if not root.is_dir():
-        raise DataFormatError(f"{root}: no such job root folder")
-    out = root / OUT_DIR
-    times: dict[str, float] = {}
-
-    # 1. frames ------------------------------------------------------------------------------
-    t = time.perf_counter()
-    emit({"pct": 0, "stage": "frames", "status": "started"})
-    if cfg.captures:
-        train_cfg = splatter_train_config(cfg).resolve()
-        frames = _frames_from_captures(cfg, emit)
-    else:
-        videos = datasets(root)
-        wanted = model_frames(read_job_model(root), videos)
-        train_cfg = splatter_train_config(cfg).resolve()  # bad options fail before the slow phases
-        frames = {"count": sum(len(w) for w in wanted.values()), "datasets": []}
-        lo, hi = _PCT["frames"]
-        for k, (dataset, want) in enumerate(sorted(wanted.items())):
-            frames["datasets"].append(write_frames(videos[dataset], want, root / "Frames"))
-            emit({"pct": round(lo + (hi - lo) * (k + 1) / len(wanted), 1), "stage": "frames", "status": "running",
-                  "dataset": dataset, "frames": len(want)})  # fmt: skip
-        scene_folder(root)
-    times["frames_s"] = time.perf_counter() - t
-    emit({"pct": _PCT["frames"][1], "stage": "frames", "status": "completed", "frames": frames["count"]})
-
-    # 2. training -----------------------------------------------------------------------------
-    t = time.perf_counter()
-    trainer = Trainer(train_cfg)
-    resumed = trainer.resume()
-    lo, hi = _PCT["train"]
-    emit({"pct": lo, "stage": "train", "status": "started", "steps": train_cfg.steps, "resumed_from": trainer.step if resumed else None,
-          "image_size": [int(trainer.scene.widths[trainer.train_ids[0]]), int(trainer.scene.heights[trainer.train_ids[0]])]})  # fmt: skip
-    every = max(1, train_cfg.steps // 100)
-
-    def on_step(step: int, loss: float, psnr: float, n: int, its: float) -> None:
-        if step % every == 0 or step == train_cfg.steps:
-            eta = (train_cfg.steps - step) / its if its > 0 else None
-            emit({"pct": round(lo + (hi - lo) * step / train_cfg.steps, 1), "stage": "train", "status": "running",
-                  "step": step, "steps": train_cfg.steps, "loss": round(loss, 5), "psnr": round(psnr, 2),
-                  "num_gaussians": n, "eta_s": None if eta is None else round(eta)})  # fmt: skip
-
-    result = trainer.train(on_step)
-    times["train_s"] = time.perf_counter() - t
-    emit({"pct": hi, "stage": "train", "status": "completed", "step": result.step, "num_gaussians": result.num_gaussians})
-    t = time.perf_counter()
-    run = trainer.as_run()
-    metrics = evaluate(run, ("test",) if run.scene.split["test"] else ("train",), write_images=False)
-    times["eval_s"] = time.perf_counter() - t
-
-    # 3. export -------------------------------------------------------------------------------
-    t = time.perf_counter()
-    emit({"pct": _PCT["export"][0], "stage": "export", "status": "started"})
+def _export(ctx: StageContext, out: Path) -> tuple[list[Path], dict]:
     from splatforge.geometry.transform import named_transform
+    from splatforge.products.export import export
 
-    exports = {"splat.ply": export(run, out / "splat.ply", "ply"),
-               "splat_rot.ply": export(run, out / "splat_rot.ply", "ply", transform=named_transform("splatter"))}  # fmt: skip
+    run = open_run(ctx, out / "run")
+    exports = {
+        "splat.ply": export(run, out / "splat.ply", "ply"),
+        "splat_rot.ply": export(run, out / "splat_rot.ply", "ply", transform=named_transform("splatter")),
+    }
     # from the rotated PLY's own float32 values: the bytes ply2splat makes of that file
     exports["splat_rot.splat"] = export(out / "splat_rot.ply", out / "splat_rot.splat", "splat", prune_opacity=0.0)
     warnings = []
@@ -391,46 +227,166 @@ def splatter(cfg: SplatterConfig, on_progress: Optional[Callable[[dict], None]] 
     except (SplatforgeError, ValueError, OSError, MemoryError, RuntimeError) as exc:
         log.warning("splat_rot.sog not written: %s", exc)
         warnings.append(f"splat_rot.sog: {exc}")
-    times["export_s"] = time.perf_counter() - t
-    emit({"pct": _PCT["export"][1], "stage": "export", "status": "warning" if warnings else "completed",
-          "num_gaussians": exports["splat.ply"]["num_gaussians"], **({"warnings": warnings} if warnings else {})})  # fmt: skip
+    info = {
+        "exports": {k: {"num_gaussians": v["num_gaussians"], "bytes": v["bytes"]} for k, v in exports.items()},
+        "num_gaussians": exports["splat.ply"]["num_gaussians"],
+        "warnings": warnings,
+    }
+    return [out / name for name in exports], info
 
-    # 4. previews (best effort) ---------------------------------------------------------------
-    t = time.perf_counter()
-    emit({"pct": _PCT["previews"][0], "stage": "previews", "status": "started"})
+
+def _previews(ctx: StageContext, out: Path, size: int) -> tuple[list[Path], dict]:
+    from splatforge.products.previews import write_previews
+
+    run = open_run(ctx, out / "run")
     scene = run.scene
     ids = scene.split["train"]
     i0 = ids[0]
-    previews = write_previews(run.splats, out, camtoworlds=scene.camtoworlds[ids], Ks=scene.Ks[ids],
-                              image_size=(int(scene.widths[i0]), int(scene.heights[i0])), size=cfg.preview_size,
-                              orbit=True, orbit_name="preview.mp4")  # fmt: skip
-    times["previews_s"] = time.perf_counter() - t
+    previews = write_previews(
+        run.splats,
+        out,
+        camtoworlds=scene.camtoworlds[ids],
+        Ks=scene.Ks[ids],
+        image_size=(int(scene.widths[i0]), int(scene.heights[i0])),
+        size=size,
+        orbit=True,
+        orbit_name="preview.mp4",
+    )
     failed = [k for k, v in previews.items() if v is None]
-    emit({"pct": _PCT["previews"][1], "stage": "previews", "status": "warning" if failed else "completed",
-          **({"failed": failed} if failed else {})})  # fmt: skip
-    times["total_s"] = sum(times.values())
-
-    # 5. result.json --------------------------------------------------------------------------
-    suffix = artifact_suffix(cfg.artifact_suffix)
-    artifacts = [{"name": f"{name}{suffix}", "data_type": dtype, "file": str(OUT_DIR / f), "bytes": (out / f).stat().st_size}
-                 for f, name, dtype in ARTIFACTS if (out / f).is_file()]  # fmt: skip
-    split = "test" if "test" in metrics else "train"
-    summary = {
-        "job_id": cfg.job_id, "domain_id": cfg.domain_id, "status": "succeeded", "artifacts": artifacts,
-        "outputs": {name: str(OUT_DIR / name) for name in exports},
-        "frames": frames,
-        "train": {"steps": result.step, "num_gaussians": result.num_gaussians, "strategy": train_cfg.strategy,
-                  "data_factor": train_cfg.data_factor, "device": str(train_cfg.device),
-                  "image_size": [int(scene.widths[i0]), int(scene.heights[i0])], "train_views": len(ids),
-                  "test_views": len(scene.split["test"]), "resumed": bool(resumed)},
-        "metrics": {"split": split, **{k: metrics[split][k] for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex", "num_views")},
-                    "lpips_note": metrics.get("lpips_note")},
-        "exports": {k: {"num_gaussians": v["num_gaussians"], "bytes": v["bytes"]} for k, v in exports.items()},
+    info = {
         "previews": {k: (None if v is None else Path(v).name) for k, v in previews.items()},
-        "warnings": warnings + [f"{k}: failed (see the log)" for k, v in previews.items() if v is None],
+        "failed": failed,
+        "warnings": [f"{k}: failed (see the log)" for k in failed],
+    }
+    return [Path(v) for v in previews.values() if v is not None], info
+
+
+def _complete(ctx: StageContext, cfg: SplatterConfig, runner: StageRunner) -> tuple[list[Path], dict]:
+    """``result.json``, from the records of the stages before it."""
+    root = Path(cfg.job_root_path)
+    out = root / OUT_DIR
+    info = {name: runner.info(name) for name in ("frames", "train", "eval", "export", "previews")}
+    train, metrics = info["train"], info["eval"]
+    suffix = artifact_suffix(cfg.artifact_suffix)
+    artifacts = [
+        {"name": f"{name}{suffix}", "data_type": dtype, "file": str(OUT_DIR / f), "bytes": (out / f).stat().st_size}
+        for f, name, dtype in ARTIFACTS
+        if (out / f).is_file()
+    ]
+    split = "test" if "test" in metrics else "train"
+    train_cfg = open_run(ctx, out / "run").cfg
+    seconds = {name: float(runner.manifest.stage(name).get("seconds", 0.0)) for name in info}
+    times = {
+        "frames_s": seconds["frames"],
+        "train_s": seconds["train"],
+        "eval_s": seconds["eval"],
+        "export_s": seconds["export"],
+        "previews_s": seconds["previews"],
+    }
+    times["total_s"] = sum(times.values())
+    summary = {
+        "job_id": cfg.job_id,
+        "domain_id": cfg.domain_id,
+        "status": "succeeded",
+        "artifacts": artifacts,
+        "outputs": {name: str(OUT_DIR / name) for name in info["export"].get("exports", {})},
+        "frames": info["frames"],
+        "train": {
+            "steps": train["step"],
+            "num_gaussians": train["num_gaussians"],
+            "strategy": train_cfg.strategy,
+            "data_factor": train["data_factor"],
+            "device": str(train_cfg.device),
+            "image_size": train["image_size"],
+            "train_views": train.get("train_views"),
+            "test_views": train.get("test_views"),
+            "resumed": train.get("resumed_from") is not None,
+        },
+        "metrics": {
+            "split": split,
+            **{k: metrics[split][k] for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex", "num_views")},
+            "lpips_note": metrics.get("lpips_note"),
+        },
+        "exports": info["export"].get("exports", {}),
+        "previews": info["previews"].get("previews", {}),
+        "warnings": info["export"].get("warnings", []) + info["previews"].get("warnings", []),
         "timings": {k: round(v, 2) for k, v in times.items()},
-    }  # fmt: skip
+    }
     with atomic_path(out / "result.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
-    emit({"pct": 100, "progress": 100, "stage": "complete", "status": "succeeded", "artifacts": [a["name"] for a in artifacts]})
-    return summary
+    return [out / "result.json"], {"artifacts": [a["name"] for a in artifacts], "summary": summary}
+
+
+def _eval(ctx: StageContext, out: Path) -> tuple[list[Path], dict]:
+    """Metrics of the test views (of the training views when none is held out), no images."""
+    splits = ("test",) if open_run(ctx, out / "run").scene.split["test"] else ("train",)
+    return eval_stage(ctx, out / "run", splits, write_images=False)
+
+
+def _train_with_split(ctx: StageContext, cfg) -> tuple[list[Path], dict]:
+    outputs, info = train_stage(ctx, cfg)
+    scene = ctx.shared["run"].scene
+    info.update(train_views=len(scene.split["train"]), test_views=len(scene.split["test"]))
+    return outputs, info
+
+
+def splatter(cfg: SplatterConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the job in ``cfg.job_root_path`` (module docstring) on the stage engine
+    (``ROOT/refined/splatter/manifest.json``: killed and started again, it skips the finished
+    stages and training continues from its checkpoint); ``on_progress(line)`` gets each progress
+    line (a dict, see :data:`STAGES`). Returns the summary also written to
+    ``ROOT/refined/splatter/result.json``.
+
+    Raises:
+        DataFormatError: a bad job root (no videos, missing or truncated model files, a model
+            image without its dataset or past its video's end, a video with no decodable frame).
+        ConfigError: bad options.
+    """
+    root = Path(cfg.job_root_path)
+    if not root.is_dir():
+        raise DataFormatError(f"{root}: no such job root folder")
+    out = root / OUT_DIR
+    if cfg.captures:
+        train_cfg = splatter_train_config(cfg)
+        copy.deepcopy(train_cfg).resolve()  # bad options fail before the slow stages
+        inputs = file_fingerprint(Path(p) for p in cfg.captures)
+        d_frames = digest(
+            "frames",
+            {
+                "captures": True,
+                "test_every": cfg.test_every,
+                "seed": cfg.seed,
+                "features": device_and_preset(cfg)[1].max_features,
+            },
+            inputs,
+        )
+        frames_stage = Stage("frames", functools.partial(_prepare_captures, cfg=cfg), d_frames)
+    else:
+        videos = datasets(root)
+        wanted = model_frames(read_job_model(root), videos)
+        train_cfg = splatter_train_config(cfg)
+        copy.deepcopy(train_cfg).resolve()  # bad options fail before the slow stages
+        d_frames = digest("frames", {}, file_fingerprint([model_dir(root), *videos.values()]))
+        frames_stage = Stage("frames", functools.partial(_frames, root=root, wanted=wanted, videos=videos), d_frames)
+    d_train = train_digest(train_cfg, [d_frames])
+    runner = StageRunner(out, NodeProgress(on_progress or (lambda line: None)))
+    stages = [
+        frames_stage,
+        Stage("train", functools.partial(_train_with_split, cfg=train_cfg), d_train),
+        Stage("eval", functools.partial(_eval, out=out), digest("eval", {}, None, [d_train])),
+        Stage("export", functools.partial(_export, out=out), digest("export", {}, None, [d_train])),
+        Stage(
+            "previews",
+            functools.partial(_previews, out=out, size=cfg.preview_size),
+            digest("previews", {"size": cfg.preview_size}, None, [d_train]),
+        ),
+    ]
+    done = run_stages(runner, stages)
+    d_complete = digest(
+        "complete",
+        {"job_id": cfg.job_id, "domain_id": cfg.domain_id, "suffix": cfg.artifact_suffix},
+        None,
+        [runner.manifest.stage(s.name).get("hash", "") for s in stages],
+    )
+    done["complete"] = runner.run(Stage("complete", functools.partial(_complete, cfg=cfg, runner=runner), d_complete))
+    return done["complete"].info["summary"]

@@ -10,8 +10,9 @@ Sources: a run folder (its latest ``point_cloud/iteration_N/point_cloud.ply``) o
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from splatforge.model import Splats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "latest_ply", "load_splats", "save_splats", "prune", "crop", "build_transform", "export"]
+__all__ = ["FORMATS", "build_transform", "crop", "export", "latest_ply", "load_splats", "prune", "save_splats"]
 
 FORMATS = ("ply", "splat", "spz", "sog")
 
@@ -71,8 +72,9 @@ def load_splats(source) -> Splats:
     raise DataFormatError(f"{source}: unknown splat file type {suffix!r} (expected .ply, .splat or .spz)")
 
 
-def save_splats(path: Path, splats: Splats | Mapping, fmt: Optional[str] = None, *, spz_version: int = 3,
-                antialiased: bool = False) -> Path:  # fmt: skip
+def save_splats(
+    path: Path, splats: Splats | Mapping, fmt: str | None = None, *, spz_version: int = 3, antialiased: bool = False
+) -> Path:
     """Write ``splats`` as ``fmt`` (default: from the suffix of ``path``), atomically.
 
     Raises:
@@ -132,8 +134,9 @@ def crop(splats: Splats | Mapping, bbox: Sequence[float]) -> Splats:
     return splats.select(np.all((m >= b[:3]) & (m <= b[3:]), axis=1))
 
 
-def build_transform(transform: Optional[str] = None, rotate: Optional[str] = None, matrix: Optional[Path] = None,
-                    scale: float = 1.0) -> Similarity:  # fmt: skip
+def build_transform(
+    transform: str | None = None, rotate: str | None = None, matrix: Path | None = None, scale: float = 1.0
+) -> Similarity:
     """Compose, in this order: the named ``transform``, the ``rotate`` Euler angles
     (``"x,y,z"`` degrees), the ``matrix`` file (``.npy`` or whitespace text, 4x4 or 3x4
     similarity), then a uniform ``scale``.
@@ -160,12 +163,19 @@ def build_transform(transform: Optional[str] = None, rotate: Optional[str] = Non
     return sim
 
 
-def export(source, output: Path, fmt: Optional[Literal["ply", "splat", "spz", "sog"]] = None, *,
-           transform: Optional[Similarity] = None, prune_opacity: float = 1 / 255,
-           crop_box: Optional[Sequence[float]] = None, spz_version: int = 3) -> dict:  # fmt: skip
-    """Load ``source`` (as :func:`load_splats`), prune Gaussians below ``prune_opacity`` (activated), apply ``transform``,
-    crop to ``crop_box`` (in the transformed frame) and write ``output``. Returns a summary
-    (counts, format, bytes).
+def export(
+    source,
+    output: Path,
+    fmt: Literal["ply", "splat", "spz", "sog"] | None = None,
+    *,
+    transform: Similarity | None = None,
+    prune_opacity: float = 1 / 255,
+    crop_box: Sequence[float] | None = None,
+    spz_version: int = 3,
+) -> dict:
+    """Load ``source`` (as :func:`load_splats`), prune Gaussians below ``prune_opacity``
+    (activated), apply ``transform``, crop to ``crop_box`` (in the transformed frame) and write
+    ``output``. Returns a summary (counts, format, bytes).
 
     Raises:
         DataFormatError / ConfigError: bad source, options, or nothing left to write.
@@ -183,7 +193,13 @@ def export(source, output: Path, fmt: Optional[Literal["ply", "splat", "spz", "s
     if len(splats["means"]) == 0:
         raise DataFormatError(f"{source}: no Gaussian left after pruning/cropping ({n_in} before); nothing to export")
     path = save_splats(output, splats, fmt, spz_version=spz_version, antialiased=antialiased)
-    summary = {"source": str(source), "output": str(path), "format": fmt or path.suffix.lstrip("."),
-               "num_gaussians_in": n_in, "num_gaussians": len(splats["means"]), "bytes": path.stat().st_size}  # fmt: skip
+    summary = {
+        "source": str(source),
+        "output": str(path),
+        "format": fmt or path.suffix.lstrip("."),
+        "num_gaussians_in": n_in,
+        "num_gaussians": len(splats["means"]),
+        "bytes": path.stat().st_size,
+    }
     log.info("%s: %d of %d Gaussians -> %s (%d bytes)", source, summary["num_gaussians"], n_in, path, summary["bytes"])
     return summary

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,7 +40,17 @@ from splatforge.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MeshConfig", "extract_mesh", "mesh_run", "write_mesh", "mesh_metrics", "default_tau", "read_geometry", "mesh_splats", "import_open3d"]
+__all__ = [
+    "MeshConfig",
+    "default_tau",
+    "extract_mesh",
+    "import_open3d",
+    "mesh_metrics",
+    "mesh_run",
+    "mesh_splats",
+    "read_geometry",
+    "write_mesh",
+]
 
 
 def import_open3d():
@@ -51,7 +62,9 @@ def import_open3d():
     try:
         import open3d
     except ImportError as exc:
-        raise ConfigError(f"meshes need Open3D: pip install 'splatforge[mesh]' (open3d-cpu, or open3d) ({exc})") from exc
+        raise ConfigError(
+            f"meshes need Open3D: pip install 'splatforge[mesh]' (open3d-cpu, or open3d) ({exc})"
+        ) from exc
     return open3d
 
 
@@ -59,11 +72,11 @@ def import_open3d():
 class MeshConfig:
     """TSDF fusion settings; None: derived from the scene (see the module docstring)."""
 
-    voxel_size: Optional[float] = None
+    voxel_size: float | None = None
     """Voxel edge, world units (default depth_trunc / 1024)."""
-    sdf_trunc: Optional[float] = None
+    sdf_trunc: float | None = None
     """Truncation of the signed distance, world units (default 4 voxels)."""
-    depth_trunc: Optional[float] = None
+    depth_trunc: float | None = None
     """Depths beyond this (world units, camera z) are not fused (default 2 x the camera radius)."""
     depth: Literal["expected", "median"] = "median"
     """Which rendered depth is fused: median (the depth where the transmittance crosses 0.5,
@@ -82,7 +95,7 @@ class MeshConfig:
     one; 0 (default): off, the rendered depths of one set of Gaussians agree by construction
     except where views see different floaters."""
 
-    def resolved(self, scene_scale: float) -> "MeshConfig":
+    def resolved(self, scene_scale: float) -> MeshConfig:
         depth_trunc = self.depth_trunc if self.depth_trunc is not None else 2.0 * scene_scale
         voxel = self.voxel_size if self.voxel_size is not None else depth_trunc / 1024.0
         sdf = self.sdf_trunc if self.sdf_trunc is not None else 4.0 * voxel
@@ -95,11 +108,13 @@ class MeshConfig:
             raise ConfigError(f"alpha_min must be in [0, 1), got {self.alpha_min}")
         if self.filter_px < 0:
             raise ConfigError(f"filter_px must be >= 0, got {self.filter_px}")
-        return MeshConfig(voxel, sdf, depth_trunc, self.depth, self.alpha_min, self.keep_clusters, self.split, self.filter_px)
+        return MeshConfig(
+            voxel, sdf, depth_trunc, self.depth, self.alpha_min, self.keep_clusters, self.split, self.filter_px
+        )
 
 
 @torch.no_grad()
-def extract_mesh(run, cfg: Optional[MeshConfig] = None, progress: Optional[Callable[[int, int], None]] = None):
+def extract_mesh(run, cfg: MeshConfig | None = None, progress: Callable[[int, int], None] | None = None):
     """Fuse ``run``'s rendered depth into a coloured triangle mesh (see the module docstring).
 
     Args:
@@ -119,8 +134,9 @@ def extract_mesh(run, cfg: Optional[MeshConfig] = None, progress: Optional[Calla
     cfg = (cfg or MeshConfig()).resolved(scene.scene_scale())
     views = list(range(len(scene))) if cfg.split == "all" else list(scene.split[cfg.split])
     integ = o3d.pipelines.integration
-    volume = integ.ScalableTSDFVolume(voxel_length=cfg.voxel_size, sdf_trunc=cfg.sdf_trunc,
-                                      color_type=integ.TSDFVolumeColorType.RGB8)  # fmt: skip
+    volume = integ.ScalableTSDFVolume(
+        voxel_length=cfg.voxel_size, sdf_trunc=cfg.sdf_trunc, color_type=integ.TSDFVolumeColorType.RGB8
+    )
     if set(views) & set(scene.split["test"]):
         run.align_test_views()  # test views drawn as evaluation draws them (pose_opt runs)
     viewmats = run.viewmats()  # the poses the run renders from (refined ones with pose_opt)
@@ -140,8 +156,9 @@ def extract_mesh(run, cfg: Optional[MeshConfig] = None, progress: Optional[Calla
         sub = np.array(views)
         pos_of = {i: k for k, i in enumerate(views)}
         for i in views:
-            keep = multiview_depth_mask(lambda k: cache[int(sub[k])][1], scene.camtoworlds[sub], scene.Ks[sub],
-                                        pos_of[i], cfg.filter_px)  # fmt: skip
+            keep = multiview_depth_mask(
+                lambda k: cache[int(sub[k])][1], scene.camtoworlds[sub], scene.Ks[sub], pos_of[i], cfg.filter_px
+            )
             cache[i][1][~keep] = 0.0
     fused = 0
     for pos, index in enumerate(views):
@@ -152,24 +169,42 @@ def extract_mesh(run, cfg: Optional[MeshConfig] = None, progress: Optional[Calla
         # Open3D puts pixel centres at integers, splatforge (and gsplat) at integer + 0.5
         intr = o3d.camera.PinholeCameraIntrinsic(w, h, K[0, 0], K[1, 1], K[0, 2] - 0.5, K[1, 2] - 0.5)
         rgbd = o3d.geometry.RGBDImage.create_from_color_and_depth(
-            o3d.geometry.Image(np.ascontiguousarray(rgb)), o3d.geometry.Image(depth), depth_scale=1.0,
-            depth_trunc=cfg.depth_trunc, convert_rgb_to_intensity=False)  # fmt: skip
+            o3d.geometry.Image(np.ascontiguousarray(rgb)),
+            o3d.geometry.Image(depth),
+            depth_scale=1.0,
+            depth_trunc=cfg.depth_trunc,
+            convert_rgb_to_intensity=False,
+        )
         volume.integrate(rgbd, intr, viewmats[index].astype(np.float64))
         if progress is not None:
             progress(pos + 1, len(views))
     if fused == 0:
-        raise DataFormatError(f"{getattr(run, 'path', 'run')}: no opaque pixel within {cfg.depth_trunc:.4g} world units "
-                              f"in any of the {len(views)} views: nothing to fuse")  # fmt: skip
+        raise DataFormatError(
+            f"{getattr(run, 'path', 'run')}: no opaque pixel within {cfg.depth_trunc:.4g} world units "
+            f"in any of the {len(views)} views: nothing to fuse"
+        )
     mesh = volume.extract_triangle_mesh()
     n_raw = len(mesh.triangles)
     if n_raw == 0:
-        raise DataFormatError(f"{getattr(run, 'path', 'run')}: Open3D {o3d.__version__} fused {fused} pixels of {len(views)} views "
-                              f"but extracted no triangle (open3d-cpu 0.20.0's ScalableTSDFVolume does this: use 0.19)")  # fmt: skip
+        raise DataFormatError(
+            f"{getattr(run, 'path', 'run')}: Open3D {o3d.__version__} fused {fused} pixels of {len(views)} views "
+            f"but extracted no triangle (open3d-cpu 0.20.0's ScalableTSDFVolume does this: use 0.19)"
+        )
     mesh = _drop_small_pieces(mesh, cfg.keep_clusters)
     mesh.compute_vertex_normals()
-    info = {"voxel_size": cfg.voxel_size, "sdf_trunc": cfg.sdf_trunc, "depth_trunc": cfg.depth_trunc,
-            "depth": cfg.depth, "alpha_min": cfg.alpha_min, "filter_px": cfg.filter_px, "views": len(views), "fused_pixels": fused,
-            "triangles_extracted": n_raw, "triangles": len(mesh.triangles), "vertices": len(mesh.vertices)}  # fmt: skip
+    info = {
+        "voxel_size": cfg.voxel_size,
+        "sdf_trunc": cfg.sdf_trunc,
+        "depth_trunc": cfg.depth_trunc,
+        "depth": cfg.depth,
+        "alpha_min": cfg.alpha_min,
+        "filter_px": cfg.filter_px,
+        "views": len(views),
+        "fused_pixels": fused,
+        "triangles_extracted": n_raw,
+        "triangles": len(mesh.triangles),
+        "vertices": len(mesh.vertices),
+    }
     return mesh, info
 
 
@@ -203,15 +238,27 @@ def mesh_splats(mesh, camtoworlds: np.ndarray, voxel_size: float, shaded: bool =
         g = 0.15 + 0.8 * np.abs(normals @ light.astype(np.float32))
         rgb = np.repeat(g[:, None], 3, axis=1)
     else:
-        rgb = np.asarray(mesh.vertex_colors, np.float32) if mesh.has_vertex_colors() else np.full((n, 3), 0.7, np.float32)
-    return Splats(means=v, quats=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
-                  scales=np.full((n, 3), np.log(0.7 * voxel_size), np.float32), opacities=np.full(n, 5.0, np.float32),
-                  sh0=rgb_to_sh(rgb)[:, None, :].astype(np.float32),
-                  shN=np.zeros((n, 0, 3), np.float32))  # fmt: skip
+        rgb = (
+            np.asarray(mesh.vertex_colors, np.float32) if mesh.has_vertex_colors() else np.full((n, 3), 0.7, np.float32)
+        )
+    return Splats(
+        means=v,
+        quats=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
+        scales=np.full((n, 3), np.log(0.7 * voxel_size), np.float32),
+        opacities=np.full(n, 5.0, np.float32),
+        sh0=rgb_to_sh(rgb)[:, None, :].astype(np.float32),
+        shN=np.zeros((n, 0, 3), np.float32),
+    )
 
 
-def mesh_run(run, out: Path, cfg: Optional[MeshConfig] = None, *, pictures: bool = True,
-             progress: Optional[Callable[[int, int], None]] = None) -> dict:  # fmt: skip
+def mesh_run(
+    run,
+    out: Path,
+    cfg: MeshConfig | None = None,
+    *,
+    pictures: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """:func:`extract_mesh` of ``run`` written to ``out`` (PLY), its settings and counts to
     ``out`` with the suffix ``.json``, and with ``pictures`` ``mesh_top.jpg``/``mesh_angle.jpg``
     beside it (see :func:`mesh_splats`); returns that info dict.
@@ -227,9 +274,17 @@ def mesh_run(run, out: Path, cfg: Optional[MeshConfig] = None, *, pictures: bool
     info["mesh"] = str(out)
     if pictures:
         sc = run.scene
-        info.update(write_previews(mesh_splats(mesh, sc.camtoworlds, info["voxel_size"]), out.parent,
-                                   camtoworlds=sc.camtoworlds, Ks=sc.Ks, image_size=(int(sc.widths[0]), int(sc.heights[0])),
-                                   size=768, prefix=out.stem))  # fmt: skip
+        info.update(
+            write_previews(
+                mesh_splats(mesh, sc.camtoworlds, info["voxel_size"]),
+                out.parent,
+                camtoworlds=sc.camtoworlds,
+                Ks=sc.Ks,
+                image_size=(int(sc.widths[0]), int(sc.heights[0])),
+                size=768,
+                prefix=out.stem,
+            )
+        )
     with atomic_path(out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(info, indent=2))
     return info
@@ -294,7 +349,15 @@ def mesh_metrics(points: np.ndarray, reference: np.ndarray, tau: float) -> dict:
     d_rp = cKDTree(points).query(reference, workers=-1)[0]
     precision, recall = float(np.mean(d_pr < tau)), float(np.mean(d_rp < tau))
     f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"tau": float(tau), "precision": precision, "recall": recall, "fscore": f,
-            "accuracy_mean": float(d_pr.mean()), "accuracy_median": float(np.median(d_pr)),
-            "completeness_mean": float(d_rp.mean()), "completeness_median": float(np.median(d_rp)),
-            "num_points": int(len(points)), "num_reference": int(len(reference))}  # fmt: skip
+    return {
+        "tau": float(tau),
+        "precision": precision,
+        "recall": recall,
+        "fscore": f,
+        "accuracy_mean": float(d_pr.mean()),
+        "accuracy_median": float(np.median(d_pr)),
+        "completeness_mean": float(d_rp.mean()),
+        "completeness_median": float(np.median(d_rp)),
+        "num_points": len(points),
+        "num_reference": len(reference),
+    }

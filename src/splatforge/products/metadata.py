@@ -24,7 +24,7 @@ import numpy as np
 from splatforge._fs import atomic_path
 from splatforge.errors import DataFormatError
 
-__all__ = ["write_metadata", "read_metadata", "check_partition", "fix_partition"]
+__all__ = ["check_partition", "fix_partition", "read_metadata", "write_metadata"]
 
 
 def write_metadata(out: Path, scene) -> list[Path]:
@@ -32,12 +32,17 @@ def write_metadata(out: Path, scene) -> list[Path]:
     out = Path(out)
     paths = [out / "partition.json", out / "cam_extrinsics.npy", out / "cam_intrinsics.npy", out / "frames.json"]
     with atomic_path(paths[0]) as tmp:
-        tmp.write_text(json.dumps({"train": [int(i) for i in scene.split["train"]], "test": [int(i) for i in scene.split["test"]]}))
+        tmp.write_text(
+            json.dumps({"train": [int(i) for i in scene.split["train"]], "test": [int(i) for i in scene.split["test"]]})
+        )
     with atomic_path(paths[1]) as tmp:
         np.save(tmp, np.asarray(scene.camtoworlds, dtype=np.float64))
     with atomic_path(paths[2]) as tmp:
         np.save(tmp, np.asarray(scene.Ks, dtype=np.float64))
-    frames = [{"name": n, "width": int(w), "height": int(h)} for n, w, h in zip(scene.image_names, scene.widths, scene.heights)]
+    frames = [
+        {"name": n, "width": int(w), "height": int(h)}
+        for n, w, h in zip(scene.image_names, scene.widths, scene.heights)
+    ]
     with atomic_path(paths[3]) as tmp:
         tmp.write_text(json.dumps(frames, indent=1))
     return paths
@@ -75,9 +80,12 @@ def check_partition(partition: object, n: int) -> str | None:
     if not partition["train"]:
         return "partition.json has no training frame"
     if sorted(idx) != list(range(n)):
-        bad = sorted(set(i for i in idx if not 0 <= i < n))
+        bad = sorted({i for i in idx if not 0 <= i < n})
         dup = len(idx) - len(set(idx))
-        return f"partition.json does not split {n} frames exactly once (out of range: {bad[:5]}, duplicates: {dup}, covered: {len(set(idx))})"
+        return (
+            f"partition.json does not split {n} frames exactly once "
+            f"(out of range: {bad[:5]}, duplicates: {dup}, covered: {len(set(idx))})"
+        )
     return None
 
 

@@ -36,7 +36,6 @@ _LPIPS = {"lpips_vgg": ("vgg", "VGG16_Weights"), "lpips_alex": ("alex", "AlexNet
 LPIPS_KEYS = tuple(_LPIPS)
 
 
-
 def psnr(render: Tensor, gt: Tensor) -> float:
     """PSNR in dB of ``[B, H, W, 3]`` images in [0, 1] (render clamped first), at most 100. The
     mean squared error is summed in float64 by numpy, so the value does not depend on how many
@@ -52,8 +51,11 @@ def ssim(render: Tensor, gt: Tensor) -> float:
     ensure_torchvision_importable()
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return float(structural_similarity_index_measure(render.clamp(0, 1).permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2),
-                                                     data_range=1.0, kernel_size=11, sigma=1.5))  # fmt: skip
+    return float(
+        structural_similarity_index_measure(
+            render.clamp(0, 1).permute(0, 3, 1, 2), gt.permute(0, 3, 1, 2), data_range=1.0, kernel_size=11, sigma=1.5
+        )
+    )
 
 
 def _weights_file(enum_name: str) -> Path:
@@ -62,7 +64,9 @@ def _weights_file(enum_name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def lpips_metrics(device: torch.device | str = "cpu") -> tuple[dict[str, Callable[[Tensor, Tensor], float]], str | None]:
+def lpips_metrics(
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Callable[[Tensor, Tensor], float]], str | None]:
     """The LPIPS metrics that can run here (``{"lpips_vgg": fn, "lpips_alex": fn}``, each
     ``fn(render [B, H, W, 3], gt) -> float``, images in [0, 1]) and, when any cannot, one line
     saying why (else None). Never downloads anything.

@@ -22,9 +22,10 @@ supports (:func:`preview_selection`): Gaussians that at least two training views
 floaters that one view explains, or none (typical of random initialisation and short runs), would
 otherwise fill views from outside the capture. (The visibility score of
 :mod:`splatforge.products.visibility`, the 2nd-best view's transmittance *in front of* a
-Gaussian, is not used: it drops the second layer of every surface, and the previews turn glassy.) For captures made from inside a space (the cameras stand within the
-footprint of the scene, as in a room scanned with a phone), what lies above the cameras' height
-band is cut away too, so that the top-down view shows the floor plan and not the ceiling.
+Gaussian, is not used: it drops the second layer of every surface, and the previews turn glassy.)
+For captures made from inside a space (the cameras stand within the footprint of the scene, as in a
+room scanned with a phone), what lies above the cameras' height band is cut away too, so that the
+top-down view shows the floor plan and not the ceiling.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -46,8 +46,18 @@ from splatforge.raster.constants import DEFAULT_NEAR_PLANE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SceneFrame", "scene_frame", "estimate_up", "capture_side", "preview_cameras", "render_view", "contributing",
-           "captured_from_inside", "preview_selection", "write_previews"]
+__all__ = [
+    "SceneFrame",
+    "capture_side",
+    "captured_from_inside",
+    "contributing",
+    "estimate_up",
+    "preview_cameras",
+    "preview_selection",
+    "render_view",
+    "scene_frame",
+    "write_previews",
+]
 
 FOV_DEG = 40.0
 MIN_VIEW_WEIGHT = 0.05
@@ -58,7 +68,7 @@ BOX_MARGIN = 1.25
 twice) enlarged by this factor."""
 
 
-def estimate_up(camtoworlds: Optional[np.ndarray]) -> np.ndarray:
+def estimate_up(camtoworlds: np.ndarray | None) -> np.ndarray:
     """World up direction ``[3]`` (unit) from ``camtoworlds [N, 4, 4]`` (OpenCV axes): the
     normalised mean of the cameras' ``-y`` axes; ``(0, -1, 0)`` without cameras."""
     if camtoworlds is None or len(camtoworlds) == 0:
@@ -130,7 +140,7 @@ def _sphere_distance(frame: SceneFrame) -> float:
     return 1.05 * frame.radius / np.sin(np.radians(FOV_DEG) / 2)
 
 
-def capture_side(camtoworlds: Optional[np.ndarray], frame: SceneFrame) -> Optional[np.ndarray]:
+def capture_side(camtoworlds: np.ndarray | None, frame: SceneFrame) -> np.ndarray | None:
     """Unit horizontal direction ``[3]`` from the scene's centre towards the side the cameras
     stand on, or None when they surround it (an orbit: the mean offset is under a third of the
     mean distance)."""
@@ -143,7 +153,9 @@ def capture_side(camtoworlds: Optional[np.ndarray], frame: SceneFrame) -> Option
     return (mean / np.linalg.norm(mean)) @ frame.axes[:2]
 
 
-def preview_cameras(frame: SceneFrame, size: int, side: Optional[np.ndarray] = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def preview_cameras(
+    frame: SceneFrame, size: int, side: np.ndarray | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"top": (viewmat, K), "angle": (viewmat, K)}`` for a ``size x size`` image, framing the
     robust bounds (see the module docstring). ``side`` (unit, horizontal; :func:`capture_side`)
     puts the angled view on the side the capture was made from (a wall-mounted object is not
@@ -162,21 +174,47 @@ def preview_cameras(frame: SceneFrame, size: int, side: Optional[np.ndarray] = N
     return {"top": (top, K), "angle": (angle, K)}
 
 
-def render_view(splats: Splats | dict, viewmat: np.ndarray, K: np.ndarray, width: int, height: int,
-                background: float = 0.0, device: str | torch.device = "cpu", near_plane: float = DEFAULT_NEAR_PLANE) -> np.ndarray:  # fmt: skip
+def render_view(
+    splats: Splats | dict,
+    viewmat: np.ndarray,
+    K: np.ndarray,
+    width: int,
+    height: int,
+    background: float = 0.0,
+    device: str | torch.device = "cpu",
+    near_plane: float = DEFAULT_NEAR_PLANE,
+) -> np.ndarray:
     """Render ``splats`` (:class:`~splatforge.model.Splats`, numpy or torch) from one camera
     (``viewmat [4, 4]`` world-to-camera, OpenCV axes; ``K [3, 3]`` pixels; ``near_plane`` world
     units) on ``device``; returns ``[H, W, 3]`` float32 RGB in [0, 1]."""
-    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
+    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32), device=device)
     with torch.no_grad():
-        img, _, _ = Splats.from_mapping(splats).torch(device).rasterize(
-            t(viewmat)[None], t(K)[None], width, height, backgrounds=torch.full((1, 3), background, device=device),
-            near_plane=near_plane)
+        img, _, _ = (
+            Splats.from_mapping(splats)
+            .torch(device)
+            .rasterize(
+                t(viewmat)[None],
+                t(K)[None],
+                width,
+                height,
+                backgrounds=torch.full((1, 3), background, device=device),
+                near_plane=near_plane,
+            )
+        )
     return img[0].clamp(0, 1).cpu().numpy()
 
 
-def contributing(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int,
-                 min_weight: float = 1.0, scale: float = 0.5, min_views: int = 1, batch: int = 8) -> np.ndarray:  # fmt: skip
+def contributing(
+    splats: Splats | dict,
+    camtoworlds: np.ndarray,
+    Ks: np.ndarray,
+    width: int,
+    height: int,
+    min_weight: float = 1.0,
+    scale: float = 0.5,
+    min_views: int = 1,
+    batch: int = 8,
+) -> np.ndarray:
     """``[N]`` bool: Gaussians whose blending weight ``sum_p alpha_i T_i`` reaches ``min_weight``
     in at least ``min_views`` of the training views (``camtoworlds [V,4,4]`` OpenCV, ``Ks
     [V,3,3]`` pixels at ``width x height``), rendered at ``scale``. The weight is the gradient of
@@ -186,21 +224,22 @@ def contributing(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray,
     in training."""
     from splatforge.raster import rasterize
 
-    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))
     a = Splats.from_mapping(splats).detach().torch("cpu").activated(0)
     means, quats, scales, opac = a.means, a.quats, a.scales, a.opacities
     n = means.shape[0]
     K = t(Ks).clone()
     K[:, :2] *= scale
     viewmats = t(np.linalg.inv(camtoworlds))
-    w, h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+    w, h = max(1, int(round(width * scale))), max(1, int(round(height * scale)))  # noqa: RUF046
     step = batch if min_views == 1 else 1
     near = NEAR_PLANE * world_unit(camtoworlds)
     views = torch.zeros(n, dtype=torch.int32)
     for i in range(0, len(viewmats), step):
         feature = torch.zeros(n, 1, requires_grad=True)
-        img, _, _ = rasterize(means, quats, scales, opac, feature, viewmats[i : i + step], K[i : i + step], w, h,
-                              near_plane=near)
+        img, _, _ = rasterize(
+            means, quats, scales, opac, feature, viewmats[i : i + step], K[i : i + step], w, h, near_plane=near
+        )
         img.sum().backward()
         views += (feature.grad[:, 0] >= min_weight).int()
     return (views >= min_views).numpy()
@@ -217,13 +256,17 @@ def captured_from_inside(camtoworlds: np.ndarray, frame: SceneFrame) -> bool:
     return dist < 0.6 * float(max(frame.half_extent[0], frame.half_extent[1]))
 
 
-def preview_selection(splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int) -> tuple[np.ndarray, dict]:
+def preview_selection(
+    splats: Splats | dict, camtoworlds: np.ndarray, Ks: np.ndarray, width: int, height: int
+) -> tuple[np.ndarray, dict]:
     """``([N] bool, notes)``: the Gaussians the previews show (module docstring): those that
     contribute to at least two training views, and, for a capture made from inside, not above the
     top of the cameras' height band (their 95th percentile along the up axis plus 5 % of the
     band's height). ``notes`` counts what each rule kept."""
     splats = Splats.from_mapping(splats).numpy()
-    keep = contributing(splats, camtoworlds, Ks, width, height, min_weight=MIN_VIEW_WEIGHT, min_views=min(2, len(camtoworlds)))
+    keep = contributing(
+        splats, camtoworlds, Ks, width, height, min_weight=MIN_VIEW_WEIGHT, min_views=min(2, len(camtoworlds))
+    )
     notes = {"num_gaussians": len(splats), "seen_twice": int(keep.sum())}
     up = estimate_up(camtoworlds)
     frame = scene_frame(splats.select(keep) if keep.sum() >= 10 else splats, up)
@@ -256,28 +299,41 @@ def _write_orbit(splats, frame: SceneFrame, size: int, path: Path, frames: int =
 
     major, minor, up = frame.axes
     K, dist = _intrinsics(size), _sphere_distance(frame)
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width = stream.height = size - size % 2
-            stream.pix_fmt = "yuv420p"
-            for i in range(frames):
-                a = 2 * np.pi * i / frames
-                horiz = np.cos(a) * major + np.sin(a) * minor
-                eye = frame.center + dist * (np.cos(np.radians(30)) * horiz + np.sin(np.radians(30)) * up)
-                img = render_view(splats, _look_at(eye, frame.center, up), K, stream.width, stream.height,
-                                  near_plane=NEAR_PLANE * dist)
-                vf = av.VideoFrame.from_ndarray((img * 255 + 0.5).astype(np.uint8), format="rgb24")
-                for packet in stream.encode(vf):
-                    container.mux(packet)
-            for packet in stream.encode():
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size - size % 2
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            a = 2 * np.pi * i / frames
+            horiz = np.cos(a) * major + np.sin(a) * minor
+            eye = frame.center + dist * (np.cos(np.radians(30)) * horiz + np.sin(np.radians(30)) * up)
+            img = render_view(
+                splats,
+                _look_at(eye, frame.center, up),
+                K,
+                stream.width,
+                stream.height,
+                near_plane=NEAR_PLANE * dist,
+            )
+            vf = av.VideoFrame.from_ndarray((img * 255 + 0.5).astype(np.uint8), format="rgb24")
+            for packet in stream.encode(vf):
                 container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
-def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optional[np.ndarray] = None,
-                   Ks: Optional[np.ndarray] = None, image_size: Optional[tuple[int, int]] = None,
-                   size: int = 1024, orbit: bool = False, orbit_name: str = "preview_orbit.mp4",
-                   prefix: str = "preview") -> dict[str, Optional[str]]:  # fmt: skip
+def write_previews(
+    splats: Splats | dict,
+    out_dir: Path,
+    *,
+    camtoworlds: np.ndarray | None = None,
+    Ks: np.ndarray | None = None,
+    image_size: tuple[int, int] | None = None,
+    size: int = 1024,
+    orbit: bool = False,
+    orbit_name: str = "preview_orbit.mp4",
+    prefix: str = "preview",
+) -> dict[str, str | None]:
     """Write ``<prefix>_top.jpg`` and ``<prefix>_angle.jpg`` (``preview_`` by default; and the
     orbit video ``orbit_name``) into ``out_dir``. With ``camtoworlds``, ``Ks`` and ``image_size`` (width, height) of the
     training views, only the Gaussians of :func:`preview_selection` are shown. A preview that
@@ -285,7 +341,7 @@ def write_previews(splats: Splats | dict, out_dir: Path, *, camtoworlds: Optiona
     for a rendering failure, so pipelines keep going."""
     out_dir = Path(out_dir)
     splats = Splats.from_mapping(splats).numpy()
-    result: dict[str, Optional[str]] = {f"{prefix}_top": None, f"{prefix}_angle": None}
+    result: dict[str, str | None] = {f"{prefix}_top": None, f"{prefix}_angle": None}
     if camtoworlds is not None and Ks is not None and image_size is not None:
         try:
             keep, notes = preview_selection(splats, camtoworlds, Ks, *image_size)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from splatforge.products.metrics import LPIPS_KEYS, lpips_metrics, psnr, ssim
 
 log = logging.getLogger(__name__)
 
-__all__ = ["render_split", "evaluate", "write_depth", "render_depth_split"]
+__all__ = ["evaluate", "render_depth_split", "render_split", "write_depth"]
 
 
 def write_depth(path: Path, depth: torch.Tensor, alpha: torch.Tensor, png_preview: bool = False) -> list[Path]:
@@ -51,8 +51,15 @@ def split_folder(run, split: str) -> Path:
 
 
 @torch.no_grad()
-def render_split(run, split: str, *, depth: bool = False, write: bool = True,
-                 lpips: Optional[dict[str, Callable]] = None, left_right: Optional[bool] = None) -> dict:  # fmt: skip
+def render_split(
+    run,
+    split: str,
+    *,
+    depth: bool = False,
+    write: bool = True,
+    lpips: dict[str, Callable] | None = None,
+    left_right: bool | None = None,
+) -> dict:
     """Render every view of ``split`` ("train" or "test") of ``run`` (a
     :class:`~splatforge.train.Run`), write renders/gt (and depth) PNGs under ``run.path``, and
     return the metrics: ``{"psnr", "ssim", "lpips_vgg", "lpips_alex", "lpips", "num_views",
@@ -88,7 +95,12 @@ def render_split(run, split: str, *, depth: bool = False, write: bool = True,
             write_png(gt[0], folder / "gt" / f"{pos:05d}.png")
             if depth:
                 write_depth(folder / "depth" / f"{pos:05d}.npy", render[0, ..., 3], alpha[0, ..., 0])
-        view = {"index": index, "image_name": run.scene.image_names[index], "psnr": psnr(rgb, gt), "ssim": ssim(rgb, gt)}
+        view = {
+            "index": index,
+            "image_name": run.scene.image_names[index],
+            "psnr": psnr(rgb, gt),
+            "ssim": ssim(rgb, gt),
+        }
         view.update({k: (lpips[k](rgb, gt) if k in lpips else None) for k in LPIPS_KEYS})
         mask = run.mask(index)
         if mask is not None:
@@ -133,8 +145,15 @@ def evaluate(run, splits=("test", "train"), *, depth: bool = False, write_images
         from splatforge.train.poses import POSE_ALIGN_PROTOCOL
 
         result["test_poses"] = POSE_ALIGN_PROTOCOL.format(steps=cfg.pose_align_steps, lr=cfg.pose_align_lr)
-    result["masks"] = (("the images' alpha" if cfg.alpha_mask else "SCENE/masks") + (" (inverted)" if cfg.invert_masks else "")
-                       + ": psnr/ssim over every pixel, psnr_masked/ssim_masked over the kept ones") if uses else None  # fmt: skip
+    result["masks"] = (
+        (
+            ("the images' alpha" if cfg.alpha_mask else "SCENE/masks")
+            + (" (inverted)" if cfg.invert_masks else "")
+            + ": psnr/ssim over every pixel, psnr_masked/ssim_masked over the kept ones"
+        )
+        if uses
+        else None
+    )
     with atomic_path(run.path / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
     return result

@@ -20,7 +20,6 @@ the view's position in its split (the order of ``partition.json``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -28,29 +27,47 @@ import torch
 from splatforge._fs import atomic_path
 from splatforge.raster.constants import DEFAULT_NEAR_PLANE
 
-__all__ = ["gaussian_scores", "second_pick", "score_maps", "write_visibility", "visibility_products"]
+__all__ = ["gaussian_scores", "score_maps", "second_pick", "visibility_products", "write_visibility"]
 
 TOP_K = 5
 
 
-def gaussian_scores(gaussians: dict[str, torch.Tensor], viewmats: torch.Tensor, Ks: torch.Tensor, width: int,
-                    height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic",
-                    near_plane: float = DEFAULT_NEAR_PLANE) -> torch.Tensor:  # fmt: skip
+def gaussian_scores(
+    gaussians: dict[str, torch.Tensor],
+    viewmats: torch.Tensor,
+    Ks: torch.Tensor,
+    width: int,
+    height: int,
+    backend: str = "auto",
+    batch: int = 8,
+    rasterize_mode: str = "classic",
+    near_plane: float = DEFAULT_NEAR_PLANE,
+) -> torch.Tensor:
     """Per training view and Gaussian, the mean transmittance in front of it over the pixels it
     touches: ``[V, N]`` float64 (0 where it touches none).
 
     ``gaussians`` holds **activated** tensors (a mapping or :class:`~splatforge.model.Activated`):
-    ``means [N,3]``, ``quats [N,4]``, ``scales [N,3]`` (world units), ``opacities [N]`` (in [0, 1]). ``viewmats [V,4,4]`` world-to-camera (OpenCV),
-    ``Ks [V,3,3]`` pixels, ``near_plane`` world units (a run's :attr:`~splatforge.train.Run.near_plane`).
+    ``means [N,3]``, ``quats [N,4]``, ``scales [N,3]`` (world units), ``opacities [N]`` (in [0, 1]).
+    ``viewmats [V,4,4]`` world-to-camera (OpenCV), ``Ks [V,3,3]`` pixels, ``near_plane`` world
+    units (a run's :attr:`~splatforge.train.Run.near_plane`).
     """
     from splatforge.raster import transmittance_stats
 
     out = []
     for i in range(0, viewmats.shape[0], batch):
-        sum_T, count = transmittance_stats(gaussians["means"], gaussians["quats"], gaussians["scales"],
-                                           gaussians["opacities"], viewmats[i : i + batch], Ks[i : i + batch],
-                                           width, height, backend=backend, rasterize_mode=rasterize_mode,
-                                           near_plane=near_plane)  # fmt: skip
+        sum_T, count = transmittance_stats(
+            gaussians["means"],
+            gaussians["quats"],
+            gaussians["scales"],
+            gaussians["opacities"],
+            viewmats[i : i + batch],
+            Ks[i : i + batch],
+            width,
+            height,
+            backend=backend,
+            rasterize_mode=rasterize_mode,
+            near_plane=near_plane,
+        )
         out.append(torch.where(count > 0, sum_T / count.clamp(min=1), torch.zeros_like(sum_T)))
     return torch.cat(out).cpu()
 
@@ -64,9 +81,18 @@ def second_pick(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
     return torch.topk(scores, k, dim=0).values[1]
 
 
-def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
-               width: int, height: int, backend: str = "auto", batch: int = 8, rasterize_mode: str = "classic",
-               near_plane: float = DEFAULT_NEAR_PLANE) -> torch.Tensor:  # fmt: skip
+def score_maps(
+    gaussians: dict[str, torch.Tensor],
+    vis: torch.Tensor,
+    viewmats: torch.Tensor,
+    Ks: torch.Tensor,
+    width: int,
+    height: int,
+    backend: str = "auto",
+    batch: int = 8,
+    rasterize_mode: str = "classic",
+    near_plane: float = DEFAULT_NEAR_PLANE,
+) -> torch.Tensor:
     """Render the per-Gaussian visibility ``vis [N]`` as a one-channel colour: ``[V, H, W]``
     (``near_plane`` in world units, as :func:`gaussian_scores`)."""
     from splatforge.raster import rasterize
@@ -75,14 +101,27 @@ def score_maps(gaussians: dict[str, torch.Tensor], vis: torch.Tensor, viewmats: 
     maps = []
     with torch.no_grad():
         for i in range(0, viewmats.shape[0], batch):
-            img, _, _ = rasterize(gaussians["means"], gaussians["quats"], gaussians["scales"], gaussians["opacities"],
-                                  feats, viewmats[i : i + batch], Ks[i : i + batch], width, height, backend=backend,
-                                  rasterize_mode=rasterize_mode, near_plane=near_plane)  # fmt: skip
+            img, _, _ = rasterize(
+                gaussians["means"],
+                gaussians["quats"],
+                gaussians["scales"],
+                gaussians["opacities"],
+                feats,
+                viewmats[i : i + batch],
+                Ks[i : i + batch],
+                width,
+                height,
+                backend=backend,
+                rasterize_mode=rasterize_mode,
+                near_plane=near_plane,
+            )
             maps.append(img[..., 0].clamp(0, 1).cpu())
     return torch.cat(maps)
 
 
-def write_visibility(folder: Path, maps: torch.Tensor, threshold: float = 0.5, names: Optional[list[str]] = None) -> list[Path]:
+def write_visibility(
+    folder: Path, maps: torch.Tensor, threshold: float = 0.5, names: list[str] | None = None
+) -> list[Path]:
     """Write masks (white where ``maps < threshold``) and score maps for one split into
     ``folder`` (``{split}/ours_N``); returns the written paths."""
     from PIL import Image

@@ -8,6 +8,21 @@ Importing this package compiles nothing and never imports gsplat.
 """
 
 from splatforge.errors import BackendUnavailableError
-from splatforge.raster.api import BACKENDS, RENDER_MODES, available_backends, rasterize, resolve_backend, transmittance_stats
+from splatforge.raster.api import (
+    BACKENDS,
+    RENDER_MODES,
+    available_backends,
+    rasterize,
+    resolve_backend,
+    transmittance_stats,
+)
 
-__all__ = ["rasterize", "transmittance_stats", "available_backends", "resolve_backend", "BackendUnavailableError", "BACKENDS", "RENDER_MODES"]
+__all__ = [
+    "BACKENDS",
+    "RENDER_MODES",
+    "BackendUnavailableError",
+    "available_backends",
+    "rasterize",
+    "resolve_backend",
+    "transmittance_stats",
+]

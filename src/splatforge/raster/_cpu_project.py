@@ -20,7 +20,7 @@ import numpy as np
 from splatforge.geometry.sh import SH_C0, SH_C1, SH_C2, SH_C3
 from splatforge.raster.constants import ALPHA_THRESHOLD, FASTMATH, RADIUS_EXTEND
 
-_JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
+_JIT = {"cache": True, "nogil": True, "fastmath": set(FASTMATH)}
 _CHUNK = 256  # Gaussians per parallel work item
 
 
@@ -73,10 +73,15 @@ def _fov_limits(Ks, c, width, height):
     fx, fy, cx, cy = Ks[c, 0, 0], Ks[c, 1, 1], Ks[c, 0, 2], Ks[c, 1, 2]
     tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
     return (
-        fx, fy, cx, cy,
-        (width - cx) / fx + 0.3 * tan_fovx, cx / fx + 0.3 * tan_fovx,
-        (height - cy) / fy + 0.3 * tan_fovy, cy / fy + 0.3 * tan_fovy,
-    )  # fmt: skip
+        fx,
+        fy,
+        cx,
+        cy,
+        (width - cx) / fx + 0.3 * tan_fovx,
+        cx / fx + 0.3 * tan_fovx,
+        (height - cy) / fy + 0.3 * tan_fovy,
+        cy / fy + 0.3 * tan_fovy,
+    )
 
 
 @nb.njit(inline="always", **_JIT)
@@ -90,9 +95,24 @@ def _jm(M, j00, j02, j11, j12):
 
 @nb.njit(parallel=True, **_JIT)
 def project_fwd(
-    means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near, far, antialiased,
-    means2d, conics, depths, radii, comps,
-):  # fmt: skip
+    means,
+    quats,
+    scales,
+    opacities,
+    viewmats,
+    Ks,
+    width,
+    height,
+    eps2d,
+    near,
+    far,
+    antialiased,
+    means2d,
+    conics,
+    depths,
+    radii,
+    comps,
+):
     """Outputs (zero-initialised by the caller) ``means2d [C,N,2]``, ``conics [C,N,3]``,
     ``depths [C,N]``, ``radii [C,N,2]`` int32 and ``comps [C,N]``."""
     C, N = viewmats.shape[0], means.shape[0]
@@ -145,10 +165,28 @@ def project_fwd(
 
 @nb.njit(parallel=True, **_JIT)
 def project_bwd(
-    means, quats, scales, viewmats, Ks, width, height, eps2d, antialiased,
-    radii, conics, comps, v_means2d, v_conics, v_depths, v_comps,
-    v_means, v_quats, v_scales, want_view, v_view,
-):  # fmt: skip
+    means,
+    quats,
+    scales,
+    viewmats,
+    Ks,
+    width,
+    height,
+    eps2d,
+    antialiased,
+    radii,
+    conics,
+    comps,
+    v_means2d,
+    v_conics,
+    v_depths,
+    v_comps,
+    v_means,
+    v_quats,
+    v_scales,
+    want_view,
+    v_view,
+):
     """Accumulate (into zero-initialised outputs) the gradients w.r.t. ``means [N,3]``,
     ``quats [N,4]`` (raw, before normalisation) and ``scales [N,3]`` (activated). With
     ``want_view``, also w.r.t. the cameras: ``v_view [n_chunks, C, 12]`` gets, per work item
@@ -167,7 +205,7 @@ def project_bwd(
             for c in range(C):
                 if radii[c, n, 0] <= 0 or radii[c, n, 1] <= 0:
                     continue
-                fx, fy, cx, cy, lxp, lxn, lyp, lyn = _fov_limits(Ks, c, width, height)
+                fx, fy, _cx, _cy, lxp, lxn, lyp, lyn = _fov_limits(Ks, c, width, height)
                 x, y, z = _factor(means, quats, scales, viewmats, c, n, M)
                 rz = 1.0 / z
                 rz2 = rz * rz
@@ -237,8 +275,11 @@ def project_bwd(
                     bq = _rotmat_n(quats, n)
                     for i in range(3):
                         for k in range(3):
-                            row[3 * i + k] += (vM[i, 0] * bq[3 * k] * scales[n, 0] + vM[i, 1] * bq[3 * k + 1] * scales[n, 1]
-                                               + vM[i, 2] * bq[3 * k + 2] * scales[n, 2])  # fmt: skip
+                            row[3 * i + k] += (
+                                vM[i, 0] * bq[3 * k] * scales[n, 0]
+                                + vM[i, 1] * bq[3 * k + 1] * scales[n, 1]
+                                + vM[i, 2] * bq[3 * k + 2] * scales[n, 2]
+                            )
                 # back to world: mean_c = R_view mean + t,  M = R_view (R_quat S)
                 gmx += viewmats[c, 0, 0] * gx + viewmats[c, 1, 0] * gy + viewmats[c, 2, 0] * gz
                 gmy += viewmats[c, 0, 1] * gx + viewmats[c, 1, 1] * gy + viewmats[c, 2, 1] * gz
@@ -265,9 +306,15 @@ def project_bwd(
                     g[3 * i + j] = gR[3 * i + j] * s[j]
             # d R / d (w, x, y, z) of the normalised quaternion
             vw = 2.0 * (-zq * g[1] + yq * g[2] + zq * g[3] - xq * g[5] - yq * g[6] + xq * g[7])
-            vx = 2.0 * (yq * g[1] + zq * g[2] + yq * g[3] - 2.0 * xq * g[4] - w * g[5] + zq * g[6] + w * g[7] - 2.0 * xq * g[8])
-            vy = 2.0 * (-2.0 * yq * g[0] + xq * g[1] + w * g[2] + xq * g[3] + zq * g[5] - w * g[6] + zq * g[7] - 2.0 * yq * g[8])
-            vz = 2.0 * (-2.0 * zq * g[0] - w * g[1] + xq * g[2] + w * g[3] - 2.0 * zq * g[4] + yq * g[5] + xq * g[6] + yq * g[7])
+            vx = 2.0 * (
+                yq * g[1] + zq * g[2] + yq * g[3] - 2.0 * xq * g[4] - w * g[5] + zq * g[6] + w * g[7] - 2.0 * xq * g[8]
+            )
+            vy = 2.0 * (
+                -2.0 * yq * g[0] + xq * g[1] + w * g[2] + xq * g[3] + zq * g[5] - w * g[6] + zq * g[7] - 2.0 * yq * g[8]
+            )
+            vz = 2.0 * (
+                -2.0 * zq * g[0] - w * g[1] + xq * g[2] + w * g[3] - 2.0 * zq * g[4] + yq * g[5] + xq * g[6] + yq * g[7]
+            )
             dot = w * vw + xq * vx + yq * vy + zq * vz
             v_quats[n, 0] = (vw - w * dot) / qn
             v_quats[n, 1] = (vx - xq * dot) / qn
@@ -313,14 +360,31 @@ def _sh_dir_grad(degree, x, y, z, vb):
         if degree >= 3:
             d = SH_C3
             xx, yy, zz = x * x, y * y, z * z
-            ux += (d[0] * 6.0 * x * y * vb[9] + d[1] * y * z * vb[10] - d[2] * 2.0 * x * y * vb[11]
-                   - d[3] * 6.0 * x * z * vb[12] + d[4] * (4.0 * zz - 3.0 * xx - yy) * vb[13]
-                   + d[5] * 2.0 * x * z * vb[14] + d[6] * (3.0 * xx - 3.0 * yy) * vb[15])  # fmt: skip
-            uy += (d[0] * (3.0 * xx - 3.0 * yy) * vb[9] + d[1] * x * z * vb[10]
-                   + d[2] * (4.0 * zz - xx - 3.0 * yy) * vb[11] - d[3] * 6.0 * y * z * vb[12]
-                   - d[4] * 2.0 * x * y * vb[13] - d[5] * 2.0 * y * z * vb[14] - d[6] * 6.0 * x * y * vb[15])  # fmt: skip
-            uz += (d[1] * x * y * vb[10] + d[2] * 8.0 * y * z * vb[11] + d[3] * (6.0 * zz - 3.0 * xx - 3.0 * yy) * vb[12]
-                   + d[4] * 8.0 * x * z * vb[13] + d[5] * (xx - yy) * vb[14])  # fmt: skip
+            ux += (
+                d[0] * 6.0 * x * y * vb[9]
+                + d[1] * y * z * vb[10]
+                - d[2] * 2.0 * x * y * vb[11]
+                - d[3] * 6.0 * x * z * vb[12]
+                + d[4] * (4.0 * zz - 3.0 * xx - yy) * vb[13]
+                + d[5] * 2.0 * x * z * vb[14]
+                + d[6] * (3.0 * xx - 3.0 * yy) * vb[15]
+            )
+            uy += (
+                d[0] * (3.0 * xx - 3.0 * yy) * vb[9]
+                + d[1] * x * z * vb[10]
+                + d[2] * (4.0 * zz - xx - 3.0 * yy) * vb[11]
+                - d[3] * 6.0 * y * z * vb[12]
+                - d[4] * 2.0 * x * y * vb[13]
+                - d[5] * 2.0 * y * z * vb[14]
+                - d[6] * 6.0 * x * y * vb[15]
+            )
+            uz += (
+                d[1] * x * y * vb[10]
+                + d[2] * 8.0 * y * z * vb[11]
+                + d[3] * (6.0 * zz - 3.0 * xx - 3.0 * yy) * vb[12]
+                + d[4] * 8.0 * x * z * vb[13]
+                + d[5] * (xx - yy) * vb[14]
+            )
     return ux, uy, uz
 
 

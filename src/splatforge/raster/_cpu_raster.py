@@ -13,8 +13,9 @@ tile rows where it can contribute (its "lanes", found once per intersection by
 :func:`bin_gaussians`: the rows of its box that its contributing ellipse reaches, and only the
 tiles that ellipse reaches), branch-free: the tests are masks, so LLVM vectorises the loop (16 or 8
 lanes). Evaluating whole rows instead of the ellipse's columns changes nothing: outside the
-ellipse ``alpha < 1/255``, the same tile-wide evaluation gsplat's kernel makes. Arithmetic is float32 as in gsplat; ``exp`` is :func:`_exp_neg` (gsplat uses the
-``__expf`` intrinsic, also an approximation).
+ellipse ``alpha < 1/255``, the same tile-wide evaluation gsplat's kernel makes. Arithmetic is
+float32 as in gsplat; ``exp`` is :func:`_exp_neg` (gsplat uses the ``__expf`` intrinsic, also an
+approximation).
 
 Gradients are accumulated per intersection (each intersection belongs to exactly one tile, so
 tiles never write the same memory), then summed per Gaussian: no atomics, deterministic results.
@@ -28,10 +29,16 @@ import math
 import numba as nb
 import numpy as np
 
-from splatforge.raster.constants import (ALPHA_MAX, ALPHA_THRESHOLD, FASTMATH, FASTMATH_REDUCTIONS, TILE_SIZE,
-                                        TRANSMITTANCE_MIN)  # fmt: skip
+from splatforge.raster.constants import (
+    ALPHA_MAX,
+    ALPHA_THRESHOLD,
+    FASTMATH,
+    FASTMATH_REDUCTIONS,
+    TILE_SIZE,
+    TRANSMITTANCE_MIN,
+)
 
-_JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
+_JIT = {"cache": True, "nogil": True, "fastmath": set(FASTMATH)}
 _JIT_REDUCTIONS = dict(_JIT, fastmath=set(FASTMATH_REDUCTIONS))  # raster_bwd only: see its docstring
 # A contribution is certainly below ALPHA_THRESHOLD when sigma > log(o * 255) + margin; the
 # margin keeps this shortcut from ever disagreeing with the exact test on rounding.
@@ -77,10 +84,10 @@ def exp_neg(s, out):
 @nb.njit(inline="always", **_JIT)
 def _tile_rect(u, v, rx, ry, tiles_x, tiles_y):
     """Inclusive-min, exclusive-max tile rectangle of a Gaussian's screen-space box."""
-    x0 = min(max(0, int(math.floor((u - rx) / TILE_SIZE))), tiles_x)
-    y0 = min(max(0, int(math.floor((v - ry) / TILE_SIZE))), tiles_y)
-    x1 = min(max(0, int(math.ceil((u + rx) / TILE_SIZE))), tiles_x)
-    y1 = min(max(0, int(math.ceil((v + ry) / TILE_SIZE))), tiles_y)
+    x0 = min(max(0, int(math.floor((u - rx) / TILE_SIZE))), tiles_x)  # noqa: RUF046
+    y0 = min(max(0, int(math.floor((v - ry) / TILE_SIZE))), tiles_y)  # noqa: RUF046
+    x1 = min(max(0, int(math.ceil((u + rx) / TILE_SIZE))), tiles_x)  # noqa: RUF046
+    y1 = min(max(0, int(math.ceil((v + ry) / TILE_SIZE))), tiles_y)  # noqa: RUF046
     return x0, y0, x1, y1
 
 
@@ -134,7 +141,7 @@ def _ellipse(ca, cb, cc, o):
 @nb.njit(inline="always", **_JIT)
 def _cut(e, u, v, px0, px1):
     """The per-strip part of :func:`_strip_rows`, for the ellipse ``e`` of :func:`_ellipse`."""
-    kind, a, b, c, det, s, half_x, dx_t, _dy_t = e
+    kind, _a, b, c, det, s, half_x, dx_t, _dy_t = e
     if kind == 1:
         return -_BIG, _BIG
     if kind == 0:
@@ -150,14 +157,14 @@ def _cut(e, u, v, px0, px1):
     # rows whose centre y + 0.5 = v - dy has dy in [dy_min, dy_max]
     top = min(max(v - dy_max - 0.5 - 0.01, -float(_BIG)), float(_BIG))
     bottom = min(max(v - dy_min - 0.5 + 0.01, -float(_BIG)), float(_BIG))
-    return int(math.ceil(top)), int(math.floor(bottom)) + 1
+    return int(math.ceil(top)), int(math.floor(bottom)) + 1  # noqa: RUF046
 
 
 @nb.njit(inline="always", **_JIT)
 def _box_rows(v, ry, y0, y1):
     """The rows ``[lo, hi)`` of ``[y0, y1)`` whose pixel centres lie in the box ``v +- ry``."""
-    lo = max(y0, int(math.ceil(v - ry - 0.5)))
-    return lo, max(lo, min(y1, int(math.floor(v + ry - 0.5)) + 1))
+    lo = max(y0, int(math.ceil(v - ry - 0.5)))  # noqa: RUF046
+    return lo, max(lo, min(y1, int(math.floor(v + ry - 0.5)) + 1))  # noqa: RUF046
 
 
 @nb.njit(**_JIT)
@@ -247,7 +254,9 @@ def bin_gaussians(means2d, radii, depths, conics, opacities, width, height):
     for job in nb.prange(C * N):
         c, n = job // N, job % N
         if radii[c, n, 0] > 0 and radii[c, n, 1] > 0:
-            x0, y0, x1, y1 = _tile_rect(means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 0], radii[c, n, 1], tiles_x, tiles_y)
+            x0, y0, x1, y1 = _tile_rect(
+                means2d[c, n, 0], means2d[c, n, 1], radii[c, n, 0], radii[c, n, 1], tiles_x, tiles_y
+            )
             rects[job, 0], rects[job, 1], rects[job, 2], rects[job, 3] = x0, y0, x1, y1
             area[job] = (x1 - x0) * (y1 - y0)
     seq = _depth_order(depths, area)
@@ -382,9 +391,21 @@ def _composite(u, v, ca, cb, cc, o, bound, kk, pxc, pyc, Tr, last, live, p):
 
 @nb.njit(parallel=True, **_JIT)
 def raster_fwd(
-    means2d, conics, colors, opacities, backgrounds, offsets, ids, isect_lanes, width, height, tiles_x,
-    render, alpha_out, last_out,
-):  # fmt: skip
+    means2d,
+    conics,
+    colors,
+    opacities,
+    backgrounds,
+    offsets,
+    ids,
+    isect_lanes,
+    width,
+    height,
+    tiles_x,
+    render,
+    alpha_out,
+    last_out,
+):
     """Composite into ``render [C, H, W, D]``, ``alpha_out [C, H, W]`` and ``last_out [C, H, W]``
     (int32: 1 + the tile-list position of the last Gaussian that contributed, 0 for none).
     ``backgrounds`` is ``[C, D]`` (zeros for none).
@@ -397,7 +418,7 @@ def raster_fwd(
     for job in nb.prange(C * T):
         c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
         g, col = _gather(c, start, m, ids, means2d, conics, opacities, colors)
-        lanes = isect_lanes[start:start + m]
+        lanes = isect_lanes[start : start + m]
         pxc, pyc, live = _pixel_centres(x0, y0, x1, y1)
         Tr = np.ones(_P, np.float32)
         acc = np.zeros((D, _P), np.float32)
@@ -440,10 +461,27 @@ def raster_fwd(
 
 @nb.njit(parallel=True, **_JIT_REDUCTIONS)
 def raster_bwd(
-    means2d, conics, colors, opacities, backgrounds, offsets, ids, isect_lanes, width, height, tiles_x,
-    alpha_out, last_out, v_render, v_alpha,
-    g_xy, g_abs, g_conic, g_col, g_opac,
-):  # fmt: skip
+    means2d,
+    conics,
+    colors,
+    opacities,
+    backgrounds,
+    offsets,
+    ids,
+    isect_lanes,
+    width,
+    height,
+    tiles_x,
+    alpha_out,
+    last_out,
+    v_render,
+    v_alpha,
+    g_xy,
+    g_abs,
+    g_conic,
+    g_col,
+    g_opac,
+):
     """Per-intersection gradients (outputs ``[n_isects, ...]``, each row written once, need not
     be initialised): ``g_xy``
     and ``g_abs`` (sum of absolute per-pixel values) w.r.t. means2d, ``g_conic``, ``g_col [.., D]``
@@ -459,7 +497,7 @@ def raster_bwd(
         if m == 0:
             continue
         g, col = _gather(c, start, m, ids, means2d, conics, opacities, colors)
-        lanes = isect_lanes[start:start + m]
+        lanes = isect_lanes[start : start + m]
         pxc, pyc, _live = _pixel_centres(x0, y0, x1, y1)
         Tr = np.zeros(_P, np.float32)
         T_final = np.zeros(_P, np.float32)
@@ -577,7 +615,9 @@ def raster_bwd(
 
 
 @nb.njit(parallel=True, **_JIT)
-def reduce_isects(offsets, ids, n_tiles, g_xy, g_abs, g_conic, g_col, g_opac, v_means2d, v_abs, v_conics, v_colors, v_opac):
+def reduce_isects(
+    offsets, ids, n_tiles, g_xy, g_abs, g_conic, g_col, g_opac, v_means2d, v_abs, v_conics, v_colors, v_opac
+):
     """Sum per-intersection gradients into per-(camera, Gaussian) outputs (zero-initialised)."""
     C = v_means2d.shape[0]
     D = g_col.shape[1]
@@ -597,7 +637,9 @@ def reduce_isects(offsets, ids, n_tiles, g_xy, g_abs, g_conic, g_col, g_opac, v_
 
 
 @nb.njit(parallel=True, **_JIT)
-def raster_transmittance(means2d, conics, opacities, offsets, ids, isect_lanes, width, height, tiles_x, isect_T, isect_n):
+def raster_transmittance(
+    means2d, conics, opacities, offsets, ids, isect_lanes, width, height, tiles_x, isect_T, isect_n
+):
     """Per intersection: the sum of the transmittance in front of the Gaussian over the pixels
     of the tile where it contributes (the forward pass's tests, early stop included) into
     ``isect_T [n_isects]`` (float64) and the number of those pixels into ``isect_n`` (int64)."""
@@ -607,7 +649,7 @@ def raster_transmittance(means2d, conics, opacities, offsets, ids, isect_lanes, 
     for job in nb.prange(C * T):
         c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
         g, _col = _gather(c, start, m, ids, means2d, conics, opacities, no_features)
-        lanes = isect_lanes[start:start + m]
+        lanes = isect_lanes[start : start + m]
         pxc, pyc, live = _pixel_centres(x0, y0, x1, y1)
         Tr = np.ones(_P, np.float32)
         last = np.zeros(_P, np.int32)
@@ -644,8 +686,23 @@ def _ray_depth(px, py, intr, mu, a, z_centre):
 
 
 @nb.njit(parallel=True, **_JIT)
-def raster_median(means2d, conics, opacities, depths, offsets, ids, isect_lanes, width, height, tiles_x, intr, centres, icov,
-                  median_out, alpha_out):  # fmt: skip
+def raster_median(
+    means2d,
+    conics,
+    opacities,
+    depths,
+    offsets,
+    ids,
+    isect_lanes,
+    width,
+    height,
+    tiles_x,
+    intr,
+    centres,
+    icov,
+    median_out,
+    alpha_out,
+):
     """Per pixel into ``median_out [C, H, W]``: for the Gaussian after which the transmittance is
     first <= 0.5 (the forward pass's tests and early stop), the camera z where its density peaks
     on the pixel's ray (``d^T A mu / d^T A d``, ``intr [C, 4]`` fx fy cx cy, ``centres [C, N, 3]``
@@ -657,7 +714,7 @@ def raster_median(means2d, conics, opacities, depths, offsets, ids, isect_lanes,
     for job in nb.prange(C * T):
         c, x0, y0, x1, y1, start, m = _tile(job, T, tiles_x, width, height, offsets)
         g, _col = _gather(c, start, m, ids, means2d, conics, opacities, no_features)
-        lanes = isect_lanes[start:start + m]
+        lanes = isect_lanes[start : start + m]
         pxc, pyc, live = _pixel_centres(x0, y0, x1, y1)
         Tr = np.ones(_P, np.float32)
         med = np.zeros(_P, np.float32)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -12,12 +12,29 @@ from splatforge.errors import BackendUnavailableError, ConfigError
 from splatforge.geometry.sh import num_sh_bases
 from splatforge.raster.constants import DEFAULT_NEAR_PLANE
 
-__all__ = ["rasterize", "available_backends", "resolve_backend", "inverse_depths", "BACKENDS", "RENDER_MODES", "DEPTH_MODES"]
+__all__ = [
+    "BACKENDS",
+    "DEPTH_MODES",
+    "RENDER_MODES",
+    "available_backends",
+    "inverse_depths",
+    "rasterize",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "cpu", "gsplat", "reference")
 RENDER_MODES = ("RGB", "D", "ED", "ID", "MD", "RGB+D", "RGB+ED", "RGB+ID", "RGB+MD")
 #: Render modes whose last channel is a depth (``D``/``ED``/``MD``: camera z; ``ID``: inverse depth).
-DEPTH_MODES = {"D": "D", "ED": "ED", "ID": "ID", "MD": "MD", "RGB+D": "D", "RGB+ED": "ED", "RGB+ID": "ID", "RGB+MD": "MD"}
+DEPTH_MODES = {
+    "D": "D",
+    "ED": "ED",
+    "ID": "ID",
+    "MD": "MD",
+    "RGB+D": "D",
+    "RGB+ED": "ED",
+    "RGB+ID": "ID",
+    "RGB+MD": "MD",
+}
 RASTERIZE_MODES = ("classic", "antialiased")
 GSPLAT_VERSION = "1.5.3"
 
@@ -56,10 +73,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "gsplat"
         raise BackendUnavailableError(
             f"no compiled backend for tensors on {device}: the cpu backend needs CPU tensors and the "
-            f"gsplat backend needs CUDA tensors and gsplat=={GSPLAT_VERSION} (a splatforge dependency: reinstall splatforge)"
+            f"gsplat backend needs CUDA tensors and gsplat=={GSPLAT_VERSION} "
+            "(a splatforge dependency: reinstall splatforge)"
         )
     if backend == "cpu" and device.type != "cpu":
-        raise BackendUnavailableError(f"the cpu backend needs CPU tensors, got tensors on {device}; move them with .cpu()")
+        raise BackendUnavailableError(
+            f"the cpu backend needs CPU tensors, got tensors on {device}; move them with .cpu()"
+        )
     if backend == "gsplat":
         if device.type != "cuda":
             raise BackendUnavailableError(
@@ -138,11 +158,11 @@ def rasterize(
     width: int,
     height: int,
     *,
-    sh_degree: Optional[int] = None,
+    sh_degree: int | None = None,
     near_plane: float = DEFAULT_NEAR_PLANE,
     far_plane: float = 1e10,
     eps2d: float = 0.3,
-    backgrounds: Optional[Tensor] = None,
+    backgrounds: Tensor | None = None,
     render_mode: Literal["RGB", "D", "ED", "ID", "MD", "RGB+D", "RGB+ED", "RGB+ID", "RGB+MD"] = "RGB",
     rasterize_mode: Literal["classic", "antialiased"] = "classic",
     absgrad: bool = False,
@@ -226,10 +246,14 @@ def rasterize(
         raise ConfigError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
     _check_options(rasterize_mode, near_plane, far_plane, eps2d)
     if sh_degree is None:
-        _check("colors", colors, (N, None) if isinstance(colors, Tensor) and colors.dim() == 2 else (C, N, None), device)
+        _check(
+            "colors", colors, (N, None) if isinstance(colors, Tensor) and colors.dim() == 2 else (C, N, None), device
+        )
     elif isinstance(colors, (tuple, list)):
         if len(colors) != 2:
-            raise ConfigError(f"colors as SH coefficients in parts must be the pair (sh0, shN), got {len(colors)} tensors")
+            raise ConfigError(
+                f"colors as SH coefficients in parts must be the pair (sh0, shN), got {len(colors)} tensors"
+            )
         _check("colors[0] (sh0)", colors[0], (N, 1, 3), device)
         _check("colors[1] (shN)", colors[1], (N, None, 3), device)
         n_coeffs = 1 + colors[1].shape[1]
@@ -253,28 +277,78 @@ def rasterize(
         if distributed:
             raise ConfigError("median depth (MD) is not available in distributed rendering")
         render, alpha, info = rasterize(
-            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
-            near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, backgrounds=backgrounds,
-            render_mode="RGB" if render_mode == "RGB+MD" else "D", rasterize_mode=rasterize_mode, absgrad=absgrad,
+            means,
+            quats,
+            scales,
+            opacities,
+            colors,
+            viewmats,
+            Ks,
+            width,
+            height,
+            sh_degree=sh_degree,
+            near_plane=near_plane,
+            far_plane=far_plane,
+            eps2d=eps2d,
+            backgrounds=backgrounds,
+            render_mode="RGB" if render_mode == "RGB+MD" else "D",
+            rasterize_mode=rasterize_mode,
+            absgrad=absgrad,
             backend=name,
-        )  # fmt: skip
+        )
         with torch.no_grad():
-            median = _median_depth(name, means, quats, scales, opacities, viewmats, Ks, width, height, near_plane=near_plane,
-                                   far_plane=far_plane, eps2d=eps2d, rasterize_mode=rasterize_mode)  # fmt: skip
-        return (torch.cat([render, median.to(render.dtype)], -1) if render_mode == "RGB+MD" else median.to(render.dtype)), alpha, info
+            median = _median_depth(
+                name,
+                means,
+                quats,
+                scales,
+                opacities,
+                viewmats,
+                Ks,
+                width,
+                height,
+                near_plane=near_plane,
+                far_plane=far_plane,
+                eps2d=eps2d,
+                rasterize_mode=rasterize_mode,
+            )
+        return (
+            (torch.cat([render, median.to(render.dtype)], -1) if render_mode == "RGB+MD" else median.to(render.dtype)),
+            alpha,
+            info,
+        )
     world = _world(distributed, absgrad, device, N, C, width, height)
     if world is not None and sh_degree is None and colors.dim() == 3:
-        raise ConfigError("distributed rendering takes colours [N, D] or SH coefficients, not per-camera colours [C, N, D]")
+        raise ConfigError(
+            "distributed rendering takes colours [N, D] or SH coefficients, not per-camera colours [C, N, D]"
+        )
     if name == "gsplat":
         from splatforge.raster import gsplat_backend
 
         if world is not None and render_mode in ("ID", "RGB+ID"):
-            raise ConfigError("the gsplat backend has no inverse-depth mode in distributed rendering; use RGB+ED or the cpu backend")
+            raise ConfigError(
+                "the gsplat backend has no inverse-depth mode in distributed rendering; use RGB+ED or the cpu backend"
+            )
         render, alpha, info = gsplat_backend.rasterize(
-            means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
-            near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, backgrounds=backgrounds,
-            render_mode=render_mode, rasterize_mode=rasterize_mode, absgrad=absgrad, distributed=world is not None,
-        )  # fmt: skip
+            means,
+            quats,
+            scales,
+            opacities,
+            colors,
+            viewmats,
+            Ks,
+            width,
+            height,
+            sh_degree=sh_degree,
+            near_plane=near_plane,
+            far_plane=far_plane,
+            eps2d=eps2d,
+            backgrounds=backgrounds,
+            render_mode=render_mode,
+            rasterize_mode=rasterize_mode,
+            absgrad=absgrad,
+            distributed=world is not None,
+        )
         if world is not None:
             info["n_cameras"], info["gaussian_counts"] = C * world[0], world[1]
         return render, alpha, info
@@ -292,9 +366,19 @@ def rasterize(
         Ks = all_gather_same(Ks.detach()).flatten(0, 1)
         C = viewmats.shape[0]
     proj = impl.project(
-        means, quats, scales, opacities, viewmats, Ks, width, height,
-        eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, antialiased=antialiased,
-    )  # fmt: skip
+        means,
+        quats,
+        scales,
+        opacities,
+        viewmats,
+        Ks,
+        width,
+        height,
+        eps2d=eps2d,
+        near_plane=near_plane,
+        far_plane=far_plane,
+        antialiased=antialiased,
+    )
     opac = opacities[None, :].expand(C, N)
     if proj.compensations is not None:
         opac = opac * proj.compensations
@@ -319,10 +403,20 @@ def rasterize(
     means2d, conics, depths, radii, info_opac = proj.means2d, proj.conics, proj.depths, proj.radii, opac
     if world is not None:
         means2d, conics, feats, opac, depths, radii = _send_to_renderers(
-            C_local, world[1], means2d, conics, feats, opac, depths, radii)  # fmt: skip
+            C_local, world[1], means2d, conics, feats, opac, depths, radii
+        )
     render, alpha = impl.rasterize_to_pixels(
-        means2d, conics, feats, opac, depths, radii, width, height, backgrounds=bgs, absgrad=absgrad,
-    )  # fmt: skip
+        means2d,
+        conics,
+        feats,
+        opac,
+        depths,
+        radii,
+        width,
+        height,
+        backgrounds=bgs,
+        absgrad=absgrad,
+    )
     if depth_kind == "ED":
         render = torch.cat([render[..., :-1], render[..., -1:] / alpha.clamp(min=1e-10)], dim=-1)
 
@@ -345,8 +439,9 @@ def rasterize(
     return render, alpha, info
 
 
-def _world(distributed: bool, absgrad: bool, device: torch.device, N: int, C: int, width: int,
-           height: int) -> Optional[tuple[int, list[int]]]:  # fmt: skip
+def _world(
+    distributed: bool, absgrad: bool, device: torch.device, N: int, C: int, width: int, height: int
+) -> tuple[int, list[int]] | None:
     """For distributed rendering: ``(world size, every rank's N)`` after checking that every
     rank renders C cameras of one size; None when not distributed (or a world of one)."""
     if not distributed:
@@ -361,13 +456,23 @@ def _world(distributed: bool, absgrad: bool, device: torch.device, N: int, C: in
     dev = device if device.type == "cuda" else torch.device("cpu")
     dims = all_gather_same(torch.tensor([N, C, width, height], dtype=torch.int64, device=dev)).cpu()
     if (dims[:, 1:] != dims[0, 1:]).any():
-        raise ConfigError(f"distributed rendering needs the same camera count and image size on every rank, got "
-                          f"(C, width, height) = {[tuple(r) for r in dims[:, 1:].tolist()]}")  # fmt: skip
+        raise ConfigError(
+            f"distributed rendering needs the same camera count and image size on every rank, got "
+            f"(C, width, height) = {[tuple(r) for r in dims[:, 1:].tolist()]}"
+        )
     return world.size, [int(n) for n in dims[:, 0]]
 
 
-def _send_to_renderers(C: int, counts: list[int], means2d: Tensor, conics: Tensor, feats: Tensor, opac: Tensor,
-                       depths: Tensor, radii: Tensor) -> tuple[Tensor, ...]:  # fmt: skip
+def _send_to_renderers(
+    C: int,
+    counts: list[int],
+    means2d: Tensor,
+    conics: Tensor,
+    feats: Tensor,
+    opac: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+) -> tuple[Tensor, ...]:
     """The all-to-all of distributed rendering: the inputs are this rank's Gaussians projected
     into every rank's C cameras (``[W C, N_r, ...]``); returns, for this rank's C cameras, every
     rank's Gaussians (``[C, sum N, ...]``, ranks in order), with gradients flowing back."""
@@ -381,8 +486,14 @@ def _send_to_renderers(C: int, counts: list[int], means2d: Tensor, conics: Tenso
     recv = all_to_all(send, [C * n for n in counts], group=world.group)
     got = torch.cat([r.reshape(C, n, F) for r, n in zip(recv, counts)], dim=1)
     parts = got.split([2, 3, D, 1, 1, 2], dim=-1)
-    return (parts[0], parts[1].contiguous(), parts[2].contiguous(), parts[3][..., 0].contiguous(),
-            parts[4][..., 0].contiguous(), parts[5].round().to(radii.dtype))  # fmt: skip
+    return (
+        parts[0],
+        parts[1].contiguous(),
+        parts[2].contiguous(),
+        parts[3][..., 0].contiguous(),
+        parts[4][..., 0].contiguous(),
+        parts[5].round().to(radii.dtype),
+    )
 
 
 def transmittance_stats(
@@ -417,18 +528,41 @@ def transmittance_stats(
     Raises:
         ConfigError, BackendUnavailableError: as :func:`rasterize`.
     """
-    device, N, C = _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
+    device, _N, _C = _check_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height)
     _check_options(rasterize_mode, near_plane, far_plane, eps2d)
     name = resolve_backend(backend, device)
     _check_dtypes(name, means, quats, scales, opacities, viewmats, Ks)
-    impl, proj, opac = _project_for_stats(name, means, quats, scales, opacities, viewmats, Ks, width, height,
-                                          near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, rasterize_mode=rasterize_mode)  # fmt: skip
+    impl, proj, opac = _project_for_stats(
+        name,
+        means,
+        quats,
+        scales,
+        opacities,
+        viewmats,
+        Ks,
+        width,
+        height,
+        near_plane=near_plane,
+        far_plane=far_plane,
+        eps2d=eps2d,
+        rasterize_mode=rasterize_mode,
+    )
     return impl.transmittance_stats(proj.means2d, proj.conics, opac, proj.depths, proj.radii, width, height)
 
 
 @torch.no_grad()
-def _project_for_stats(name: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
-                       width: int, height: int, **options: Any) -> tuple[Any, Any, Tensor]:  # fmt: skip
+def _project_for_stats(
+    name: str,
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    **options: Any,
+) -> tuple[Any, Any, Tensor]:
     """For the no-gradient per-pixel products (transmittance statistics, median depth): the
     implementation that computes them (the compiled cpu kernels for ``cpu``, the pure-torch
     reference on the inputs' device otherwise: gsplat has neither), the projection, and the
@@ -437,25 +571,50 @@ def _project_for_stats(name: str, means: Tensor, quats: Tensor, scales: Tensor, 
         from splatforge.raster import cpu as impl
     else:
         from splatforge.raster import reference as impl  # type: ignore[no-redef]
-    proj = impl.project(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d=options["eps2d"],
-                        near_plane=options["near_plane"], far_plane=options["far_plane"],
-                        antialiased=options["rasterize_mode"] == "antialiased")  # fmt: skip
+    proj = impl.project(
+        means,
+        quats,
+        scales,
+        opacities,
+        viewmats,
+        Ks,
+        width,
+        height,
+        eps2d=options["eps2d"],
+        near_plane=options["near_plane"],
+        far_plane=options["far_plane"],
+        antialiased=options["rasterize_mode"] == "antialiased",
+    )
     opac = opacities[None, :].expand(viewmats.shape[0], means.shape[0])
     if proj.compensations is not None:
         opac = opac * proj.compensations
     return impl, proj, opac.contiguous()
 
 
-def _median_depth(name: str, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
-                  width: int, height: int, **options: Any) -> Tensor:  # fmt: skip
+def _median_depth(
+    name: str,
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    **options: Any,
+) -> Tensor:
     """``[C, H, W, 1]`` median depth (see :func:`rasterize`'s ``MD``), on the inputs' device."""
     means, quats, scales, viewmats, Ks = (t.detach() for t in (means, quats, scales, viewmats, Ks))
-    impl, proj, opac = _project_for_stats(name, means, quats, scales, opacities.detach(), viewmats, Ks, width, height, **options)
+    impl, proj, opac = _project_for_stats(
+        name, means, quats, scales, opacities.detach(), viewmats, Ks, width, height, **options
+    )
     rays = median_rays(means, quats, scales, viewmats, Ks)
     return impl.median_depth(proj.means2d, proj.conics, opac, proj.depths, proj.radii, width, height, rays)[0]
 
 
-def median_rays(means: Tensor, quats: Tensor, scales: Tensor, viewmats: Tensor, Ks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def median_rays(
+    means: Tensor, quats: Tensor, scales: Tensor, viewmats: Tensor, Ks: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """What the median depth needs to place a Gaussian's depth on each pixel's ray: the
     intrinsics ``[C, 4]`` (fx, fy, cx, cy), the centres in camera coordinates ``[C, N, 3]`` and
     the inverse 3D covariances in camera coordinates ``[C, N, 6]`` (upper triangle xx, xy, xz, yy,

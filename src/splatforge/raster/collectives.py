@@ -18,13 +18,14 @@ initialised on import. The kernels layer holds it because :func:`splatforge.rast
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["World", "all_to_all", "exchange", "all_gather_ints", "all_gather_same"]
+__all__ = ["World", "all_gather_ints", "all_gather_same", "all_to_all", "exchange"]
 
 #: Backends whose process groups implement ``all_to_all_single`` with split sizes.
 _NATIVE = ("nccl", "gloo", "mpi")
@@ -40,7 +41,7 @@ class World:
     group: Any = None
 
     @classmethod
-    def current(cls, group: Any = None) -> "World":
+    def current(cls, group: Any = None) -> World:
         """The default process group's rank and size when torch.distributed is initialised,
         else a world of one."""
         if not (dist.is_available() and dist.is_initialized()):
@@ -59,8 +60,12 @@ def _native(group: Any) -> bool:
         return False
 
 
-def exchange(send: Sequence[Tensor], recv_sizes: Sequence[int], group: Any = None,
-             method: Literal["auto", "native", "p2p"] = "auto") -> list[Tensor]:  # fmt: skip
+def exchange(
+    send: Sequence[Tensor],
+    recv_sizes: Sequence[int],
+    group: Any = None,
+    method: Literal["auto", "native", "p2p"] = "auto",
+) -> list[Tensor]:
     """Non-differentiable all-to-all: ``send[s]`` goes to rank ``s``; returns ``recv[r]``, what
     rank ``r`` sent here, of ``recv_sizes[r]`` rows.
 
@@ -76,14 +81,17 @@ def exchange(send: Sequence[Tensor], recv_sizes: Sequence[int], group: Any = Non
     """
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     if len(send) != size or len(recv_sizes) != size:
-        raise ValueError(f"all_to_all needs one tensor and one size per rank ({size}), got {len(send)} and {len(recv_sizes)}")
+        raise ValueError(
+            f"all_to_all needs one tensor and one size per rank ({size}), got {len(send)} and {len(recv_sizes)}"
+        )
     tail, dtype, device = send[0].shape[1:], send[0].dtype, send[0].device
     if any(t.shape[1:] != tail or t.dtype != dtype for t in send):
         raise ValueError("all_to_all: every tensor sent must have the same trailing shape and dtype")
     if method == "native" or (method == "auto" and _native(group)):
         out = torch.empty((sum(int(n) for n in recv_sizes), *tail), dtype=dtype, device=device)
-        dist.all_to_all_single(out, torch.cat(list(send)), [int(n) for n in recv_sizes],
-                               [int(t.shape[0]) for t in send], group=group)  # fmt: skip
+        dist.all_to_all_single(
+            out, torch.cat(list(send)), [int(n) for n in recv_sizes], [int(t.shape[0]) for t in send], group=group
+        )
         return list(out.split([int(n) for n in recv_sizes]))
     send = [t.contiguous() for t in send]
     recv = [torch.empty((int(n), *tail), dtype=dtype, device=device) for n in recv_sizes]
@@ -105,20 +113,26 @@ def exchange(send: Sequence[Tensor], recv_sizes: Sequence[int], group: Any = Non
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, group: Any, method: str, recv_sizes: tuple[int, ...], *send: Tensor):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, group: Any, method: str, recv_sizes: tuple[int, ...], *send: Tensor
+    ):
         ctx.group, ctx.method = group, method
         ctx.send_sizes = tuple(int(t.shape[0]) for t in send)
         return tuple(exchange(send, recv_sizes, group, method))
 
     @staticmethod
-    def backward(ctx: Any, *grads: Optional[Tensor]):  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None):  # type: ignore[override]
         grads = tuple(torch.zeros(0) if g is None else g for g in grads)
         back = exchange(grads, ctx.send_sizes, ctx.group, ctx.method)
         return (None, None, None, *back)
 
 
-def all_to_all(send: Sequence[Tensor], recv_sizes: Sequence[int], group: Any = None,
-               method: Literal["auto", "native", "p2p"] = "auto") -> list[Tensor]:  # fmt: skip
+def all_to_all(
+    send: Sequence[Tensor],
+    recv_sizes: Sequence[int],
+    group: Any = None,
+    method: Literal["auto", "native", "p2p"] = "auto",
+) -> list[Tensor]:
     """:func:`exchange`, differentiable: the gradient of ``recv[r]`` goes back to rank ``r`` as
     the gradient of the ``send`` tensor it came from. Every rank must call it, also with nothing
     to send, and every rank must then run the backward pass (a collective in both directions)."""

@@ -8,7 +8,7 @@ extension is compiled by gsplat on the first CUDA call.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
 
@@ -28,11 +28,11 @@ def rasterize(
     width: int,
     height: int,
     *,
-    sh_degree: Optional[int],
+    sh_degree: int | None,
     near_plane: float,
     far_plane: float,
     eps2d: float,
-    backgrounds: Optional[Tensor],
+    backgrounds: Tensor | None,
     render_mode: str,
     rasterize_mode: str,
     absgrad: bool,
@@ -50,23 +50,48 @@ def rasterize(
     try:
         import gsplat
     except ImportError as exc:  # pragma: no cover - needs a CUDA machine without gsplat
-        raise BackendUnavailableError(f"the gsplat backend needs gsplat==1.5.3 (a splatforge dependency): {exc}") from exc
+        raise BackendUnavailableError(
+            f"the gsplat backend needs gsplat==1.5.3 (a splatforge dependency): {exc}"
+        ) from exc
     if render_mode in ("ID", "RGB+ID"):
         colors, sh_degree, backgrounds = _inverse_depth_features(
-            gsplat, means, colors, viewmats, sh_degree, backgrounds, rgb=render_mode == "RGB+ID")
+            gsplat, means, colors, viewmats, sh_degree, backgrounds, rgb=render_mode == "RGB+ID"
+        )
         render_mode = "RGB"
     render, alpha, info = gsplat.rasterization(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        near_plane=near_plane, far_plane=far_plane, eps2d=eps2d, sh_degree=sh_degree, packed=False,
-        backgrounds=backgrounds, render_mode=render_mode, rasterize_mode=rasterize_mode, absgrad=absgrad,
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        viewmats,
+        Ks,
+        width,
+        height,
+        near_plane=near_plane,
+        far_plane=far_plane,
+        eps2d=eps2d,
+        sh_degree=sh_degree,
+        packed=False,
+        backgrounds=backgrounds,
+        render_mode=render_mode,
+        rasterize_mode=rasterize_mode,
+        absgrad=absgrad,
         distributed=distributed,
-    )  # fmt: skip
+    )
     info["backend"] = "gsplat"
     return render, alpha, info
 
 
-def _inverse_depth_features(gsplat: Any, means: Tensor, colors: Tensor, viewmats: Tensor, sh_degree: Optional[int],
-                            backgrounds: Optional[Tensor], rgb: bool) -> tuple[Tensor, None, Optional[Tensor]]:  # fmt: skip
+def _inverse_depth_features(
+    gsplat: Any,
+    means: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    sh_degree: int | None,
+    backgrounds: Tensor | None,
+    rgb: bool,
+) -> tuple[Tensor, None, Tensor | None]:
     """Per-camera features ``[C, N, D]`` for an inverse-depth render: the colours (``rgb``) and
     ``1/z`` (0 behind the camera; gsplat culls those), with the backgrounds extended by 0."""
     import torch

@@ -28,7 +28,7 @@ from splatforge.raster.constants import (
 )
 from splatforge.raster.types import Projection
 
-__all__ = ["project", "sh_colors", "rasterize_to_pixels"]
+__all__ = ["project", "rasterize_to_pixels", "sh_colors"]
 
 
 def project(
@@ -76,9 +76,9 @@ def project(
     tx = z * torch.minimum(lim_x_pos, torch.maximum(-lim_x_neg, x / z))
     ty = z * torch.minimum(lim_y_pos, torch.maximum(-lim_y_neg, y / z))
     zero = torch.zeros_like(z)
-    J = torch.stack(
-        [fx / z, zero, -fx * tx / (z * z), zero, fy / z, -fy * ty / (z * z)], dim=-1
-    ).reshape(z.shape + (2, 3))
+    J = torch.stack([fx / z, zero, -fx * tx / (z * z), zero, fy / z, -fy * ty / (z * z)], dim=-1).reshape(
+        z.shape + (2, 3)
+    )
     cov2d = J @ covars_c @ J.transpose(-1, -2)  # [C, N, 2, 2]
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], dim=-1)  # [C, N, 2]
 
@@ -161,13 +161,18 @@ def _tiles(means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: i
                 x1, y1 = min(x0 + TILE_SIZE, width), min(y0 + TILE_SIZE, height)
                 hit = (
                     visible[cam]
-                    & (tmin[cam, :, 0] <= tx) & (tx < tmax[cam, :, 0])
-                    & (tmin[cam, :, 1] <= ty) & (ty < tmax[cam, :, 1])
-                )  # fmt: skip
+                    & (tmin[cam, :, 0] <= tx)
+                    & (tx < tmax[cam, :, 0])
+                    & (tmin[cam, :, 1] <= ty)
+                    & (ty < tmax[cam, :, 1])
+                )
                 ids = torch.nonzero(hit).flatten()
                 ids = ids[torch.sort(depths[cam, ids].detach(), stable=True).indices]
-                py, px = torch.meshgrid(torch.arange(y0, y1, device=dev, dtype=dt) + 0.5,
-                                        torch.arange(x0, x1, device=dev, dtype=dt) + 0.5, indexing="ij")  # fmt: skip
+                py, px = torch.meshgrid(
+                    torch.arange(y0, y1, device=dev, dtype=dt) + 0.5,
+                    torch.arange(x0, x1, device=dev, dtype=dt) + 0.5,
+                    indexing="ij",
+                )
                 yield cam, (x0, y0, x1, y1), ids, torch.stack([px.flatten(), py.flatten()], dim=-1)
 
 
@@ -204,9 +209,15 @@ def rasterize_to_pixels(
     for cam, (x0, y0, x1, y1), ids, pix in _tiles(means2d, radii, depths, width, height):
         bg = backgrounds[cam] if backgrounds is not None else None
         color, T = _composite(
-            pix, means2d[cam, ids], conics[cam, ids], colors[cam, ids], opacities[cam, ids], bg,
-            absgrad_buf[cam] if absgrad_buf is not None else None, ids,
-        )  # fmt: skip
+            pix,
+            means2d[cam, ids],
+            conics[cam, ids],
+            colors[cam, ids],
+            opacities[cam, ids],
+            bg,
+            absgrad_buf[cam] if absgrad_buf is not None else None,
+            ids,
+        )
         renders[cam][y0:y1, x0:x1] = color.reshape(y1 - y0, x1 - x0, D)
         alphas[cam][y0:y1, x0:x1] = (1.0 - T).reshape(y1 - y0, x1 - x0, 1)
     if absgrad_buf is not None:
@@ -265,8 +276,9 @@ def _composite(
 
 
 @torch.no_grad()
-def transmittance_stats(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
-                        width: int, height: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+def transmittance_stats(
+    means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor, width: int, height: int
+) -> tuple[Tensor, Tensor]:
     """Per camera and Gaussian: the sum, over the pixels where the Gaussian contributes (the
     compositing's own tests: alpha >= 1/255, before the pixel's early stop), of the
     transmittance in front of it, and the number of those pixels.
@@ -304,8 +316,16 @@ def _tile_alphas(xy: Tensor, conic: Tensor, opac: Tensor, pix: Tensor) -> tuple[
 
 
 @torch.no_grad()
-def median_depth(means2d: Tensor, conics: Tensor, opacities: Tensor, depths: Tensor, radii: Tensor,
-                 width: int, height: int, rays: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:  # fmt: skip
+def median_depth(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    depths: Tensor,
+    radii: Tensor,
+    width: int,
+    height: int,
+    rays: tuple[Tensor, Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
     """Per pixel, the depth where the transmittance crosses 0.5: of the first Gaussian (front to
     back, the compositing's tests) after which ``T <= 0.5`` (2DGS's median depth, Huang et al.
     2024), the camera z of the point on the pixel's ray where its 3D density peaks (the

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -23,4 +23,4 @@ class Projection(NamedTuple):
     #: ``[C, N, 2]`` int32 x/y half extents of the screen-space bounding box, pixels.
     radii: Tensor
     #: ``[C, N]`` antialiasing factor ``sqrt(det(cov2d) / det(cov2d + eps2d I))`` or None.
-    compensations: Optional[Tensor]
+    compensations: Tensor | None

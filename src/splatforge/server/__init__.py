@@ -1,2 +1,3 @@
-"""The job server (``splatforge serve``): FastAPI app, SQLite job store, workers through the
-local executor, and the HTTP client (``splatforge submit``)."""
+"""The job server (``splatforge serve``): FastAPI app, SQLite job store, workers through an
+executor (the local pool or Ray, :mod:`splatforge.pipeline.executors`), and the HTTP client
+(``splatforge submit``)."""

@@ -2,7 +2,8 @@
 
 ``DATA_DIR/jobs.db`` (SQLite, WAL) holds the jobs; ``DATA_DIR/jobs/<id>/`` is each job's
 workspace in the splatter job-root layout (``datasets/``, ``refined/``, ``Frames/``, and
-``uploads/`` for captures), with the worker's ``job.log``. Uploads are written under a temporary
+``uploads/`` for captures), with the worker's ``job.log``. Jobs run on the local pool or on Ray
+(``--executor``, :mod:`splatforge.server.workers`). Uploads are written under a temporary
 name and the workspace appears whole (renamed into place) before the job row exists.
 
 API (JSON; ``Authorization: Bearer TOKEN`` on everything but ``/healthz`` when the server has a
@@ -42,7 +43,6 @@ import tempfile
 import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
@@ -52,26 +52,37 @@ from splatforge.data.frames import VIDEO_SUFFIXES
 from splatforge.data.images import IMAGE_SUFFIXES
 from splatforge.pipeline.splatter import MODEL_DIR, OUT_DIR, REQUIRED_BINS
 from splatforge.server.store import TERMINAL, JobStore
-from splatforge.server.workers import OPTIONS, Supervisor
+from splatforge.server.workers import OPTIONS, Supervisor, make_executor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "ServerConfig", "EXTRA_FILES"]
+__all__ = ["EXTRA_FILES", "ServerConfig", "create_app"]
 
 EXTRA_FILES = (("splat.ply", "splat_ply"), ("splat_rot.ply", "splat_rot_ply"), ("result.json", "result_json"))
 """Files of ``refined/splatter/`` offered as artifacts beside the node's own (name = file name)."""
 
 
-
 class ServerConfig:
     """What ``create_app`` needs: ``data_dir``, ``token`` (None: no authentication, loopback
-    only), ``max_upload_mb`` and ``workers`` (CPU worker processes when there is no GPU)."""
+    only), ``max_upload_mb``, ``workers`` (local: CPU worker processes when there is no GPU; Ray:
+    most jobs at once), ``executor`` (``local`` or ``ray``) and ``ray_address`` (None: a new local
+    Ray); see :func:`splatforge.server.workers.make_executor`."""
 
-    def __init__(self, data_dir: Path, token: Optional[str] = None, max_upload_mb: float = 2048, workers: Optional[int] = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        token: str | None = None,
+        max_upload_mb: float = 2048,
+        workers: int | None = None,
+        executor: str = "local",
+        ray_address: str | None = None,
+    ):
         self.data_dir = Path(data_dir)
         self.token = token or None
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.workers = workers
+        self.executor = executor
+        self.ray_address = ray_address
 
 
 class UploadError(Exception):
@@ -82,7 +93,7 @@ class UploadError(Exception):
         self.status = status
 
 
-def check_options(raw: Optional[str]) -> dict:
+def check_options(raw: str | None) -> dict:
     """The ``options`` form field (JSON object) checked against the allowed splatter options.
 
     Raises:
@@ -139,13 +150,22 @@ def extract_job_zip(zip_path: Path, dest: Path, max_bytes: int) -> None:
         prefix = None
         for cand in [""] + sorted({p.parts[0] + "/" for _, p in members if len(p.parts) > 1}):
             model = f"{cand}{MODEL_DIR.as_posix()}"
-            videos = [f for f in files if f.startswith(f"{cand}datasets/") and f.endswith("/Frames.mp4") and f.count("/") == cand.count("/") + 2]
+            videos = [
+                f
+                for f in files
+                if f.startswith(f"{cand}datasets/")
+                and f.endswith("/Frames.mp4")
+                and f.count("/") == cand.count("/") + 2
+            ]
             if videos and all(f"{model}/{b}" in files for b in REQUIRED_BINS):
                 prefix = cand
                 break
         if prefix is None:
-            raise UploadError(400, f"zip: no recognisable job root (need datasets/<dataset>/Frames.mp4 and "
-                                   f"{MODEL_DIR.as_posix()}/{{{','.join(REQUIRED_BINS)}}})")  # fmt: skip
+            raise UploadError(
+                400,
+                f"zip: no recognisable job root (need datasets/<dataset>/Frames.mp4 and "
+                f"{MODEL_DIR.as_posix()}/{{{','.join(REQUIRED_BINS)}}})",
+            )
         for info, path in members:
             rel = str(path)[len(prefix) :] if str(path).startswith(prefix) else None
             if not rel or info.is_dir():
@@ -156,7 +176,7 @@ def extract_job_zip(zip_path: Path, dest: Path, max_bytes: int) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def _capture_name(name: Optional[str]) -> str:
+def _capture_name(name: str | None) -> str:
     base = PurePosixPath((name or "").replace("\\", "/")).name
     suffix = PurePosixPath(base).suffix.lower()
     if not base or base.startswith(".") or suffix not in tuple(VIDEO_SUFFIXES) + tuple(IMAGE_SUFFIXES):
@@ -177,10 +197,14 @@ def artifacts(job: dict, workspace: Path) -> list[dict]:
         for a in result.get("artifacts", []):
             path = workspace / a["file"]
             if path.is_file():
-                found.append({"name": a["name"], "data_type": a["data_type"], "bytes": path.stat().st_size, "file": path})
+                found.append(
+                    {"name": a["name"], "data_type": a["data_type"], "bytes": path.stat().st_size, "file": path}
+                )
         for name, dtype in EXTRA_FILES:
             if (out_dir / name).is_file():
-                found.append({"name": name, "data_type": dtype, "bytes": (out_dir / name).stat().st_size, "file": out_dir / name})
+                found.append(
+                    {"name": name, "data_type": dtype, "bytes": (out_dir / name).stat().st_size, "file": out_dir / name}
+                )
     for a in found:
         a["url"] = f"/api/jobs/{job['id']}/artifacts/{a['name']}"
     return found
@@ -189,19 +213,27 @@ def artifacts(job: dict, workspace: Path) -> list[dict]:
 def job_json(job: dict, workspace: Path) -> dict:
     """The API's view of a store row: its fields and the artifacts found in ``workspace``."""
     keys = ("id", "status", "kind", "progress", "created_ms", "started_ms", "ended_ms", "error", "options", "attempts")
-    listed = [{k: v for k, v in a.items() if k != "file"} | {"filename": a["file"].name} for a in artifacts(job, workspace)]
+    listed = [
+        {k: v for k, v in a.items() if k != "file"} | {"filename": a["file"].name} for a in artifacts(job, workspace)
+    ]
     return {k: job[k] for k in keys} | {"artifacts": listed}
 
 
 def create_app(cfg: ServerConfig):
-    """The FastAPI application (module docstring); its lifespan starts and stops the workers."""
+    """The FastAPI application (module docstring); its lifespan starts and stops the workers.
+
+    Raises:
+        ConfigError: a bad executor, or ``ray`` without ray installed (before anything is
+            written).
+    """
     from splatforge.server.page import PAGE
 
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     data_dir = cfg.data_dir
     jobs_dir = data_dir / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(data_dir / "jobs.db")
-    supervisor = Supervisor(store, jobs_dir, workers=cfg.workers)
+    supervisor = Supervisor(store, jobs_dir, executor=executor)
     for stale in jobs_dir.glob(".upload-*"):  # uploads interrupted by a crash: never a job
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -217,8 +249,10 @@ def create_app(cfg: ServerConfig):
     app = FastAPI(title="splatforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.supervisor = store, supervisor
 
-    def error(status: int, message: str, request: Request, headers: Optional[dict] = None) -> JSONResponse:
-        return JSONResponse({"error": message, "request_id": request.state.request_id}, status_code=status, headers=headers)
+    def error(status: int, message: str, request: Request, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(
+            {"error": message, "request_id": request.state.request_id}, status_code=status, headers=headers
+        )
 
     @app.middleware("http")
     async def request_id_and_limits(request: Request, call_next):
@@ -226,11 +260,17 @@ def create_app(cfg: ServerConfig):
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > cfg.max_upload_bytes:
-                return error(413, f"upload of {int(length)} bytes is over the limit of {cfg.max_upload_bytes // 2**20} MiB", request)
+                return error(
+                    413,
+                    f"upload of {int(length)} bytes is over the limit of {cfg.max_upload_bytes // 2**20} MiB",
+                    request,
+                )
         try:
             response = await call_next(request)
-        except Exception:  # noqa: BLE001 - no traceback in a body; the log has it
-            log.exception("request %s %s failed (request id %s)", request.method, request.url.path, request.state.request_id)
+        except Exception:  # no traceback in a body; the log has it
+            log.exception(
+                "request %s %s failed (request id %s)", request.method, request.url.path, request.state.request_id
+            )
             response = error(500, "internal server error", request)
         response.headers["X-Request-ID"] = request.state.request_id
         return response

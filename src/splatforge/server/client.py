@@ -7,8 +7,8 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from splatforge._fs import atomic_path
 from splatforge.errors import SplatforgeError
@@ -39,7 +39,7 @@ def zip_job_root(folder: Path, dest: Path) -> Path:
 class Client:
     """``Client("http://127.0.0.1:8000", token)``: submit, poll, cancel, download."""
 
-    def __init__(self, server: str, token: Optional[str] = None, timeout: float = 60.0):
+    def __init__(self, server: str, token: str | None = None, timeout: float = 60.0):
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -48,7 +48,7 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
@@ -63,7 +63,7 @@ class Client:
             raise ServerError(r.status_code, message)
         return r
 
-    def submit(self, paths: Sequence[Path], options: Optional[dict] = None, idempotency_key: Optional[str] = None) -> dict:
+    def submit(self, paths: Sequence[Path], options: dict | None = None, idempotency_key: str | None = None) -> dict:
         """Submit a job: one ``.zip`` (or job-root folder, zipped here) or videos/photos.
 
         Raises:
@@ -102,16 +102,24 @@ class Client:
 
     def download(self, job_id: str, name: str, dest: Path) -> Path:
         """Stream artifact ``name`` into ``dest`` (atomically)."""
-        with atomic_path(dest) as tmp, open(tmp, "wb") as out, self.http.stream("GET", f"/api/jobs/{job_id}/artifacts/{name}") as r:
+        with (
+            atomic_path(dest) as tmp,
+            open(tmp, "wb") as out,
+            self.http.stream("GET", f"/api/jobs/{job_id}/artifacts/{name}") as r,
+        ):
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
-            for chunk in r.iter_bytes(1 << 20):
-                out.write(chunk)
+            out.writelines(r.iter_bytes(1 << 20))
         return Path(dest)
 
-    def wait(self, job_id: str, timeout: float = 24 * 3600, poll: float = 1.0,
-             on_update: Optional[Callable[[dict], None]] = None) -> dict:  # fmt: skip
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 24 * 3600,
+        poll: float = 1.0,
+        on_update: Callable[[dict], None] | None = None,
+    ) -> dict:
         """Poll until the job ends (or ``timeout`` seconds pass: TimeoutError); returns it."""
         deadline = time.monotonic() + timeout
         while True:

@@ -12,9 +12,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-__all__ = ["JobStore", "TERMINAL", "STATUSES", "now_ms"]
+__all__ = ["STATUSES", "TERMINAL", "JobStore", "now_ms"]
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -65,7 +65,7 @@ class JobStore:
             return self._db.execute(sql, args)
 
     @staticmethod
-    def _row(row: Optional[sqlite3.Row]) -> Optional[dict[str, Any]]:
+    def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
         if row is None:
             return None
         job = dict(row)
@@ -77,12 +77,15 @@ class JobStore:
     def new_id() -> str:
         return uuid.uuid4().hex[:16]
 
-    def create(self, job_id: str, kind: str, options: dict, idempotency_key: Optional[str] = None) -> tuple[dict, bool]:
+    def create(self, job_id: str, kind: str, options: dict, idempotency_key: str | None = None) -> tuple[dict, bool]:
         """Insert a queued job; returns ``(job, True)``, or ``(the existing job, False)`` when
         ``idempotency_key`` was used before."""
         try:
-            self._exec("INSERT INTO jobs (id, kind, status, options, idempotency_key, created_ms) VALUES (?, ?, 'queued', ?, ?, ?)",
-                       (job_id, kind, json.dumps(options), idempotency_key, now_ms()))  # fmt: skip
+            self._exec(
+                "INSERT INTO jobs (id, kind, status, options, idempotency_key, created_ms) "
+                "VALUES (?, ?, 'queued', ?, ?, ?)",
+                (job_id, kind, json.dumps(options), idempotency_key, now_ms()),
+            )
         except sqlite3.IntegrityError:
             existing = self.by_key(idempotency_key) if idempotency_key else None
             if existing is None:
@@ -90,40 +93,48 @@ class JobStore:
             return existing, False
         return self.get(job_id), True
 
-    def by_key(self, key: str) -> Optional[dict]:
+    def by_key(self, key: str) -> dict | None:
         return self._row(self._exec("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone())
 
-    def get(self, job_id: str) -> Optional[dict]:
+    def get(self, job_id: str) -> dict | None:
         return self._row(self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def list(self, limit: int = 500) -> list[dict]:
         rows = self._exec("SELECT * FROM jobs ORDER BY created_ms DESC, id LIMIT ?", (limit,)).fetchall()
         return [self._row(r) for r in rows]
 
-    def claim_next(self) -> Optional[dict]:
+    def claim_next(self) -> dict | None:
         """The oldest queued job, now ``running`` (atomically), or None."""
         with self._lock:
-            row = self._db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_ms, id LIMIT 1").fetchone()
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_ms, id LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
-            cur = self._db.execute("UPDATE jobs SET status = 'running', started_ms = COALESCE(started_ms, ?), "
-                                   "attempts = attempts + 1 WHERE id = ? AND status = 'queued'", (now_ms(), row["id"]))  # fmt: skip
+            cur = self._db.execute(
+                "UPDATE jobs SET status = 'running', started_ms = COALESCE(started_ms, ?), "
+                "attempts = attempts + 1 WHERE id = ? AND status = 'queued'",
+                (now_ms(), row["id"]),
+            )
             if cur.rowcount != 1:
                 return None
         return self.get(row["id"])
 
-    def set_pid(self, job_id: str, pid: Optional[int]) -> None:
+    def set_pid(self, job_id: str, pid: int | None) -> None:
         self._exec("UPDATE jobs SET pid = ? WHERE id = ?", (pid, job_id))
 
     def set_progress(self, job_id: str, line: dict) -> None:
         self._exec("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", (json.dumps(line), job_id))
 
-    def finish(self, job_id: str, status: str, error: Optional[str] = None) -> bool:
+    def finish(self, job_id: str, status: str, error: str | None = None) -> bool:
         """Set a terminal ``status`` unless the job already has one; True when it changed."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
-        cur = self._exec("UPDATE jobs SET status = ?, error = ?, ended_ms = ?, pid = NULL WHERE id = ? "
-                         "AND status IN ('queued', 'running')", (status, error, now_ms(), job_id))  # fmt: skip
+        cur = self._exec(
+            "UPDATE jobs SET status = ?, error = ?, ended_ms = ?, pid = NULL WHERE id = ? "
+            "AND status IN ('queued', 'running')",
+            (status, error, now_ms(), job_id),
+        )
         return cur.rowcount == 1
 
     def requeue_running(self) -> list[dict]:

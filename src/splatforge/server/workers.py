@@ -1,109 +1,144 @@
-"""The job server's workers: each running job is one ``splatforge splatter`` subprocess on a slot
-of the local executor ``generate`` uses (:func:`splatforge.pipeline.generate.local_slots`: GPU
-slots by NVML, else CPU workers with an equal share of the cores).
+"""The job server's workers: each running job is one ``splatter`` job spec
+(:func:`splatforge.pipeline.executors.splatter_spec`: the workspace as its job root, the job's
+options) submitted to an executor of :mod:`splatforge.pipeline.executors`:
 
-A job's subprocess runs in its own process group (cancel: SIGTERM to the group, SIGKILL after
-:data:`TERMINATE_GRACE_S`, as the node's runner does) and dies with the server (Linux's
-parent-death signal), so a killed server leaves no orphan training into a workspace; at start-up,
-jobs left ``running`` are queued again (after any worker of theirs that survived is killed) and
-resume from their checkpoints. Progress lines from the worker's stdout go to the store; stdout
-and stderr go to ``jobs/<id>/job.log``.
+- ``local`` (default): the pool ``generate`` uses (:func:`~splatforge.pipeline.executors.local_slots`:
+  GPU slots by NVML, else CPU workers with an equal share of the cores), one subprocess per job
+  in its own process group (cancel: SIGTERM to the group, SIGKILL after
+  :data:`TERMINATE_GRACE_S`, as the node's runner does) that dies with the server (Linux's
+  parent-death signal), so a killed server leaves no orphan training into a workspace;
+- ``ray``: one Ray task per job on an existing cluster (``--ray-address``) or a local one
+  (:meth:`~splatforge.pipeline.executors.RayExecutor.for_server`); cancel interrupts the task and
+  kills its worker after the grace period; the workspaces must be reachable from the cluster's
+  nodes at the same path (a shared file system, or the local cluster).
+
+At start-up, jobs left ``running`` are queued again (after any local worker of theirs that
+survived is killed) and resume from their manifests and checkpoints (the splatter pipeline skips
+its finished stages). The worker's progress lines (the node's ``{"pct", "stage", "status", ...}``)
+become the job's ``progress`` in the store and, with the worker's logs, go to ``jobs/<id>/job.log``;
+a failed job's ``error`` is its result's error line.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal
 
-from splatforge.pipeline.generate import Slot, local_slots, slot_env
+from splatforge.errors import ConfigError
+from splatforge.pipeline.executors import (
+    TERMINATE_GRACE_S,
+    Executor,
+    JobHandle,
+    LocalExecutor,
+    RayExecutor,
+    Slot,
+    local_slots,
+    splatter_spec,
+)
 from splatforge.server.store import JobStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Supervisor", "TERMINATE_GRACE_S", "OPTIONS", "worker_command"]
+__all__ = ["OPTIONS", "TERMINATE_GRACE_S", "Supervisor", "job_spec", "make_executor"]
 
-TERMINATE_GRACE_S = 10.0
-OPTIONS = {"steps": int, "max_gaussians": int, "strategy": ("default", "mcmc"), "data_factor": int,
-           "preset": ("auto", "fast", "default", "quality"), "checkpoint_every": int, "test_every": int, "preview_size": int,
-           "seed": int}  # fmt: skip
+OPTIONS = {
+    "steps": int,
+    "max_gaussians": int,
+    "strategy": ("default", "mcmc"),
+    "data_factor": int,
+    "preset": ("auto", "fast", "default", "quality"),
+    "checkpoint_every": int,
+    "test_every": int,
+    "preview_size": int,
+    "seed": int,
+}
 """The splatter options a submission may set: a non-negative integer, or one of the choices.
-Each is the ``splatforge splatter`` flag of that name (``--max-gaussians`` for ``max_gaussians``)."""
-
-_PR_SET_PDEATHSIG = 1
-try:  # resolved here, in the parent: the child between fork and exec only makes the call
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: no parent-death signal (start-up still kills survivors)
-    _PRCTL = None
+Each is the :class:`~splatforge.pipeline.splatter.SplatterConfig` field of that name (the
+``splatforge splatter`` flag ``--max-gaussians`` for ``max_gaussians``)."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def job_spec(job: dict, workspace: Path) -> dict:
+    """The ``splatter`` job spec of ``job`` (a store row) in ``workspace``: its options, the
+    workspace as the job root, the job's id, and for captures the uploaded files (sorted).
+
+    Raises:
+        ConfigError: an option that is not a splatter option.
+    """
+    from splatforge.pipeline.splatter import SplatterConfig
+
+    unknown = sorted(set(job["options"]) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"options: unknown option(s) {', '.join(unknown)}")
+    captures = sorted((workspace / "uploads").iterdir()) if job["kind"] == "captures" else None
+    cfg = SplatterConfig(job_root_path=workspace, job_id=job["id"], captures=captures, **job["options"])
+    return splatter_spec(cfg)
 
 
-def worker_command(job: dict, workspace: Path) -> list[str]:
-    """The worker's command line for ``job`` (a store row) in ``workspace``."""
-    cmd = [sys.executable, "-m", "splatforge.cli", "splatter", "--job_root_path", str(workspace), "--job_id", job["id"]]
-    for key, value in sorted(job["options"].items()):
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    if job["kind"] == "captures":
-        captures = sorted(str(p) for p in (workspace / "uploads").iterdir())
-        cmd += ["--captures", *captures]
-    return cmd
+def make_executor(
+    executor: Literal["local", "ray"] = "local", workers: int | None = None, ray_address: str | None = None
+) -> Executor:
+    """The server's executor: the local pool (``workers`` CPU slots without GPUs, default 1) or
+    Ray (at most ``workers`` jobs at once, default one per GPU or node; a new local Ray without
+    ``ray_address``).
 
-
-@dataclass
-class _Running:
-    proc: subprocess.Popen
-    slot: int
-    log_file: object
-    reader: threading.Thread
+    Raises:
+        ConfigError: an unknown executor, or ``ray`` without ray installed.
+    """
+    if executor == "local":
+        return LocalExecutor(local_slots(workers), own_group=True)
+    if executor == "ray":
+        return RayExecutor.for_server(ray_address, workers)
+    raise ConfigError(f"--executor must be local or ray, got {executor!r}")
 
 
 class Supervisor:
-    """Claims queued jobs from ``store`` while a slot is free and runs them (module docstring)."""
+    """Claims queued jobs from ``store`` while the executor has room and runs them (module
+    docstring). ``executor``: default the local pool on ``slots`` (default :func:`local_slots`
+    of ``workers``)."""
 
-    def __init__(self, store: JobStore, jobs_dir: Path, workers: Optional[int] = None, slots: Optional[list[Slot]] = None):
+    def __init__(
+        self,
+        store: JobStore,
+        jobs_dir: Path,
+        workers: int | None = None,
+        slots: list[Slot] | None = None,
+        executor: Executor | None = None,
+    ):
         self.store, self.jobs_dir = store, Path(jobs_dir)
-        self.slots = slots if slots is not None else local_slots(workers)
-        self._running: dict[str, _Running] = {}
+        if executor is None:
+            executor = LocalExecutor(slots if slots is not None else local_slots(workers), own_group=True)
+        self.executor = executor
+        self._handles: dict[str, JobHandle] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- life cycle
     def start(self) -> None:
         for job in self.store.requeue_running():
             self._kill_survivor(job)
-            log.info("job %s: was running when the server stopped; queued again (resumes from its checkpoint)", job["id"])
+            log.info(
+                "job %s: was running when the server stopped; queued again (resumes from its checkpoint)", job["id"]
+            )
         self._thread = threading.Thread(target=self._loop, name="splatforge-supervisor", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Stop claiming, end the running workers (their jobs stay ``running`` in the store and
-        are queued again at the next start)."""
+        are queued again at the next start), release the executor (a local Ray it started ends)."""
         self._stop.set()
-        with self._lock:
-            running = list(self._running.items())
-        for _, r in running:
-            self._signal(r.proc, signal.SIGTERM)
-        for _, r in running:
-            try:
-                r.proc.wait(timeout=TERMINATE_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._signal(r.proc, signal.SIGKILL)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.executor.stop(TERMINATE_GRACE_S)
+        if isinstance(self.executor, RayExecutor):
+            self.executor.close(shutdown=self.executor.started)
+        else:
+            self.executor.close()
 
     def workspace(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -111,39 +146,26 @@ class Supervisor:
     # ---------------------------------------------------------------- cancel
     def cancel(self, job_id: str) -> bool:
         """Mark the job cancelled (unless it already ended) and end its worker: SIGTERM to its
-        process group, SIGKILL after the grace period. True when the status changed."""
+        process group (Ray: interrupt the task), SIGKILL after the grace period. True when the
+        status changed."""
         changed = self.store.finish(job_id, "cancelled", "cancelled by request")
         with self._lock:
-            r = self._running.get(job_id)
-        if changed and r is not None:
-            self._signal(r.proc, signal.SIGTERM)
-            threading.Thread(target=self._kill_later, args=(r.proc,), daemon=True).start()
+            handle = self._handles.get(job_id)
+        if changed and handle is not None:
+            handle.cancel(TERMINATE_GRACE_S)
         return changed
 
-    def _kill_later(self, proc: subprocess.Popen) -> None:
-        try:
-            proc.wait(timeout=TERMINATE_GRACE_S)
-        except subprocess.TimeoutExpired:
-            self._signal(proc, signal.SIGKILL)
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen, sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def _kill_survivor(self, job: dict) -> None:
-        """A worker of ``job`` still alive from the previous server (it should have died with
-        it): kill its process group, so that the job never runs twice at once."""
+        """A local worker of ``job`` still alive from the previous server (it should have died
+        with it): kill its process group, so that the job never runs twice at once."""
         pid = job.get("pid")
         if not pid:
             return
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return
-        if job["id"].encode() not in cmdline:
+        if job["id"].encode() not in cmdline:  # the spec's path names the job: a reused pid is left alone
             return
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -160,78 +182,47 @@ class Supervisor:
             try:
                 self._reap()
                 self._launch()
-            except Exception:  # noqa: BLE001 - the supervisor must outlive any one job's failure
+            except Exception:  # the supervisor must outlive any one job's failure
                 log.exception("supervisor: unexpected error (continuing)")
             self._stop.wait(0.2)
 
-    def _free_slot(self) -> Optional[int]:
-        used = {r.slot for r in self._running.values()}
-        return next((i for i in range(len(self.slots)) if i not in used), None)
-
     def _launch(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                slot = self._free_slot()
-            if slot is None:
-                return
+        while not self._stop.is_set() and self.executor.has_room():
             job = self.store.claim_next()
             if job is None:
                 return
             ws = self.workspace(job["id"])
-            log_file = open(ws / "job.log", "ab")  # noqa: SIM115 - closed when the job ends
-            log_file.write(f"--- attempt {job['attempts']} on {self.slots[slot].label}\n".encode())
-            log_file.flush()
             try:
-                proc = subprocess.Popen(worker_command(job, ws), stdout=subprocess.PIPE, stderr=log_file, cwd=ws,
-                                        env=slot_env(self.slots[slot], dict(os.environ, PYTHONUNBUFFERED="1")),
-                                        start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
-            except OSError as exc:
-                log_file.close()
+                spec = job_spec(job, ws)
+                handle = self.executor.submit(
+                    spec,
+                    name=job["id"],
+                    log=ws / "job.log",
+                    workdir=ws,
+                    on_progress=lambda line, job_id=job["id"]: self._progress(job_id, line),
+                    banner=f"--- attempt {job['attempts']}",
+                )
+            except (ConfigError, OSError) as exc:
                 self.store.finish(job["id"], "failed", f"could not start the worker: {exc}")
                 continue
-            self.store.set_pid(job["id"], proc.pid)
-            reader = threading.Thread(target=self._read_progress, args=(job["id"], proc, log_file), daemon=True)
+            self.store.set_pid(job["id"], handle.pid)
             with self._lock:
-                self._running[job["id"]] = _Running(proc, slot, log_file, reader)
-            reader.start()
-            log.info("job %s: started (pid %d, %s)", job["id"], proc.pid, self.slots[slot].label)
+                self._handles[job["id"]] = handle
+            log.info("job %s: started (%s)", job["id"], handle.where)
 
-    def _read_progress(self, job_id: str, proc: subprocess.Popen, log_file) -> None:
-        for raw in proc.stdout:
-            log_file.write(raw)
-            log_file.flush()
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(line, dict) and "stage" in line:
-                self.store.set_progress(job_id, line)
+    def _progress(self, job_id: str, line: dict) -> None:
+        if "stage" in line:
+            self.store.set_progress(job_id, line)
 
     def _reap(self) -> None:
-        with self._lock:
-            done = [(jid, r) for jid, r in self._running.items() if r.proc.poll() is not None]
-        for job_id, r in done:
-            r.reader.join(timeout=10)
-            r.log_file.close()
+        for handle, result in self.executor.poll():
+            job_id = handle.name
             with self._lock:
-                del self._running[job_id]
+                self._handles.pop(job_id, None)
             if self._stop.is_set():
                 continue  # ended by the server's own shutdown: queued again at the next start
-            rc = r.proc.returncode
-            if rc == 0:
+            if result.get("status") == "done":
                 self.store.finish(job_id, "succeeded")
             else:
-                self.store.finish(job_id, "failed", _last_error(self.workspace(job_id) / "job.log", rc))
-            log.info("job %s: worker exited with %d", job_id, rc)
-
-
-def _last_error(log_path: Path, rc: int) -> str:
-    """The worker's last ``error: ...`` line, else a line with its exit code."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    for line in reversed(lines):
-        if line.startswith("error: "):
-            return line[len("error: ") :]
-    return f"the worker exited with code {rc} (see the job's log)"
+                self.store.finish(job_id, "failed", result.get("error") or "the worker failed (see the job's log)")
+            log.info("job %s: %s", job_id, result.get("status"))

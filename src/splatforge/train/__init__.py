@@ -7,5 +7,19 @@ from splatforge.train.presets import PRESETS, Preset, apply_preset, resolve_pres
 from splatforge.train.run import Run
 from splatforge.train.trainer import StepTimes, Trainer, TrainResult
 
-__all__ = ["DensifyConfig", "LearningRates", "MCMCConfig", "PRESETS", "Preset", "Run", "StepTimes", "TrainConfig",
-           "TrainResult", "Trainer", "apply_preset", "load_config", "resolve_preset", "save_config"]  # fmt: skip
+__all__ = [
+    "PRESETS",
+    "DensifyConfig",
+    "LearningRates",
+    "MCMCConfig",
+    "Preset",
+    "Run",
+    "StepTimes",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "apply_preset",
+    "load_config",
+    "resolve_preset",
+    "save_config",
+]

@@ -30,7 +30,7 @@ import numpy as np
 
 from splatforge.raster.constants import FASTMATH
 
-_JIT = dict(cache=True, nogil=True, fastmath=set(FASTMATH))
+_JIT = {"cache": True, "nogil": True, "fastmath": set(FASTMATH)}
 C1, C2 = 0.01**2, 0.03**2
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from splatforge._fs import atomic_path
 from splatforge.errors import DataFormatError
 
-__all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -30,7 +30,7 @@ def save_checkpoint(folder: Path, step: int, payload: dict[str, Any]) -> Path:
     return path
 
 
-def latest_checkpoint(folder: Path) -> Optional[Path]:
+def latest_checkpoint(folder: Path) -> Path | None:
     """The checkpoint with the highest step in ``folder``, or None."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -53,5 +53,8 @@ def load_checkpoint(path: Path, mmap: bool = True) -> dict[str, Any]:
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise DataFormatError(f"{path}: not a readable checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise DataFormatError(f"{path}: checkpoint version {ckpt.get('version') if isinstance(ckpt, dict) else '?'} is not {CHECKPOINT_VERSION}")
+        raise DataFormatError(
+            f"{path}: checkpoint version {ckpt.get('version') if isinstance(ckpt, dict) else '?'} "
+            f"is not {CHECKPOINT_VERSION}"
+        )
     return ckpt

@@ -7,7 +7,8 @@ refine start/stop/every and opacity reset and the SH degree interval are gsplat'
 values for a 30,000-step run scaled by ``steps / 30,000`` (gsplat's ``steps_scaler``;
 ``refine_every`` at least ``MIN_REFINE_EVERY``); MCMC's refine stop scales too, while its start
 (500) and period (100) are paces per step, shortened only when the run is too short for them
-(see :class:`MCMCConfig`). A number given explicitly is used as it is. :meth:`TrainConfig.resolve` fills them in, and ``cfg.yml`` records the numbers used.
+(see :class:`MCMCConfig`). A number given explicitly is used as it is. :meth:`TrainConfig.resolve`
+fills them in, and ``cfg.yml`` records the numbers used.
 """
 
 from __future__ import annotations
@@ -15,15 +16,27 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
 from splatforge._fs import atomic_path
 from splatforge.errors import ConfigError
 
-__all__ = ["TrainConfig", "LearningRates", "DensifyConfig", "MCMCConfig", "TrainFeatures", "REFERENCE_STEPS", "scaled_iter",
-           "resolve_device", "default_output", "save_config", "load_config", "to_plain"]  # fmt: skip
+__all__ = [
+    "REFERENCE_STEPS",
+    "DensifyConfig",
+    "LearningRates",
+    "MCMCConfig",
+    "TrainConfig",
+    "TrainFeatures",
+    "default_output",
+    "load_config",
+    "resolve_device",
+    "save_config",
+    "scaled_iter",
+    "to_plain",
+]
 
 #: The run length gsplat's and Inria's schedule defaults are written for.
 REFERENCE_STEPS = 30_000
@@ -36,7 +49,7 @@ MIN_REFINE_EVERY = 10
 def scaled_iter(value: int, steps: int, minimum: int = 1) -> int:
     """``value`` (an iteration count of a ``REFERENCE_STEPS``-step schedule) scaled to a run of
     ``steps`` steps, rounded, at least ``minimum``."""
-    return max(minimum, int(round(value * steps / REFERENCE_STEPS)))
+    return max(minimum, int(round(value * steps / REFERENCE_STEPS)))  # noqa: RUF046 (numpy values too)
 
 
 def resolve_device(device: str) -> str:
@@ -86,16 +99,16 @@ class DensifyConfig:
     """Adaptive density control of 3DGS: gsplat's ``DefaultStrategy``, same field names and
     meanings (its documentation applies). ``None``: the 30,000-step default scaled to the run."""
 
-    refine_start_iter: Optional[int] = None
+    refine_start_iter: int | None = None
     """First step that grows or prunes (500 at 30k steps)."""
-    refine_stop_iter: Optional[int] = None
+    refine_stop_iter: int | None = None
     """No growing, pruning or opacity reset from this step on (15,000 at 30k steps)."""
-    refine_every: Optional[int] = None
+    refine_every: int | None = None
     """Grow and prune every this many steps (100 at 30k steps)."""
-    reset_every: Optional[int] = None
+    reset_every: int | None = None
     """Opacity reset period (3,000 at 30k steps); gsplat 1.5.3 never resets by itself, the
     strategy here does."""
-    grow_grad2d: Optional[float] = None
+    grow_grad2d: float | None = None
     """Mean screen-space gradient (NDC units) above which a Gaussian is cloned or split: 2e-4,
     or 8e-4 with ``absgrad`` (gsplat's trainer: absolute gradients are larger)."""
     grow_scale3d: float = 0.01
@@ -121,12 +134,12 @@ class MCMCConfig:
 
     cap_max: int = 1_000_000
     """Most Gaussians (``max_gaussians`` caps it further when smaller)."""
-    refine_start_iter: Optional[int] = None
+    refine_start_iter: int | None = None
     """First relocation/growth step: 500 (opacities first need that many steps to tell dead
     Gaussians), at most a fifth of the refine window in short runs."""
-    refine_stop_iter: Optional[int] = None
+    refine_stop_iter: int | None = None
     """No relocation or growth from this step on (25,000 at 30k steps, scaled)."""
-    refine_every: Optional[int] = None
+    refine_every: int | None = None
     """Relocate dead Gaussians and grow by 5 % every this many steps: 100 (a pace per step, not
     per run: scaled with the run, the count reaches the cap early and overfits; on skull at 3k
     steps 23.9 dB and 300k Gaussians instead of 25.5 dB and 55k), fewer in runs too short for
@@ -162,18 +175,30 @@ class TrainFeatures:
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     """The default strategy's options (``--densify.absgrad``: AbsGS gradients, with their own threshold)."""
 
-    def apply(self, cfg: "TrainConfig") -> "TrainConfig":
-        """A copy of ``cfg`` with these features."""
-        return dataclasses.replace(cfg, rasterize_mode=self.rasterize_mode, exposure=self.exposure, pose_opt=self.pose_opt,
-                                   densify=dataclasses.replace(self.densify))  # fmt: skip
+    def train_fields(self) -> dict:
+        """These features as ``TrainConfig`` keyword values (for
+        :func:`~splatforge.train.presets.preset_train_config`)."""
+        return {
+            "rasterize_mode": self.rasterize_mode,
+            "exposure": self.exposure,
+            "pose_opt": self.pose_opt,
+            "densify": dataclasses.replace(self.densify),
+        }
 
     def changed(self) -> dict:
         """The features that differ from the defaults, as plain ``TrainConfig`` keyword values
         (``densify`` as a dict of its changed fields): for job specs, whose hash they join."""
         default = TrainFeatures()
-        out = {k: getattr(self, k) for k in ("rasterize_mode", "exposure", "pose_opt") if getattr(self, k) != getattr(default, k)}
-        dens = {f.name: getattr(self.densify, f.name) for f in dataclasses.fields(DensifyConfig)
-                if getattr(self.densify, f.name) != getattr(default.densify, f.name)}  # fmt: skip
+        out = {
+            k: getattr(self, k)
+            for k in ("rasterize_mode", "exposure", "pose_opt")
+            if getattr(self, k) != getattr(default, k)
+        }
+        dens = {
+            f.name: getattr(self.densify, f.name)
+            for f in dataclasses.fields(DensifyConfig)
+            if getattr(self.densify, f.name) != getattr(default.densify, f.name)
+        }
         if dens:
             out["densify"] = dens
         return out
@@ -185,7 +210,7 @@ class TrainConfig:
 
     data: Path
     """Scene folder (COLMAP sparse/0 + images, or transforms.json)."""
-    output: Optional[Path] = None
+    output: Path | None = None
     """Run folder: outputs, checkpoints and this config go here (default: runs/<scene folder
     name>, or runs/<name>-2, -3, ... when that holds another run)."""
     data_factor: int = 1
@@ -202,9 +227,9 @@ class TrainConfig:
     densification statistics over every view of the step."""
     test_every: int = 8
     """Every k-th image (sorted by name) is a test view; 0 for none."""
-    split_ratio: Optional[float] = None
+    split_ratio: float | None = None
     """Fraction of views used for training, evenly spread (overrides test_every)."""
-    partition: Optional[Path] = None
+    partition: Path | None = None
     """A partition.json or splits/ folder (overrides both)."""
     backend: Literal["auto", "cpu", "gsplat", "reference"] = "auto"
     """Rasterizer: auto = gsplat on CUDA, our compiled kernels on CPU."""
@@ -216,27 +241,27 @@ class TrainConfig:
     """Hard cap on the count for any strategy; the least opaque are dropped (0 = no cap)."""
     sh_degree: int = 3
     """Final SH degree (0..3)."""
-    sh_degree_interval: Optional[int] = None
+    sh_degree_interval: int | None = None
     """Raise the SH degree by one every this many steps (1,000 at 30k steps)."""
     ssim_lambda: float = 0.2
     """Loss = (1 - lambda) L1 + lambda (1 - SSIM)."""
-    init_opacity: Optional[float] = None
+    init_opacity: float | None = None
     """Initial opacity (activated); default 0.5 for MCMC from SfM points (gsplat's MCMC preset),
     0.1 otherwise (a random start at 0.5 is a fog short runs cannot clear)."""
-    init_scale: Optional[float] = None
+    init_scale: float | None = None
     """Factor on the kNN initial scales; default 0.1 for MCMC from SfM points, 1.0 otherwise."""
     init_random_count: int = 100_000
     """Gaussians for random initialisation (scenes without sparse points)."""
     init_extent: float = 3.0
     """Half-size of the random initialisation cube, in scene scales."""
-    world_unit: Optional[float] = None
+    world_unit: float | None = None
     """The length (world units) that MCMC's position noise and scale regulariser, the pose
     corrections' translations and the near plane are measured in, as gsplat's trainer has them in
     its normalised world (``normalize_world_space``), so that they do not depend on the arbitrary
     scale of an SfM reconstruction. None (default): the scene's :meth:`~splatforge.data.scene.SceneData.world_unit`
     (the cameras' median distance from their focus point), written resolved to ``cfg.yml``. Runs
     whose ``cfg.yml`` predates the field read 1.0: the scene's own units, as they were trained."""
-    random_background: Optional[bool] = None
+    random_background: bool | None = None
     """Render on a random background colour each step (gsplat's random_bkgd), images with alpha
     composited on the same colour: Gaussians of the background's colour cannot stand in for
     empty space. None (default): on for scenes whose images have alpha (RGBA, e.g. Blender
@@ -244,12 +269,12 @@ class TrainConfig:
     the scene says), off otherwise (opaque images carry their background)."""
     checkpoint_every: int = 1000
     """Also checkpoint every this many steps (0: only at the end)."""
-    cache_dir: Optional[Path] = None
+    cache_dir: Path | None = None
     """Undistorted/downscaled image copies (default: <output>/cache; never inside data)."""
     torch_threads: int = 0
     """Threads of torch's own ops while training on the CPU (0: one, leaving the cores to the
     compiled kernels; see ``Trainer.compute_threads``)."""
-    depth_prior: Optional[str] = None
+    depth_prior: str | None = None
     """Supervise the rendered inverse depth: a folder of depth maps (Inria's layout, with or without
     depth_params.json), depth-anything (run into <output>/depth_prior), or sfm (the sparse COLMAP
     depths); None: off. See splatforge.train.depth."""
@@ -299,10 +324,10 @@ class TrainConfig:
     """classic (3DGS), or antialiased (Mip-Splatting's 2D filter: opacities times the
     compensation factor, Yu et al. 2024): saved in cfg.yml, so render, eval, export and every
     product of the run use the mode it was trained with."""
-    block_plan: Optional[Path] = None
+    block_plan: Path | None = None
     """A blocks.json (``splatforge blocks plan``): train only block ``block_id``: its images (of
     the training split) and the SfM points inside its enlarged box."""
-    block_id: Optional[str] = None
+    block_id: str | None = None
     """The block of ``block_plan`` to train, e.g. ``0_1``."""
     strategy: Literal["default", "mcmc", "none"] = "mcmc"
     """Densification: mcmc (relocation, regularised: few floaters, the count never above the
@@ -316,7 +341,7 @@ class TrainConfig:
         """The hyper-parameters of the chosen strategy."""
         return self.mcmc if self.strategy == "mcmc" else self.densify
 
-    def resolve(self) -> "TrainConfig":
+    def resolve(self) -> TrainConfig:
         """Fill in, in place, what depends on other fields (strategy-dependent initialisation,
         schedules scaled to ``steps``, ``device="auto"``) and check the values; returns self.
 
@@ -326,7 +351,9 @@ class TrainConfig:
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if not 1 <= self.batch_size <= 9:
-            raise ConfigError(f"batch_size must be 1..9 (Adam's beta1 = 1 - 0.1 B stays positive), got {self.batch_size}")
+            raise ConfigError(
+                f"batch_size must be 1..9 (Adam's beta1 = 1 - 0.1 B stays positive), got {self.batch_size}"
+            )
         if self.sh_degree not in (0, 1, 2, 3):
             raise ConfigError(f"sh_degree must be 0..3, got {self.sh_degree}")
         if self.data_factor < 1:
@@ -373,9 +400,14 @@ class TrainConfig:
                 elif getattr(sub, name) < 0 or (name != "refine_start_iter" and getattr(sub, name) == 0):
                     raise ConfigError(f"{group}.{name} must be positive, got {getattr(sub, name)}")
         if self.pose_align_steps < 0 or not self.pose_align_lr > 0:
-            raise ConfigError(f"pose_align_steps must be >= 0 and pose_align_lr > 0, got {self.pose_align_steps} and {self.pose_align_lr}")
+            raise ConfigError(
+                "pose_align_steps must be >= 0 and pose_align_lr > 0, "
+                f"got {self.pose_align_steps} and {self.pose_align_lr}"
+            )
         if self.exposure and not (self.exposure_lr_init > 0 and self.exposure_lr_final > 0):
-            raise ConfigError(f"exposure learning rates must be positive, got {self.exposure_lr_init} and {self.exposure_lr_final}")
+            raise ConfigError(
+                f"exposure learning rates must be positive, got {self.exposure_lr_init} and {self.exposure_lr_final}"
+            )
         if self.rasterize_mode not in ("classic", "antialiased"):
             raise ConfigError(f"rasterize_mode must be 'classic' or 'antialiased', got {self.rasterize_mode!r}")
         if (self.block_plan is None) != (self.block_id is None):
@@ -384,7 +416,7 @@ class TrainConfig:
             raise ConfigError(f"the output folder must not be the input scene folder ({self.data})")
         return self
 
-    def resolve_init(self, from_points: bool) -> "TrainConfig":
+    def resolve_init(self, from_points: bool) -> TrainConfig:
         """Fill in ``init_opacity`` and ``init_scale`` for a start from SfM points or a random one
         (see the fields), in place; returns self. Measured on the demo scene (random start,
         300 steps): MCMC at 0.1/1.0 reaches 27.2 dB, at gsplat's 0.5/0.1 17.6 dB."""

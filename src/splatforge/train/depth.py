@@ -15,9 +15,10 @@ image, ``inv_render = sum_i w_i / z_i`` (render mode ``ID``), the mask 0 for an 
 (``sfm``): ``w(t) * mean |inv_render(xy) - 1 / z|`` over the view's observed points, the render
 sampled bilinearly. With ``depth_filter_px`` > 0 a dense prior's mask also drops the pixels
 that fail the multi-view check against the other training views' aligned priors
-(:func:`splatforge.data.depth.multiview_depth_mask`, CityGS-X's). ``w`` goes log-linearly from ``depth_weight_init`` to ``depth_weight_final``
-over the run (Inria's ``get_expon_lr_func``, 1.0 to 0.01). Both are in 1 / world units, as
-Inria's: the term's weight against the colour loss depends on the scene's scale.
+(:func:`splatforge.data.depth.multiview_depth_mask`, CityGS-X's). ``w`` goes log-linearly from
+``depth_weight_init`` to ``depth_weight_final`` over the run (Inria's ``get_expon_lr_func``, 1.0 to
+0.01). Both are in 1 / world units, as Inria's: the term's weight against the colour loss depends
+on the scene's scale.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -34,14 +34,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splatforge.data import SceneData
-from splatforge.data.depth import (DepthFit, depth_file, depth_key, fit_depth_folder, make_depth_priors,
-                                   multiview_depth_mask, read_depth_params, read_inverse_depth, reliable_views,
-                                   sfm_inverse_depths, write_depth_params)  # fmt: skip
+from splatforge.data.depth import (
+    DepthFit,
+    depth_file,
+    depth_key,
+    fit_depth_folder,
+    make_depth_priors,
+    multiview_depth_mask,
+    read_depth_params,
+    read_inverse_depth,
+    reliable_views,
+    sfm_inverse_depths,
+    write_depth_params,
+)
 from splatforge.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DepthSupervision", "depth_weight", "check_depth_prior"]
+__all__ = ["DepthSupervision", "check_depth_prior", "depth_weight"]
 
 
 def depth_weight(step: int, steps: int, init: float, final: float) -> float:
@@ -65,8 +75,19 @@ class DepthSupervision:
         DataFormatError: an unreadable prior folder or ``depth_params.json``.
     """
 
-    def __init__(self, spec: str, scene: SceneData, output: Path, *, steps: int, weight_init: float,
-                 weight_final: float, model: str, device: torch.device, filter_px: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        spec: str,
+        scene: SceneData,
+        output: Path,
+        *,
+        steps: int,
+        weight_init: float,
+        weight_final: float,
+        model: str,
+        device: torch.device,
+        filter_px: float = 0.0,
+    ):
         self.scene, self.device, self.steps, self.filter_px = scene, device, steps, filter_px
         self._aligned: dict[int, np.ndarray] = {}
         self._train = set(scene.split["train"])
@@ -92,8 +113,11 @@ class DepthSupervision:
         else:
             fits = fit_depth_folder(scene, folder)
             write_depth_params(Path(output) / "depth_params.json", fits)
-            log.info("depth priors: %s has no depth_params.json; fitted to the SfM points into %s", folder,
-                     Path(output) / "depth_params.json")  # fmt: skip
+            log.info(
+                "depth priors: %s has no depth_params.json; fitted to the SfM points into %s",
+                folder,
+                Path(output) / "depth_params.json",
+            )
         self.fits: dict[str, DepthFit] = fits
         self.keys = [depth_key(n) for n in scene.image_names]
         self.reliable = reliable_views(self.keys, fits)
@@ -103,12 +127,12 @@ class DepthSupervision:
     def weight(self, step: int) -> float:
         return depth_weight(step, self.steps, self.weight_init, self.weight_final)
 
-    def target(self, index: int) -> Optional[tuple[Tensor, Tensor]]:
+    def target(self, index: int) -> tuple[Tensor, Tensor] | None:
         """``(inverse depth target, mask)`` of view ``index``: ``[H, W]`` maps (dense) or
         ``(xy [M, 2]`` pixels, ``inv [M])`` (sparse); None when the view has nothing to use."""
         if index in self._cache:
             return self._cache[index]
-        out: Optional[tuple[Tensor, Tensor]] = None
+        out: tuple[Tensor, Tensor] | None = None
         if self.sparse:
             xy, inv = sfm_inverse_depths(self.scene, index)
             if len(inv):
@@ -118,7 +142,9 @@ class DepthSupervision:
             target = torch.from_numpy(aligned).float().to(self.device)
             mask = torch.ones_like(target)
             if self.filter_px > 0:
-                keep = multiview_depth_mask(self._depth_of, self.scene.camtoworlds, self.scene.Ks, index, self.filter_px)
+                keep = multiview_depth_mask(
+                    self._depth_of, self.scene.camtoworlds, self.scene.Ks, index, self.filter_px
+                )
                 mask = torch.from_numpy(keep).float().to(self.device)
             out = (target, mask)
         self._cache[index] = out  # type: ignore[assignment]
@@ -140,7 +166,7 @@ class DepthSupervision:
             self._aligned[index] = (fit.scale * inv + fit.offset).astype(np.float32)
         return self._aligned[index]
 
-    def _depth_of(self, index: int) -> Optional[np.ndarray]:
+    def _depth_of(self, index: int) -> np.ndarray | None:
         """Camera-z depth of a reliable training view's aligned prior (the multi-view filter's
         input; test views are never used), None otherwise."""
         if index not in self._train or not self.reliable[index]:
@@ -149,7 +175,7 @@ class DepthSupervision:
         with np.errstate(divide="ignore"):
             return np.where(inv > 0, 1.0 / inv, 0.0)
 
-    def loss(self, index: int, inv_render: Tensor, step: int) -> Optional[Tensor]:
+    def loss(self, index: int, inv_render: Tensor, step: int) -> Tensor | None:
         """The weighted depth term for view ``index`` from its rendered inverse depth
         ``inv_render [H, W]``; None when the view has no usable prior or the weight is 0."""
         w = self.weight(step)
@@ -166,7 +192,7 @@ class DepthSupervision:
         return w * ((inv_render - target).abs() * mask).mean()
 
 
-def check_depth_prior(spec: Optional[str]) -> None:
+def check_depth_prior(spec: str | None) -> None:
     """Config-time check of ``--depth-prior``.
 
     Raises:

@@ -25,11 +25,13 @@ fixed set of Gaussians (strided shards differed by 6e-5 in a render after one st
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,8 +42,23 @@ from splatforge.raster.collectives import World, all_gather_ints, exchange
 
 log = logging.getLogger(__name__)
 
-__all__ = ["init_from_env", "finish", "even_sizes", "offsets", "gather_rows", "all_gather_rows", "move_rows", "shard_sizes",
-           "needs_rebalance", "per_gaussian", "broadcast_object", "gather_objects", "launch", "REBALANCE_DRIFT", "SHARD_ALIGN"]  # fmt: skip
+__all__ = [
+    "REBALANCE_DRIFT",
+    "SHARD_ALIGN",
+    "all_gather_rows",
+    "broadcast_object",
+    "even_sizes",
+    "finish",
+    "gather_objects",
+    "gather_rows",
+    "init_from_env",
+    "launch",
+    "move_rows",
+    "needs_rebalance",
+    "offsets",
+    "per_gaussian",
+    "shard_sizes",
+]
 
 #: Shards are evened out when the largest and the smallest differ by more than this fraction of
 #: their mean.
@@ -112,7 +129,7 @@ def even_sizes(total: int, size: int, align: int = SHARD_ALIGN) -> list[int]:
     differences after three steps)."""
     total, size = int(total), int(size)
     bounds = [0] + [(total * r // size) // align * align for r in range(1, size)] + [total]
-    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def offsets(sizes: Sequence[int]) -> list[int]:
@@ -130,7 +147,7 @@ def needs_rebalance(sizes: Sequence[int], drift: float = REBALANCE_DRIFT) -> boo
     return mean > 0 and (max(sizes) - min(sizes)) > drift * mean
 
 
-def gather_rows(t: Tensor, sizes: Sequence[int], world: World, dst: int = 0) -> Optional[Tensor]:
+def gather_rows(t: Tensor, sizes: Sequence[int], world: World, dst: int = 0) -> Tensor | None:
     """Every rank's rows of ``t`` (``[sizes[rank], ...]``) concatenated in rank order on rank
     ``dst`` (None on the others); every rank must call it."""
     send = [t if s == dst else t[:0] for s in range(world.size)]
@@ -190,21 +207,30 @@ def gather_objects(obj: Any, world: World) -> list[Any]:
     return out
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
+def launch(nproc: int, argv: Sequence[str], capture_stdout: bool = False) -> tuple[int, str]:
     """Run ``splatforge`` with ``argv`` on ``nproc`` processes of this machine through torchrun
-    (``--standalone``: a rendezvous on a free local port); returns its exit code. When a process
-    fails, torchrun stops the others; the caller reports it once.
+    (``--standalone``: a rendezvous on a free local port); returns its exit code and, with
+    ``capture_stdout``, what the processes printed on stdout (their logs and progress go to
+    stderr as they come). When a process fails, torchrun stops the others; the caller reports it
+    once.
 
     Raises:
         ConfigError: ``nproc`` < 1.
     """
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "splatforge", *argv]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "splatforge",
+        *argv,
+    ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     log.info("launching %d processes: %s", nproc, " ".join(cmd))
-    return subprocess.run(cmd, env=env, check=False).returncode
-
-
+    proc = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE if capture_stdout else None, text=True)
+    return proc.returncode, proc.stdout or ""

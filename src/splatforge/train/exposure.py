@@ -22,10 +22,12 @@ from torch import Tensor
 
 from splatforge.train.poses import ViewTable
 
-__all__ = ["ExposureModel", "apply_exposure", "fit_affine", "EXPOSURE_PROTOCOL"]
+__all__ = ["EXPOSURE_PROTOCOL", "ExposureModel", "apply_exposure", "fit_affine"]
 
-EXPOSURE_PROTOCOL = ("per-view 3x4 colour affine (Inria's exposure): test views fitted by least squares on their left "
-                     "half, metrics on the right half (Inria's --train_test_exp)")  # fmt: skip
+EXPOSURE_PROTOCOL = (
+    "per-view 3x4 colour affine (Inria's exposure): test views fitted by least squares on their left "
+    "half, metrics on the right half (Inria's --train_test_exp)"
+)
 
 
 def apply_exposure(render: Tensor, E: Tensor) -> Tensor:
@@ -74,7 +76,11 @@ class ExposureModel(ViewTable):
         rows = torch.zeros(len(self.E), dtype=torch.bool, device=self.E.device)
         rows[list(views)] = True
         state = self.optimizer.state.get(self.E, {})
-        kept = [(t, t[~rows].clone()) for t in (self.E.data, *(state.get(k) for k in ("exp_avg", "exp_avg_sq"))) if t is not None]
+        kept = [
+            (t, t[~rows].clone())
+            for t in (self.E.data, *(state.get(k) for k in ("exp_avg", "exp_avg_sq")))
+            if t is not None
+        ]
         self.optimizer.step()
         state = self.optimizer.state[self.E]
         if len(kept) == 1:  # the first step made the moments: those of the other views stay zero

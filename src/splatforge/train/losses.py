@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ssim", "ssim_torch", "psnr", "psnr_from_mse", "gaussian_window", "masked_loss"]
+__all__ = ["gaussian_window", "masked_loss", "psnr", "psnr_from_mse", "ssim", "ssim_torch"]
 
 _WINDOWS: dict[tuple, Tensor] = {}
 
@@ -69,11 +69,18 @@ def ssim(render: Tensor, gt: Tensor, window: int = 11, sigma: float = 1.5) -> Te
         ValueError: images of different shapes or smaller than the window.
     """
     if render.shape != gt.shape or render.dim() != 4:
-        raise ValueError(f"ssim needs two [B, H, W, C] images of one shape, got {list(render.shape)} and {list(gt.shape)}")
-    B, H, W, C = render.shape
+        raise ValueError(
+            f"ssim needs two [B, H, W, C] images of one shape, got {list(render.shape)} and {list(gt.shape)}"
+        )
+    _B, H, W, _C = render.shape
     if H < window or W < window:
         raise ValueError(f"ssim needs images of at least {window}x{window} pixels, got {W}x{H}")
-    if render.device.type == "cpu" and render.dtype == torch.float32 and gt.dtype == torch.float32 and not gt.requires_grad:
+    if (
+        render.device.type == "cpu"
+        and render.dtype == torch.float32
+        and gt.dtype == torch.float32
+        and not gt.requires_grad
+    ):
         return _CompiledSSIM.apply(render, gt, window, sigma)
     return ssim_torch(render, gt, window, sigma)
 

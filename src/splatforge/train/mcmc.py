@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
-
 from gsplat.strategy import MCMCStrategy as _GsplatMCMC
+from torch import Tensor
 
 from splatforge.errors import TrainingError
 from splatforge.geometry.quats import quat_scale_to_covar
 
-__all__ = ["relocation", "MCMCStrategy"]
+__all__ = ["MCMCStrategy", "relocation"]
 
 
 def relocation(opacities: Tensor, scales: Tensor, ratios: Tensor, binoms: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,8 +55,9 @@ def _relocated(params, sampled: Tensor, binoms: Tensor, min_opacity: float):
     """A function that writes the relocated opacity (logit) and scale (log) of the ``sampled``
     Gaussians, each sampled k times, into a parameter tensor (other parameters unchanged)."""
     opacities = torch.sigmoid(params["opacities"])
-    new_o, new_s = relocation(opacities[sampled], torch.exp(params["scales"])[sampled],
-                              torch.bincount(sampled)[sampled] + 1, binoms)  # fmt: skip
+    new_o, new_s = relocation(
+        opacities[sampled], torch.exp(params["scales"])[sampled], torch.bincount(sampled)[sampled] + 1, binoms
+    )
     new_o = torch.clamp(new_o, min=min_opacity, max=1.0 - torch.finfo(torch.float32).eps)
 
     def write(name: str, p: Tensor) -> None:
@@ -76,7 +76,9 @@ def relocate(params, optimizers, mask: Tensor, binoms: Tensor, min_opacity: floa
 
     dead = mask.nonzero(as_tuple=True)[0]
     alive = (~mask).nonzero(as_tuple=True)[0]
-    sampled = alive[_multinomial_sample(torch.sigmoid(params["opacities"])[alive].flatten(), len(dead), replacement=True)]
+    sampled = alive[
+        _multinomial_sample(torch.sigmoid(params["opacities"])[alive].flatten(), len(dead), replacement=True)
+    ]
     write = _relocated(params, sampled, binoms, min_opacity)
 
     def param_fn(name: str, p: Tensor) -> Tensor:
@@ -154,7 +156,9 @@ class MCMCStrategy(_GsplatMCMC):
         opacities = self.opacity_reg * torch.sigmoid(params["opacities"]).mean()
         return opacities + self.scale_reg * torch.exp(params["scales"]).mean() / self.world_unit
 
-    def step_post_backward(self, params, optimizers, state: dict[str, Any], step: int, info: dict[str, Any], lr: float) -> None:
+    def step_post_backward(
+        self, params, optimizers, state: dict[str, Any], step: int, info: dict[str, Any], lr: float
+    ) -> None:
         """Relocate dead Gaussians and grow by 5 % (to ``cap_max``) every ``refine_every`` steps
         inside the refine window, then perturb the means by noise scaled by ``lr * noise_lr``
         (``lr``: the means' learning rate of this step, world units) over ``world_unit ** 2``.
@@ -171,9 +175,11 @@ class MCMCStrategy(_GsplatMCMC):
         if self.refine_start_iter < step < self.refine_stop_iter and step % self.refine_every == 0:
             dead = torch.sigmoid(params["opacities"].flatten()) <= self.min_opacity
             if bool(dead.all()):
-                raise TrainingError(f"step {step}: all {len(dead)} Gaussians are less opaque than min_opacity "
-                                    f"{self.min_opacity:g}, so MCMC has none to relocate them onto: the training "
-                                    "views did not see them (check the cameras' poses and intrinsics)")  # fmt: skip
+                raise TrainingError(
+                    f"step {step}: all {len(dead)} Gaussians are less opaque than min_opacity "
+                    f"{self.min_opacity:g}, so MCMC has none to relocate them onto: the training "
+                    "views did not see them (check the cameras' poses and intrinsics)"
+                )
             if dead.any():
                 relocate(params, optimizers, dead, binoms, self.min_opacity)
             n_new = max(0, min(self.cap_max, int(1.05 * len(params["means"]))) - len(params["means"]))

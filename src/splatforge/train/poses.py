@@ -13,20 +13,30 @@ vectors have their own Adam with weight decay (gsplat's ``pose_opt_lr`` 1e-5, ``
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["rotation_6d_to_matrix", "pose_corrections", "corrected_camtoworlds", "PoseRefinement", "ViewTable", "align_poses", "pose_change",
-           "POSE_ALIGN_PROTOCOL"]
+__all__ = [
+    "POSE_ALIGN_PROTOCOL",
+    "PoseRefinement",
+    "ViewTable",
+    "align_poses",
+    "corrected_camtoworlds",
+    "pose_change",
+    "pose_corrections",
+    "rotation_6d_to_matrix",
+]
 
 #: What ``metrics.json`` says (key ``test_poses``) when the test views were aligned first.
-POSE_ALIGN_PROTOCOL = ("test views' poses aligned to the fixed Gaussians before scoring (the run refined its training "
-                       "poses, so the given test poses are in a slightly different frame): per view a fresh pose "
-                       "correction fitted by Adam on the training loss, {steps} steps, learning rate {lr} decaying to 1 %; "
-                       "per_view[i].pose_alignment gives the change")  # fmt: skip
+POSE_ALIGN_PROTOCOL = (
+    "test views' poses aligned to the fixed Gaussians before scoring (the run refined its training "
+    "poses, so the given test poses are in a slightly different frame): per view a fresh pose "
+    "correction fitted by Adam on the training loss, {steps} steps, learning rate {lr} decaying to 1 %; "
+    "per_view[i].pose_alignment gives the change"
+)
 IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -63,7 +73,9 @@ def pose_corrections(deltas: Tensor, unit: float = 1.0) -> Tensor:
     corrections: rotation ``rotation_6d_to_matrix(identity6 + d6)``, translation ``dx * unit``
     (world units; ``unit``: the run's ``world_unit``)."""
     out = torch.eye(4, device=deltas.device, dtype=deltas.dtype).repeat(len(deltas), 1, 1)
-    out[:, :3, :3] = rotation_6d_to_matrix(deltas[:, 3:] + torch.tensor(IDENTITY_6D, dtype=deltas.dtype, device=deltas.device))
+    out[:, :3, :3] = rotation_6d_to_matrix(
+        deltas[:, 3:] + torch.tensor(IDENTITY_6D, dtype=deltas.dtype, device=deltas.device)
+    )
     out[:, :3, 3] = deltas[:, :3] * unit
     return out
 
@@ -84,12 +96,23 @@ def pose_change(before: Tensor, after: Tensor) -> dict[str, float]:
     the relative rotation) and ``translation`` (distance of the camera centres, world units)."""
     d = torch.linalg.inv(before.double()) @ after.double()
     cos = max(-1.0, min(1.0, (float(torch.trace(d[:3, :3])) - 1.0) / 2.0))
-    return {"rotation_deg": math.degrees(math.acos(cos)), "translation": float((after[:3, 3] - before[:3, 3]).double().norm())}
+    return {
+        "rotation_deg": math.degrees(math.acos(cos)),
+        "translation": float((after[:3, 3] - before[:3, 3]).double().norm()),
+    }
 
 
-def align_poses(render: Callable[[Tensor, int], Tensor], camtoworlds: Tensor, images: Sequence[Tensor], *,
-                steps: int, lr: float, ssim_lambda: float, masks: Optional[Sequence[Optional[Tensor]]] = None,
-                unit: float = 1.0) -> Tensor:  # fmt: skip
+def align_poses(
+    render: Callable[[Tensor, int], Tensor],
+    camtoworlds: Tensor,
+    images: Sequence[Tensor],
+    *,
+    steps: int,
+    lr: float,
+    ssim_lambda: float,
+    masks: Sequence[Tensor | None] | None = None,
+    unit: float = 1.0,
+) -> Tensor:
     """Test-time pose alignment: for each view ``b``, the camera-to-world that best explains
     ``images[b] [H, W, 3]`` with the scene held fixed, starting from ``camtoworlds[b]``
     (``[B, 4, 4]``, OpenCV axes). Each view gets a fresh :class:`PoseRefinement` correction and

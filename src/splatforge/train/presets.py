@@ -34,7 +34,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Preset", "PRESETS", "PRESET_NAMES", "resolve_preset", "apply_preset", "estimate_seconds", "count_schedule"]
+__all__ = [
+    "PRESETS",
+    "PRESET_NAMES",
+    "Preset",
+    "PresetName",
+    "apply_preset",
+    "count_schedule",
+    "estimate_seconds",
+    "preset_train_config",
+    "resolve_preset",
+]
 
 GROWTH = 0.5
 """How far towards their neighbour spacing :func:`estimate_seconds` grows shrunk initial
@@ -84,13 +94,39 @@ def resolve_preset(name: str, device: str) -> Preset:
     return PRESETS[name]
 
 
-def apply_preset(cfg: "TrainConfig", preset: Preset) -> "TrainConfig":
+def apply_preset(cfg: TrainConfig, preset: Preset) -> TrainConfig:
     """A copy of ``cfg`` with the preset's steps, image size, cap and strategy."""
-    return dataclasses.replace(cfg, steps=preset.steps, max_image_size=preset.max_image_size,
-                               max_gaussians=preset.max_gaussians, strategy=preset.strategy)  # fmt: skip
+    return dataclasses.replace(cfg, **preset_values(preset))
 
 
-def count_schedule(trainer: "Trainer") -> list[tuple[int, int]]:
+def preset_values(preset: Preset) -> dict:
+    """The :class:`~splatforge.train.TrainConfig` fields a preset sets."""
+    return {
+        "steps": preset.steps,
+        "max_image_size": preset.max_image_size,
+        "max_gaussians": preset.max_gaussians,
+        "strategy": preset.strategy,
+    }
+
+
+def preset_train_config(preset: str = "auto", **fields) -> TrainConfig:
+    """The one way a :class:`~splatforge.train.TrainConfig` is made from a preset (``train``,
+    ``run``, ``splatter``, ``generate``'s jobs): the preset ``preset`` for the device
+    ``fields["device"]`` (``auto`` when absent: :func:`resolve_preset`), then ``fields``
+    (``TrainConfig`` fields; a value of ``None`` means "not given": the preset's value or the
+    field's default stands). Nothing given is replaced, and nothing passed in is changed.
+
+    Raises:
+        ConfigError: an unknown preset, or a CUDA device where there is none.
+    """
+    from splatforge.train.config import TrainConfig, resolve_device
+
+    chosen = resolve_preset(preset, resolve_device(fields.get("device") or "auto"))
+    values = preset_values(chosen) | {k: v for k, v in fields.items() if v is not None}
+    return TrainConfig(**values)
+
+
+def count_schedule(trainer: Trainer) -> list[tuple[int, int]]:
     """``[(first_step, count), ...]``: the Gaussian count from each step on, as far as it is
     known in advance: MCMC grows by 5 % every ``refine_every`` steps inside its refine window up to
     its cap; other strategies are assumed to keep the initial count (the estimate is then a
@@ -108,7 +144,7 @@ def count_schedule(trainer: "Trainer") -> list[tuple[int, int]]:
     return out
 
 
-def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
+def estimate_seconds(trainer: Trainer, repeats: int = 3) -> dict:
     """Predict the remaining training time of ``trainer`` from a short timed warm-up.
 
     A step costs the rasterizer's forward and backward, which grows with the count and with the
@@ -141,15 +177,21 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
         base = dataclasses.replace(base, scales=base.scales - GROWTH * math.log(cfg.init_scale))
 
     def timed(splats: Splats) -> float:
-        leaves = Splats(*(getattr(splats, k).clone().requires_grad_(True) for k in splats.keys()))
+        leaves = Splats(*(getattr(splats, k).clone().requires_grad_(True) for k in splats.keys()))  # noqa: SIM118 (Splats is no dict)
         times = []
         for r in range(repeats + 1):
             index = ids[int(torch.randint(len(ids), (1,), generator=gen))]
             t = time.perf_counter()
-            render, _, _ = leaves.rasterize(trainer.viewmats[index : index + 1], trainer.Ks[index : index + 1],
-                                            int(trainer.scene.widths[index]), int(trainer.scene.heights[index]),
-                                            sh_degree=cfg.sh_degree, backend=cfg.backend,
-                                            rasterize_mode=cfg.rasterize_mode, near_plane=trainer.near_plane)  # fmt: skip
+            render, _, _ = leaves.rasterize(
+                trainer.viewmats[index : index + 1],
+                trainer.Ks[index : index + 1],
+                int(trainer.scene.widths[index]),
+                int(trainer.scene.heights[index]),
+                sh_degree=cfg.sh_degree,
+                backend=cfg.backend,
+                rasterize_mode=cfg.rasterize_mode,
+                near_plane=trainer.near_plane,
+            )
             render.sum().backward()
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
@@ -174,8 +216,12 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
     with trainer.compute_threads():
         full = timed(base)
         shared = torch.logit(1.0 - torch.sqrt(1.0 - torch.sigmoid(base.opacities)), eps=1e-6)
-        doubled = Splats(*(torch.cat([getattr(base, k)] * 2) for k in ("means", "quats", "scales")),
-                         torch.cat([shared, shared]), torch.cat([base.sh0] * 2), torch.cat([base.shN] * 2))  # fmt: skip
+        doubled = Splats(
+            *(torch.cat([getattr(base, k)] * 2) for k in ("means", "quats", "scales")),
+            torch.cat([shared, shared]),
+            torch.cat([base.sh0] * 2),
+            torch.cat([base.shN] * 2),
+        )
         double = timed(doubled)
         loss = timed_loss()
     per_gaussian = max(0.0, (double - full) / max(1, n))
@@ -185,23 +231,32 @@ def estimate_seconds(trainer: "Trainer", repeats: int = 3) -> dict:
         return (fixed + per_gaussian * count) * 1.1 + loss
 
     sched = count_schedule(trainer) + [(cfg.steps, None)]
-    seconds = sum((end - start) * per_step(count) for (start, count), (end, _) in zip(sched[:-1], sched[1:]))
+    seconds = sum((end - start) * per_step(count) for (start, count), (end, _) in zip(sched[:-1], sched[1:]))  # noqa: RUF007
     final = sched[-2][1]
-    return {"seconds": seconds, "s_per_step_now": per_step(n), "s_per_step_end": per_step(final), "final_count": final,
-            "warmup_seconds": time.perf_counter() - t_start}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "s_per_step_now": per_step(n),
+        "s_per_step_end": per_step(final),
+        "final_count": final,
+        "warmup_seconds": time.perf_counter() - t_start,
+    }
 
 
-def describe_plan(trainer: "Trainer", estimate: dict | None = None) -> str:
+def describe_plan(trainer: Trainer, estimate: dict | None = None) -> str:
     """One line saying what ``trainer`` will do and, from ``estimate`` (:func:`estimate_seconds`),
     about how long it will take."""
     cfg, scene = trainer.cfg, trainer.scene
     i = trainer.train_ids[0]
     w, h = int(scene.widths[i]), int(scene.heights[i])
     cap = f"up to {cfg.cap:,} Gaussians" if cfg.cap else "no Gaussian cap"
-    text = (f"training {cfg.steps - trainer.step:,} steps on {len(trainer.train_ids)} views at {w}x{h} "
-            f"(data factor {cfg.data_factor}) on {cfg.device}, {cfg.strategy} densification from "
-            f"{trainer.num_gaussians:,} Gaussians, {cap}")  # fmt: skip
+    text = (
+        f"training {cfg.steps - trainer.step:,} steps on {len(trainer.train_ids)} views at {w}x{h} "
+        f"(data factor {cfg.data_factor}) on {cfg.device}, {cfg.strategy} densification from "
+        f"{trainer.num_gaussians:,} Gaussians, {cap}"
+    )
     if estimate is not None:
-        text += (f": about {estimate['seconds'] / 60:.1f} min ({estimate['s_per_step_now']:.3f} s/step now, "
-                 f"~{estimate['s_per_step_end']:.3f} s/step at {estimate['final_count']:,} Gaussians)")  # fmt: skip
+        text += (
+            f": about {estimate['seconds'] / 60:.1f} min ({estimate['s_per_step_now']:.3f} s/step now, "
+            f"~{estimate['s_per_step_end']:.3f} s/step at {estimate['final_count']:,} Gaussians)"
+        )
     return text

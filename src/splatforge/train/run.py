@@ -14,23 +14,23 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from splatforge.data import SceneData, load_scene
-from splatforge.data.images import load_image
 from splatforge.data.scene import NEAR_PLANE
 from splatforge.errors import DataFormatError
 from splatforge.model import Splats
 from splatforge.train.checkpoint import latest_checkpoint, load_checkpoint
 from splatforge.train.config import TrainConfig, load_config
+from splatforge.train.views import ViewImages, view_mask
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Run", "read_run_config", "latest_ply", "view_mask"]
+__all__ = ["Run", "latest_ply", "read_run_config", "view_mask"]
 
 
 def read_run_config(run: Path) -> TrainConfig:
@@ -48,7 +48,7 @@ def read_run_config(run: Path) -> TrainConfig:
     return cfg
 
 
-def latest_ply(run: Path) -> Optional[Path]:
+def latest_ply(run: Path) -> Path | None:
     """``RUN/point_cloud/iteration_<N>/point_cloud.ply`` with the largest ``N``, or None."""
     found = []
     for p in (Path(run) / "point_cloud").glob("iteration_*/point_cloud.ply"):
@@ -66,9 +66,19 @@ class Run:
     Build one with :meth:`open`, or from a trainer with ``Trainer.as_run()``.
     """
 
-    def __init__(self, path: Path, cfg: TrainConfig, splats: Splats, step: int, *, train_seconds: float = 0.0,
-                 scene: Optional[SceneData] = None, device: Union[str, torch.device] = "cpu",
-                 images: Optional[dict[int, Tensor]] = None, source: Optional[Path] = None):  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        cfg: TrainConfig,
+        splats: Splats,
+        step: int,
+        *,
+        train_seconds: float = 0.0,
+        scene: SceneData | None = None,
+        device: str | torch.device = "cpu",
+        views: ViewImages | None = None,
+        source: Path | None = None,
+    ):
         self.path = Path(path)
         self.cfg = cfg
         self.device = torch.device(device)
@@ -77,22 +87,21 @@ class Run:
         self.train_seconds = float(train_seconds)
         self.source = source
         self._scene = scene
-        self._images = images if images is not None else {}
-        self._masks: dict[int, Optional[Tensor]] = {}
-        self._cams: Optional[tuple[Tensor, Tensor]] = None
-        self._c2w: Optional[np.ndarray] = None
+        self._views = views
+        self._cams: tuple[Tensor, Tensor] | None = None
+        self._c2w: np.ndarray | None = None
         self._moved: set[int] = set()  # views drawn from other poses than the scene's
         #: After :meth:`align_test_views`: per test view, how far its pose moved (``rotation_deg``,
         #: ``translation`` in world units); None before.
-        self.test_alignment: Optional[dict[int, dict[str, float]]] = None
+        self.test_alignment: dict[int, dict[str, float]] | None = None
         #: ``[V, 3, 4]`` the views' trained exposure affines (``cfg.exposure``), or None.
-        self.exposure: Optional[Tensor] = None
+        self.exposure: Tensor | None = None
         #: ``[V, 9]`` the views' trained pose corrections (``cfg.pose_opt``; see
         #: :mod:`splatforge.train.poses`), applied to the training views; or None.
-        self.pose_deltas: Optional[Tensor] = None
+        self.pose_deltas: Tensor | None = None
 
     @classmethod
-    def open(cls, path: Path, *, device: Optional[str] = None, backend: Optional[str] = None) -> "Run":
+    def open(cls, path: Path, *, device: str | None = None, backend: str | None = None) -> Run:
         """Open the run folder ``path``: config, then the Gaussians of the newest checkpoint
         (read with ``weights_only=True``, memory-mapped), or of the newest PLY without one.
 
@@ -120,8 +129,15 @@ class Run:
         if ckpt_path is not None:
             ckpt = load_checkpoint(ckpt_path)
             splats = Splats.from_mapping(ckpt["params"], str(ckpt_path))
-            run = cls(path, cfg, splats, int(ckpt["step"]), train_seconds=float(ckpt.get("train_seconds", 0.0)),
-                      device=device, source=ckpt_path)  # fmt: skip
+            run = cls(
+                path,
+                cfg,
+                splats,
+                int(ckpt["step"]),
+                train_seconds=float(ckpt.get("train_seconds", 0.0)),
+                device=device,
+                source=ckpt_path,
+            )
             if "exposure" in ckpt:
                 run.exposure = ckpt["exposure"]["E"].to(run.device)
             if "poses" in ckpt:
@@ -129,7 +145,9 @@ class Run:
             return run
         ply = latest_ply(path)
         if ply is None:
-            raise DataFormatError(f"{path}: no checkpoint in {path / 'checkpoints'} and no point_cloud/iteration_N/point_cloud.ply")
+            raise DataFormatError(
+                f"{path}: no checkpoint in {path / 'checkpoints'} and no point_cloud/iteration_N/point_cloud.ply"
+            )
         from splatforge.io import read_ply
 
         step = int(ply.parent.name.split("_")[1])
@@ -146,8 +164,14 @@ class Run:
         if self._scene is None:
             cfg = self.cfg
             cache = cfg.cache_dir if cfg.cache_dir is not None else self.path / "cache"
-            self._scene = load_scene(cfg.data, data_factor=cfg.data_factor, test_every=cfg.test_every,
-                                     split_ratio=cfg.split_ratio, partition=cfg.partition, cache_dir=cache)  # fmt: skip
+            self._scene = load_scene(
+                cfg.data,
+                data_factor=cfg.data_factor,
+                test_every=cfg.test_every,
+                split_ratio=cfg.split_ratio,
+                partition=cfg.partition,
+                cache_dir=cache,
+            )
         return self._scene
 
     @property
@@ -203,21 +227,29 @@ class Run:
     def cameras(self) -> tuple[Tensor, Tensor]:
         """``(viewmats [N, 4, 4], Ks [N, 3, 3])`` of :meth:`viewmats`: float32 on ``device``."""
         if self._cams is None:
-            self._cams = (torch.from_numpy(self.viewmats()).float().to(self.device), torch.from_numpy(self.scene.Ks).float().to(self.device))
+            self._cams = (
+                torch.from_numpy(self.viewmats()).float().to(self.device),
+                torch.from_numpy(self.scene.Ks).float().to(self.device),
+            )
         return self._cams
 
     def image_size(self, index: int) -> tuple[int, int]:
         """``(width, height)`` of view ``index``, pixels."""
         return int(self.scene.widths[index]), int(self.scene.heights[index])
 
+    @property
+    def views(self) -> ViewImages:
+        """The ground truth of the scene's views (:class:`~splatforge.train.views.ViewImages`, the
+        trainer's own when the run came from one)."""
+        if self._views is None:
+            self._views = ViewImages(self.scene, self.cfg, self.device)
+        return self._views
+
     def image(self, index: int) -> Tensor:
         """Ground truth ``[H, W, 3]`` float32 in [0, 1] of view ``index``, on ``device``."""
-        if index not in self._images:
-            arr = load_image(self.scene.image_paths[index], self.scene.background)
-            self._images[index] = torch.from_numpy(arr).to(self.device)
-        return self._images[index]
+        return self.views.image(index)
 
-    def backgrounds(self, count: int, *, scene_needed: bool = True) -> Optional[Tensor]:
+    def backgrounds(self, count: int, *, scene_needed: bool = True) -> Tensor | None:
         """``[count, 3]`` colour renders are drawn on: the scene's ``alpha_background`` when its
         images have alpha (so renders compare with their ground truth), else None (black). With
         ``scene_needed=False`` a scene that cannot be read gives None instead of an error."""
@@ -229,15 +261,19 @@ class Run:
             return None
         return None if bg is None else torch.tensor([bg] * count, dtype=torch.float32, device=self.device)
 
-    def mask(self, index: int) -> Optional[Tensor]:
+    def mask(self, index: int) -> Tensor | None:
         """``[H, W, 1]`` float32 mask of view ``index`` (1 = keep; loaded once), or None when the
         run uses no masks (``cfg.masks``/``alpha_mask``)."""
-        if index not in self._masks:
-            self._masks[index] = view_mask(self.scene, index, self.cfg, self.device)
-        return self._masks[index]
+        return self.views.mask(index)
 
-    def align_views(self, views: list[int], camtoworlds: Optional[Any] = None, *, steps: Optional[int] = None,
-                    lr: Optional[float] = None) -> Tensor:  # fmt: skip
+    def align_views(
+        self,
+        views: list[int],
+        camtoworlds: Any | None = None,
+        *,
+        steps: int | None = None,
+        lr: float | None = None,
+    ) -> Tensor:
         """Test-time pose alignment (:func:`splatforge.train.poses.align_poses`) of ``views``
         against this run's fixed Gaussians, from ``camtoworlds [len(views), 4, 4]`` (default:
         :meth:`camtoworlds`), ``steps`` per view and learning rate ``lr`` (default:
@@ -246,24 +282,40 @@ class Run:
         from splatforge.train.poses import align_poses
 
         views = list(views)
-        start = torch.as_tensor(self.camtoworlds()[views] if camtoworlds is None else camtoworlds).float().to(self.device)
+        start = (
+            torch.as_tensor(self.camtoworlds()[views] if camtoworlds is None else camtoworlds).float().to(self.device)
+        )
         splats = self.splats.detach()
         Ks = self.cameras()[1]
 
         def render(viewmats: Tensor, b: int) -> Tensor:
             i = views[b]
             w, h = self.image_size(i)
-            out, _, _ = splats.rasterize(viewmats, Ks[i : i + 1], w, h, backgrounds=self.backgrounds(1), backend=self.cfg.backend,
-                                         rasterize_mode=self.cfg.rasterize_mode, near_plane=self.near_plane)  # fmt: skip
+            out, _, _ = splats.rasterize(
+                viewmats,
+                Ks[i : i + 1],
+                w,
+                h,
+                backgrounds=self.backgrounds(1),
+                backend=self.cfg.backend,
+                rasterize_mode=self.cfg.rasterize_mode,
+                near_plane=self.near_plane,
+            )
             return out
 
         with torch.enable_grad():
-            return align_poses(render, start, [self.image(i) for i in views], masks=[self.mask(i) for i in views],
-                               steps=self.cfg.pose_align_steps if steps is None else steps,
-                               lr=self.cfg.pose_align_lr if lr is None else lr, ssim_lambda=self.cfg.ssim_lambda,
-                               unit=self.world_unit)  # fmt: skip
+            return align_poses(
+                render,
+                start,
+                [self.image(i) for i in views],
+                masks=[self.mask(i) for i in views],
+                steps=self.cfg.pose_align_steps if steps is None else steps,
+                lr=self.cfg.pose_align_lr if lr is None else lr,
+                ssim_lambda=self.cfg.ssim_lambda,
+                unit=self.world_unit,
+            )
 
-    def align_test_views(self) -> Optional[dict[int, dict[str, float]]]:
+    def align_test_views(self) -> dict[int, dict[str, float]] | None:
         """With ``cfg.pose_opt`` (and ``cfg.pose_align_steps > 0``): align the test views' poses
         (:meth:`align_views`) once and draw them from the aligned poses from then on; returns
         :attr:`test_alignment`, or None when the run does not refine poses."""
@@ -282,9 +334,17 @@ class Run:
 
     # ------------------------------------------------------------------ rendering
     @torch.no_grad()
-    def render(self, index: Optional[int] = None, *, viewmats: Optional[Any] = None, Ks: Optional[Any] = None,
-               width: Optional[int] = None, height: Optional[int] = None, sh_degree: Optional[int] = None,
-               **kwargs: Any):  # fmt: skip
+    def render(
+        self,
+        index: int | None = None,
+        *,
+        viewmats: Any | None = None,
+        Ks: Any | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        sh_degree: int | None = None,
+        **kwargs: Any,
+    ):
         """Render view ``index`` of the scene, or the cameras ``viewmats [C, 4, 4]``
         (world-to-camera, OpenCV axes) with ``Ks [C, 3, 3]`` (pixels) at ``width`` x ``height``.
         Other keyword arguments go to :func:`splatforge.raster.rasterize` (``render_mode``,
@@ -302,7 +362,9 @@ class Run:
             width, height = self.image_size(index)
         elif viewmats is None or Ks is None or width is None or height is None:
             raise ConfigError("Run.render needs a view index, or viewmats, Ks, width and height")
-        t = lambda a: torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a, dtype=torch.float32, device=self.device)  # noqa: E731
+        t = lambda a: torch.as_tensor(
+            np.asarray(a) if not isinstance(a, Tensor) else a, dtype=torch.float32, device=self.device
+        )
         viewmats, Ks = t(viewmats), t(Ks)
         if viewmats.dim() == 2:
             viewmats, Ks = viewmats[None], Ks[None]
@@ -312,21 +374,3 @@ class Run:
         if "backgrounds" not in kwargs and "RGB" in kwargs.get("render_mode", "RGB"):
             kwargs["backgrounds"] = self.backgrounds(len(viewmats), scene_needed=index is not None)
         return self.splats.rasterize(viewmats, Ks, int(width), int(height), sh_degree=sh_degree, **kwargs)
-
-
-def view_mask(scene: SceneData, index: int, cfg: TrainConfig, device: torch.device) -> Optional[torch.Tensor]:
-    """``[H, W, 1]`` mask of view ``index`` of ``scene`` as ``cfg`` asks for it (the scene's
-    masks folder, or the image's alpha with ``alpha_mask``), on ``device``; None without one."""
-    from splatforge.data.images import load_alpha, load_mask
-
-    h, w = int(scene.heights[index]), int(scene.widths[index])
-    if cfg.alpha_mask:
-        alpha = load_alpha(scene.image_paths[index])
-        m = np.ones((h, w), np.float32) if alpha is None else (alpha > 0.5).astype(np.float32)
-        if cfg.invert_masks:
-            m = 1.0 - m
-    elif cfg.masks and scene.mask_paths is not None:
-        m = load_mask(scene.mask_paths[index], w, h, invert=cfg.invert_masks)
-    else:
-        return None
-    return torch.from_numpy(m)[..., None].to(device)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from gsplat.strategy import DefaultStrategy as _GsplatDefault
@@ -46,11 +46,12 @@ class DefaultStrategy(_GsplatDefault):
     every ``reset_every`` steps before ``refine_stop_iter``, opacities are set to ``2 *
     prune_opa`` and their Adam moments cleared (3DGS, Kerbl et al. 2023, sec. 5.2)."""
 
-    def regularization(self, params) -> Optional[Tensor]:
+    def regularization(self, params) -> Tensor | None:
         return None
 
-    def step_post_backward(self, params, optimizers, state: dict[str, Any], step: int, info: dict[str, Any],
-                           lr: float = 0.0) -> None:  # fmt: skip
+    def step_post_backward(
+        self, params, optimizers, state: dict[str, Any], step: int, info: dict[str, Any], lr: float = 0.0
+    ) -> None:
         super().step_post_backward(params, optimizers, state, step, info, packed=False)
         if 0 < step < self.refine_stop_iter and step % self.reset_every == 0:
             reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
@@ -72,14 +73,14 @@ class NoStrategy:
     def step_pre_backward(self, params, optimizers, state, step, info) -> None:
         return None
 
-    def regularization(self, params) -> Optional[Tensor]:
+    def regularization(self, params) -> Tensor | None:
         return None
 
     def step_post_backward(self, params, optimizers, state, step, info, lr: float = 0.0) -> None:
         return None
 
 
-def build_strategy(cfg: TrainConfig, cap: Optional[int] = None) -> DefaultStrategy | MCMCStrategy | NoStrategy:
+def build_strategy(cfg: TrainConfig, cap: int | None = None) -> DefaultStrategy | MCMCStrategy | NoStrategy:
     """The strategy of ``cfg`` (resolved: no ``None`` schedule left), with its fields; ``cap``
     replaces ``cfg.cap`` as MCMC's ``cap_max`` (a shard's share in sharded training)."""
     if cfg.strategy == "none":

@@ -1,12 +1,13 @@
 """The training loop: 3DGS optimisation with a densification strategy, on any backend.
 
 Follows Kerbl et al. 2023 and gsplat's ``examples/simple_trainer.py``: one random training view
-per step (``batch_size`` views rendered together, learning rates scaled as gsplat does), loss ``(1 - l) L1 + l (1 - SSIM)`` plus the strategy's regulariser, one Adam per
-parameter (fused kernels where torch has them), the means' learning rate times the scene scale
-with exponential decay to 1 % at the last step, SH degree raised every ``sh_degree_interval``
-steps, the strategy after each optimiser step, then the hard cap; with ``depth_prior`` the
-rendered inverse depth is supervised too (:mod:`splatforge.train.depth`). The trainer never asks which
-strategy it runs (see :mod:`splatforge.train.strategies`).
+per step (``batch_size`` views rendered together, learning rates scaled as gsplat does), loss
+``(1 - l) L1 + l (1 - SSIM)`` plus the strategy's regulariser, one Adam per parameter (fused
+kernels where torch has them), the means' learning rate times the scene scale with exponential
+decay to 1 % at the last step, SH degree raised every ``sh_degree_interval`` steps, the strategy
+after each optimiser step, then the hard cap; with ``depth_prior`` the rendered inverse depth is
+supervised too (:mod:`splatforge.train.depth`). The trainer never asks which strategy it runs
+(see :mod:`splatforge.train.strategies`).
 
 Launched by torchrun (``WORLD_SIZE`` > 1, the process group joined by
 :func:`splatforge.train.distributed.init_from_env`), each rank trains a shard of the Gaussians:
@@ -14,21 +15,23 @@ the step's ``batch_size x world_size`` views are drawn alike on every rank, each
 ``batch_size`` of them with every shard's Gaussians (``rasterize(distributed=True)``), the loss
 is the mean over the world's views, so the gradients a shard gets are those of a single process
 rendering the whole batch, and Adam and the strategy run per shard (MCMC's cap and the hard cap
-split evenly). Shards are evened out when they drift apart by more than 10 %; checkpoints,
-the PLY and ``cameras.json`` hold the whole run in one global order (written by rank 0) and
-resume on any number of ranks.
+split evenly). :class:`~splatforge.train.shards.ShardSet` keeps the shards: evened out when they
+drift apart by more than 10 %, gathered for checkpoints, the PLY and ``cameras.json``, which hold
+the whole run in one global order (written by rank 0) and resume on any number of ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,21 +39,20 @@ import torch
 from splatforge.data import SceneData, load_scene
 from splatforge.data.load import fit_data_factor
 from splatforge.data.scene import NEAR_PLANE
-from splatforge.data.images import WHITE, load_rgba
 from splatforge.io import cameras_json, write_cameras_json, write_colmap_model, write_ply
 from splatforge.model import Splats, cap_gaussians, init_from_points, init_random
-from splatforge.raster.collectives import World, all_gather_same
+from splatforge.raster.collectives import World
 from splatforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from splatforge.train.config import TrainConfig, save_config, to_plain
 from splatforge.train.losses import masked_loss, psnr_from_mse, ssim
 from splatforge.train.poses import corrected_camtoworlds
-from splatforge.train.run import view_mask
+from splatforge.train.shards import PARAM_KEYS, ShardSet
+from splatforge.train.step_times import StepClock, StepTimes
+from splatforge.train.views import ViewImages
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainResult", "StepTimes"]
-
-PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
+__all__ = ["StepTimes", "TrainResult", "Trainer"]
 
 
 @dataclasses.dataclass
@@ -63,23 +65,7 @@ class TrainResult:
     last_psnr: float
 
 
-@dataclasses.dataclass
-class StepTimes:
-    """Seconds spent in each part of the steps timed with ``Trainer.train_step(times=...)``:
-    rasterizer forward, SSIM (forward), the rest of the loss, backward (rasterizer and SSIM),
-    Adam, strategy (and cap); ``total`` is the whole step, the difference is Python overhead."""
-
-    forward: float = 0.0
-    ssim: float = 0.0
-    loss: float = 0.0
-    backward: float = 0.0
-    adam: float = 0.0
-    strategy: float = 0.0
-    total: float = 0.0
-    steps: int = 0
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fused_adam_supported() -> bool:
     try:
         p = torch.nn.Parameter(torch.zeros(1))
@@ -93,43 +79,49 @@ class Trainer:
     """Trains one scene into ``cfg.output``.
 
     Args:
-        cfg: the run's configuration (resolved here: schedules scaled to ``cfg.steps``, the
-            device and data factor chosen).
+        cfg: the run's configuration; the trainer resolves a copy of it (schedules scaled to
+            ``cfg.steps``, the device, data factor and world unit chosen), read back as
+            :attr:`cfg`, and leaves the caller's as it was.
         scene: an already loaded scene (default: ``load_scene(cfg.data, ...)``).
+        world: the training processes (default: torch.distributed's, a world of one when it is
+            not initialised); in sharded training this rank trains a shard (:attr:`shards`).
 
     Raises:
         ConfigError, DataFormatError: bad configuration or input (nothing is written then).
     """
 
-    def __init__(self, cfg: TrainConfig, scene: Optional[SceneData] = None, world: Optional[World] = None):
+    def __init__(self, cfg: TrainConfig, scene: SceneData | None = None, world: World | None = None):
         from splatforge.train.strategies import build_strategy, state_to
 
-        self.world = world if world is not None else World.current()
-        self.cfg = cfg.resolve()
+        self.cfg = copy.deepcopy(cfg).resolve()  # the trainer's own: the caller's config stays as it was
+        cfg = self.cfg
         if cfg.output is None:
             from splatforge.errors import ConfigError
 
             raise ConfigError("TrainConfig.output is not set (the command line picks runs/<scene> by default)")
         self.output = Path(cfg.output)
         self.device = torch.device(cfg.device)
+        self.shards = ShardSet(world if world is not None else World.current(), self.device)
         cache = cfg.cache_dir if cfg.cache_dir is not None else self.output / "cache"
-        with self._rank0_first():  # rank 0 fills the image cache, the others read it
+        with self.shards.rank0_first():  # rank 0 fills the image cache, the others read it
             if scene is None:
                 cfg.data_factor = fit_data_factor(cfg.data, cfg.data_factor, cfg.max_image_size)
             self.scene = scene or load_scene(
-                cfg.data, data_factor=cfg.data_factor, test_every=cfg.test_every, split_ratio=cfg.split_ratio,
-                partition=cfg.partition, cache_dir=cache,
-            )  # fmt: skip
+                cfg.data,
+                data_factor=cfg.data_factor,
+                test_every=cfg.test_every,
+                split_ratio=cfg.split_ratio,
+                partition=cfg.partition,
+                cache_dir=cache,
+            )
         self.scene_scale = self.scene.scene_scale()
         if cfg.world_unit is None:
             cfg.world_unit = self.scene.world_unit()
         self.near_plane = NEAR_PLANE * cfg.world_unit  # camera z (world units) culled below: gsplat's, in world_unit
         self.train_ids = list(self.scene.split["train"])
         self.block = self._open_block()
-        self._size_groups: Optional[dict[tuple[int, int], list[int]]] = None
-        self._images: dict[int, torch.Tensor] = {}
-        self._alphas: dict[int, torch.Tensor] = {}  # transparency (1 - alpha) of RGBA views
-        self._masks: dict[int, Optional[torch.Tensor]] = {}
+        self._size_groups: dict[tuple[int, int], list[int]] | None = None
+        self.views = ViewImages(self.scene, cfg, self.device)  # the same loader as the run's products
         self.viewmats = torch.from_numpy(self.scene.viewmats).float().to(self.device)
         self.Ks = torch.from_numpy(self.scene.Ks).float().to(self.device)
         self.step = 0
@@ -140,14 +132,7 @@ class Trainer:
         # resumed run draws the same numbers.
         self._strategy_rng = self._strategy_seed(0)
         self._state_to = state_to
-        splats = self._init_splats()
-        self.world_count = len(splats)
-        if self.world.distributed:  # contiguous shards: the global order stays the initial one
-            from splatforge.train.distributed import even_sizes, offsets
-
-            sizes = even_sizes(len(splats), self.world.size)
-            lo = offsets(sizes)[self.world.rank]
-            splats = splats.select(np.arange(lo, lo + sizes[self.world.rank]))
+        splats = self.shards.take(self._init_splats())  # contiguous shards: the global order stays the initial one
         self.params = torch.nn.ParameterDict(splats.torch(self.device).as_dict())
         self._build_optimizers()
         self.shard_cap = -(-cfg.cap // self.world.size) if cfg.cap else 0
@@ -160,24 +145,38 @@ class Trainer:
 
             bs = cfg.batch_size * self.world.size
             self.camtoworlds = torch.from_numpy(self.scene.camtoworlds).float().to(self.device)
-            self.poses = PoseRefinement(len(self.scene), cfg.pose_opt_lr * math.sqrt(bs), cfg.pose_opt_reg, self.device,
-                                        unit=cfg.world_unit)  # fmt: skip
+            lr = cfg.pose_opt_lr * math.sqrt(bs)
+            self.poses = PoseRefinement(len(self.scene), lr, cfg.pose_opt_reg, self.device, unit=cfg.world_unit)
         self.exposure = None
         if cfg.exposure:
             from splatforge.train.exposure import ExposureModel
 
-            self.exposure = ExposureModel(len(self.scene), cfg.steps, cfg.exposure_lr_init, cfg.exposure_lr_final, self.device)
+            self.exposure = ExposureModel(
+                len(self.scene), cfg.steps, cfg.exposure_lr_init, cfg.exposure_lr_final, self.device
+            )
         self.depth = None
         if cfg.depth_prior is not None:
             from splatforge.train.depth import DepthSupervision
 
-            self.depth = DepthSupervision(cfg.depth_prior, self.scene, self.output, steps=cfg.steps,
-                                          weight_init=cfg.depth_weight_init, weight_final=cfg.depth_weight_final,
-                                          model=cfg.depth_model, device=self.device,
-                                          filter_px=cfg.depth_filter_px)  # fmt: skip
+            self.depth = DepthSupervision(
+                cfg.depth_prior,
+                self.scene,
+                self.output,
+                steps=cfg.steps,
+                weight_init=cfg.depth_weight_init,
+                weight_final=cfg.depth_weight_final,
+                model=cfg.depth_model,
+                device=self.device,
+                filter_px=cfg.depth_filter_px,
+            )
+
+    @property
+    def world(self) -> World:
+        """The training processes (this rank of their count; a world of one in a single process)."""
+        return self.shards.world
 
     @classmethod
-    def from_run(cls, run: Path) -> "Trainer":
+    def from_run(cls, run: Path) -> Trainer:
         """Reopen a run folder (``cfg.yml`` + latest checkpoint) to continue training it. To
         render or evaluate a finished run use :meth:`splatforge.train.Run.open`, which builds no
         optimizer or strategy.
@@ -195,22 +194,11 @@ class Trainer:
         return trainer
 
     # ---------------------------------------------------------------- set-up
-    @contextlib.contextmanager
-    def _rank0_first(self) -> Iterator[None]:
-        """Run the block on rank 0 before the other ranks (a no-op in a single process)."""
-        import torch.distributed as dist
-
-        if self.world.distributed and self.world.rank != 0:
-            dist.barrier(group=self.world.group)
-        yield
-        if self.world.distributed and self.world.rank == 0:
-            dist.barrier(group=self.world.group)
-
     def _strategy_seed(self, step: int) -> torch.Tensor:
         """The strategy's RNG state for a fresh start at ``step`` (its own stream on each rank)."""
         return torch.Generator().manual_seed(self.cfg.seed + 1 + 7919 * self.world.rank + 104_729 * step).get_state()
 
-    def _open_block(self) -> Optional[tuple[dict, dict]]:
+    def _open_block(self) -> tuple[dict, dict] | None:
         """With ``cfg.block_plan``: ``(plan, block)``, the training views cut to the block's (its
         Gaussians start from :func:`splatforge.data.blocks.block_points`)."""
         if self.cfg.block_plan is None:
@@ -235,12 +223,19 @@ class Trainer:
             keep = block_points(scene, self.block[0], self.block[1], self.train_ids)
             points, rgb = points[keep], rgb[keep]
         if len(points):
-            return init_from_points(points, rgb, sh_degree=cfg.sh_degree,
-                                    init_opacity=cfg.init_opacity, init_scale=cfg.init_scale)  # fmt: skip
+            return init_from_points(
+                points, rgb, sh_degree=cfg.sh_degree, init_opacity=cfg.init_opacity, init_scale=cfg.init_scale
+            )
         center = scene.camtoworlds[:, :3, 3].mean(0)
-        return init_random(cfg.init_random_count, center, cfg.init_extent * self.scene_scale, sh_degree=cfg.sh_degree,
-                           init_opacity=cfg.init_opacity, init_scale=cfg.init_scale,
-                           generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+        return init_random(
+            cfg.init_random_count,
+            center,
+            cfg.init_extent * self.scene_scale,
+            sh_degree=cfg.sh_degree,
+            init_opacity=cfg.init_opacity,
+            init_scale=cfg.init_scale,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
 
     def _build_optimizers(self) -> None:
         lrs = dataclasses.asdict(self.cfg.lr)
@@ -251,33 +246,20 @@ class Trainer:
         # betas (1 - BS (1 - 0.9), 1 - BS (1 - 0.999)); torch's defaults at BS = 1
         if bs > 1:
             opts["betas"] = (1.0 - bs * (1.0 - 0.9), 1.0 - bs * (1.0 - 0.999))
-        self.optimizers = {k: torch.optim.Adam([self.params[k]], lr=lrs[k] * math.sqrt(bs), eps=1e-15 / math.sqrt(bs), **opts)
-                           for k in PARAM_KEYS}  # fmt: skip
+        self.optimizers = {
+            k: torch.optim.Adam([self.params[k]], lr=lrs[k] * math.sqrt(bs), eps=1e-15 / math.sqrt(bs), **opts)
+            for k in PARAM_KEYS
+        }
         gamma = 0.01 ** (1.0 / self.cfg.steps)
         self.schedulers = [torch.optim.lr_scheduler.ExponentialLR(self.optimizers["means"], gamma=gamma)]
 
     def image(self, index: int) -> torch.Tensor:
-        """Ground truth ``[H, W, 3]`` float32 of view ``index`` (loaded once, kept in memory);
-        an RGBA image composited on the scene's ``alpha_background``."""
-        if index not in self._images:
-            arr = load_rgba(self.scene.image_paths[index])
-            bg = self.scene.alpha_background
-            if arr.shape[-1] == 4:
-                self._alphas[index] = torch.from_numpy(1.0 - arr[..., 3:]).to(self.device)
-                arr = arr[..., :3] * arr[..., 3:] + np.float32(bg or WHITE) * (1.0 - arr[..., 3:])
-            self._images[index] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device)
-        return self._images[index]
+        """Ground truth ``[H, W, 3]`` of view ``index`` (:meth:`ViewImages.image`)."""
+        return self.views.image(index)
 
-    def ground_truth(self, views: list[int], backgrounds: Optional[torch.Tensor]) -> torch.Tensor:
-        """``[B, H, W, 3]`` ground truth of ``views`` as seen on ``backgrounds [B, 3]`` (None:
-        the scene's own): an RGBA view is composited on it (``rgb a + bg (1 - a)``), an opaque one
-        is its image."""
-        gt = torch.stack([self.image(i) for i in views])
-        if backgrounds is None or self.scene.alpha_background is None:
-            return gt
-        own = torch.tensor(self.scene.alpha_background, dtype=gt.dtype, device=gt.device)
-        clear = torch.stack([self._alphas.get(i, torch.zeros_like(gt[0, ..., :1])) for i in views])
-        return gt + (backgrounds[:, None, None, :] - own) * clear
+    def ground_truth(self, views: list[int], backgrounds: torch.Tensor | None) -> torch.Tensor:
+        """``[B, H, W, 3]`` ground truth of ``views`` on ``backgrounds`` (:meth:`ViewImages.ground_truth`)."""
+        return self.views.ground_truth(views, backgrounds)
 
     @property
     def random_background(self) -> bool:
@@ -286,12 +268,9 @@ class Trainer:
         rb = self.cfg.random_background
         return rb if rb is not None else self.scene.alpha_background is not None
 
-    def mask(self, index: int) -> Optional[torch.Tensor]:
-        """``[H, W, 1]`` float32 mask of view ``index`` (1 = keep; loaded once), or None when the
-        run uses no masks (see ``TrainConfig.masks``/``alpha_mask``)."""
-        if index not in self._masks:
-            self._masks[index] = view_mask(self.scene, index, self.cfg, self.device)
-        return self._masks[index]
+    def mask(self, index: int) -> torch.Tensor | None:
+        """``[H, W, 1]`` mask of view ``index`` or None (:meth:`ViewImages.mask`)."""
+        return self.views.mask(index)
 
     @property
     def splats(self) -> Splats:
@@ -302,37 +281,18 @@ class Trainer:
     @property
     def num_gaussians(self) -> int:
         """The run's Gaussian count (every shard's, as of the last step, in sharded training)."""
-        return self.world_count if self.world.distributed else len(self.params["means"])
+        return self.shards.num_gaussians(len(self.params["means"]))
 
     def full_splats(self) -> Splats:
         """All the run's Gaussians, detached, in the global order; in sharded training every
         rank must call it (the shards are gathered to every rank)."""
-        if not self.world.distributed:
-            return self.splats.detach()
-        from splatforge.train.distributed import all_gather_rows, shard_sizes
-
-        sizes = shard_sizes(len(self.params["means"]), self.world, self._group_device)
-        return Splats.from_mapping({k: all_gather_rows(self.params[k].detach(), sizes, self.world) for k in PARAM_KEYS})
+        return self.shards.full_splats(self.params)
 
     def memory_report(self) -> dict[str, Any]:
-        """This process's memory: ``param_bytes`` (its Gaussians' parameters and Adam moments:
-        1/N of the run's on each of N ranks), ``peak_rss_bytes`` (the process's peak resident set)
-        and, on CUDA, ``cuda_peak_bytes`` (torch's peak allocation on the device)."""
-        import resource
-
-        tensors = list(self.params.values()) + [v for opt in self.optimizers.values() for st in opt.state.values()
-                                                for v in st.values() if isinstance(v, torch.Tensor)]  # fmt: skip
-        out = {"rank": self.world.rank, "num_gaussians": len(self.params["means"]),
-               "param_bytes": sum(t.numel() * t.element_size() for t in tensors),
-               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
-        if self.device.type == "cuda":
-            out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
-        return out
-
-    @property
-    def _group_device(self) -> torch.device:
-        """Where the process group's tensors live (NCCL: the rank's GPU; gloo: the CPU)."""
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
+        """This process's memory (see :meth:`ShardSet.memory_report`): ``param_bytes`` (its
+        Gaussians' parameters and Adam moments: 1/N of the run's on each of N ranks),
+        ``peak_rss_bytes`` and, on CUDA, ``cuda_peak_bytes``."""
+        return self.shards.memory_report(self.params, self.optimizers)
 
     def as_run(self):
         """The run as it stands, for products (renders, metrics, previews): a
@@ -340,103 +300,51 @@ class Trainer:
         the parameters (gathered from every rank in sharded training: every rank must call it)."""
         from splatforge.train.run import Run
 
-        run = Run(self.output, self.cfg, self.full_splats(), self.step, train_seconds=self.train_seconds,
-                  scene=self.scene, device=self.device, images=self._images)  # fmt: skip
+        run = Run(
+            self.output,
+            self.cfg,
+            self.full_splats(),
+            self.step,
+            train_seconds=self.train_seconds,
+            scene=self.scene,
+            device=self.device,
+            views=self.views,
+        )
         run.exposure = self.exposure.E.detach().clone() if self.exposure is not None else None
         run.pose_deltas = self.poses.deltas.detach().clone() if self.poses is not None else None
         return run
 
     # ---------------------------------------------------------------- state
-    def state_dict(self) -> Optional[dict[str, Any]]:
+    def state_dict(self) -> dict[str, Any] | None:
         """Everything an exact resume needs (CPU tensors); :meth:`load_state_dict` takes it back.
         In sharded training every rank must call it: the shards are gathered into rank 0's
-        dict (one run in the global order, with ``shard_sizes`` and every rank's strategy RNG),
-        the other ranks get None."""
-        if self.world.distributed:
-            return self._gathered_state_dict()
-        return {
-            "step": self.step,
-            "params": {k: v.detach().cpu().clone() for k, v in self.params.items()},
-            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
-            "schedulers": [s.state_dict() for s in self.schedulers],
-            "strategy_state": self._state_to(self.strategy_state, torch.device("cpu")),
-            "generator": self.generator.get_state(),
-            "strategy_rng": self._strategy_rng,
-            "train_seconds": self.train_seconds,
-            "config": to_plain(dataclasses.asdict(self.cfg)),
-            **({"exposure": self.exposure.state_dict()} if self.exposure is not None else {}),
-            **({"poses": self.poses.state_dict()} if self.poses is not None else {}),
-        }
-
-    def _gathered_state_dict(self) -> Optional[dict[str, Any]]:
-        from splatforge.train.distributed import gather_rows, per_gaussian, shard_sizes
-
-        n = len(self.params["means"])
-        sizes = shard_sizes(n, self.world, self._group_device)
-
-        def rows(t: torch.Tensor) -> Optional[torch.Tensor]:
-            out = gather_rows(t.detach(), sizes, self.world)
-            return None if out is None else out.cpu()
-
-        params = {k: rows(v) for k, v in self.params.items()}
-        optimizers = {}
-        for k, opt in self.optimizers.items():
-            sd = opt.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never assign into them
-            state = {i: {name: rows(v) if name in per_gaussian(st, n) else v for name, v in st.items()}
-                     for i, st in sd["state"].items()}  # fmt: skip
-            optimizers[k] = {**sd, "state": state}
-        strategy_state = self._state_to(self.strategy_state, torch.device("cpu"))
-        for name in per_gaussian(self.strategy_state, n):
-            strategy_state[name] = rows(self.strategy_state[name])
-        rngs = all_gather_same(self._strategy_rng.to(self._group_device), self.world.group).cpu()
-        if self.world.rank != 0:
+        dict (one run in the global order, with ``shard_sizes`` and every rank's strategy RNG,
+        ``strategy_rngs``), the other ranks get None."""
+        shard = self.shards.checkpoint_state(self.params, self.optimizers, self.strategy_state, self._strategy_rng)
+        if shard is None:
             return None
         return {
             "step": self.step,
-            "params": params,
-            "optimizers": optimizers,
+            "params": shard["params"],
+            "optimizers": shard["optimizers"],
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "strategy_state": strategy_state,
+            "strategy_state": shard["strategy_state"],
             "generator": self.generator.get_state(),
             "strategy_rng": self._strategy_rng,
-            "strategy_rngs": [t.clone() for t in rngs],  # each its own storage: set_rng_state takes no views
-            "shard_sizes": sizes,
+            **{k: shard[k] for k in ("strategy_rngs", "shard_sizes") if k in shard},
             "train_seconds": self.train_seconds,
             "config": to_plain(dataclasses.asdict(self.cfg)),
             **({"exposure": self.exposure.state_dict()} if self.exposure is not None else {}),
             **({"poses": self.poses.state_dict()} if self.poses is not None else {}),
         }
 
-    def _local_part(self, ckpt: dict[str, Any]) -> dict[str, Any]:
-        """This rank's shard of a whole-run checkpoint: its rows of every per-Gaussian tensor
-        (the saved shard sizes when the world has the same size, else even shards) and its own
-        strategy RNG (a fresh one seeded from the step on another world size)."""
-        from splatforge.train.distributed import even_sizes, offsets
-
-        N, W = len(ckpt["params"]["means"]), self.world.size
-        sizes = list(ckpt.get("shard_sizes") or [])
-        if len(sizes) != W or sum(sizes) != N:
-            sizes = even_sizes(N, W)
-        lo, n = offsets(sizes)[self.world.rank], sizes[self.world.rank]
-
-        def part(v: Any) -> Any:
-            return v[lo : lo + n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == N else v
-
-        out = dict(ckpt)
-        out["params"] = {k: part(v) for k, v in ckpt["params"].items()}
-        out["optimizers"] = {k: {**sd, "state": {i: {name: part(v) for name, v in st.items()} for i, st in sd["state"].items()}}
-                             for k, sd in ckpt["optimizers"].items()}  # fmt: skip
-        out["strategy_state"] = {k: part(v) for k, v in ckpt["strategy_state"].items()}
-        rngs = ckpt.get("strategy_rngs") or []
-        out["strategy_rng"] = rngs[self.world.rank].clone() if len(rngs) == W else self._strategy_seed(int(ckpt["step"]))
-        return out
-
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Take back a :meth:`state_dict` (in sharded training: the whole run's, of any world
-        size; this rank keeps its shard)."""
-        if self.world.distributed:
-            ckpt = {**self._local_part(ckpt), "world_count": len(ckpt["params"]["means"])}
-        self.params = torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(self.device)) for k, v in ckpt["params"].items()})
+        size; this rank keeps its shard, :meth:`ShardSet.local_part`)."""
+        ckpt = self.shards.local_part(ckpt, self._strategy_seed)
+        self.params = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(v.to(self.device)) for k, v in ckpt["params"].items()}
+        )
         self._build_optimizers()
         for k, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
@@ -447,7 +355,6 @@ class Trainer:
         self._strategy_rng = ckpt["strategy_rng"]
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         self.step = int(ckpt["step"])
-        self.world_count = int(ckpt.get("world_count", len(self.params["means"])))
         if self.exposure is not None and "exposure" in ckpt:
             self.exposure.load_state_dict(ckpt["exposure"])
         if self.poses is not None and "poses" in ckpt:
@@ -474,8 +381,13 @@ class Trainer:
     def sh_degree_at(self, step: int) -> int:
         return min(step // max(1, self.cfg.sh_degree_interval), self.cfg.sh_degree)
 
-    def render(self, index: int | list[int], sh_degree: Optional[int] = None, backgrounds: Optional[torch.Tensor] = None,
-               render_mode: str = "RGB"):  # fmt: skip
+    def render(
+        self,
+        index: int | list[int],
+        sh_degree: int | None = None,
+        backgrounds: torch.Tensor | None = None,
+        render_mode: str = "RGB",
+    ):
         """Render view ``index`` (or the views of a list, all of one image size) with the current
         Gaussians: ``(render [C, H, W, D], alpha [C, H, W, 1], info)``, C = 1 for one view;
         colours on ``backgrounds [C, 3]`` (None: the scene's ``alpha_background`` when its
@@ -487,11 +399,19 @@ class Trainer:
         if self.poses is not None:  # the refined poses, differentiably
             viewmats = torch.linalg.inv(self.poses.refine(self.camtoworlds[views], views))
         return self.splats.rasterize(
-            viewmats, self.Ks[views], int(self.scene.widths[views[0]]),
-            int(self.scene.heights[views[0]]), sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
-            backgrounds=backgrounds, render_mode=render_mode, backend=self.cfg.backend, absgrad=self.strategy.absgrad,
-            distributed=self.world.distributed, rasterize_mode=self.cfg.rasterize_mode, near_plane=self.near_plane,
-        )  # fmt: skip
+            viewmats,
+            self.Ks[views],
+            int(self.scene.widths[views[0]]),
+            int(self.scene.heights[views[0]]),
+            sh_degree=self.cfg.sh_degree if sh_degree is None else sh_degree,
+            backgrounds=backgrounds,
+            render_mode=render_mode,
+            backend=self.cfg.backend,
+            absgrad=self.strategy.absgrad,
+            distributed=self.world.distributed,
+            rasterize_mode=self.cfg.rasterize_mode,
+            near_plane=self.near_plane,
+        )
 
     def draw_views(self) -> list[int]:
         """The training views of the next step: one uniformly at random, and with
@@ -512,8 +432,9 @@ class Trainer:
         B = self.cfg.batch_size
         return views[self.world.rank * B : (self.world.rank + 1) * B]
 
-    def batch_loss(self, views: list[int], step: int, backgrounds: Optional[torch.Tensor] = None,
-                   clock: Optional["_Clock"] = None):  # fmt: skip
+    def batch_loss(
+        self, views: list[int], step: int, backgrounds: torch.Tensor | None = None, clock: StepClock | None = None
+    ):
         """The training loss of ``views`` (one size) rendered together: the mean over their
         pixels of ``(1 - l) L1 + l (1 - SSIM)``, the strategy's regulariser and the mean of the
         views' depth terms. Returns ``(loss, render [B, H, W, 3], gt [B, H, W, 3], info)``.
@@ -521,10 +442,14 @@ class Trainer:
         regulariser (a mean over the shard) weighted by the shard's share of the Gaussians, so
         the ranks' losses sum to the single-process loss of the world's batch."""
         cfg = self.cfg
-        clock = clock or _Clock(None, self.device)
+        clock = clock or StepClock(None, self.device)
         gt = self.ground_truth(views, backgrounds)
-        render, _, info = self.render(views, self.sh_degree_at(step), backgrounds=backgrounds,
-                                      render_mode="RGB" if self.depth is None else "RGB+ID")  # fmt: skip
+        render, _, info = self.render(
+            views,
+            self.sh_degree_at(step),
+            backgrounds=backgrounds,
+            render_mode="RGB" if self.depth is None else "RGB+ID",
+        )
         inv_depth = None
         if self.depth is not None:
             render, inv_depth = render[..., :3], render[..., 3]
@@ -554,12 +479,12 @@ class Trainer:
             loss = loss + reg
         return loss, render, gt, info
 
-    def train_step(self, times: Optional[StepTimes] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, times: StepTimes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step. Returns the loss and the view's mean squared error, detached
         tensors (read them with ``float()`` only when needed: on a GPU that waits for the step).
         With ``times``, each part of the step is timed into it (this synchronises the device)."""
         step = self.step
-        clock = _Clock(times, self.device)
+        clock = StepClock(times, self.device)
         views = self.draw_views()
         bg = torch.rand(len(views), 3, generator=self.generator).to(self.device) if self.random_background else None
         loss, render, gt, info = self.batch_loss(views, step, bg, clock)
@@ -573,17 +498,12 @@ class Trainer:
         for sched in self.schedulers:
             sched.step()
         if self.poses is not None:
-            if self.world.distributed:
-                import torch.distributed as dist
-
-                dist.all_reduce(self.poses.deltas.grad, group=self.world.group)
+            self.shards.all_reduce(self.poses.deltas.grad)
             self.poses.step()
         if self.exposure is not None:
-            if self.world.distributed:  # each view's affine gets its gradient from the rank that rendered it
-                import torch.distributed as dist
-
-                dist.all_reduce(self.exposure.E.grad, group=self.world.group)
-            self.exposure.step(step, self._exposure_views(views))
+            # each view's affine gets its gradient from the rank that rendered it; all ranks step the world's views
+            self.shards.all_reduce(self.exposure.E.grad)
+            self.exposure.step(step, self.shards.world_views(views))
         clock.lap("adam")
         with self._private_rng():
             self.strategy.step_post_backward(self.params, self.optimizers, self.strategy_state, step, info, lr=means_lr)
@@ -598,42 +518,9 @@ class Trainer:
             mse = torch.mean((render.detach().clamp(0.0, 1.0) - gt) ** 2)
         return loss.detach(), mse
 
-    def _exposure_views(self, views: list[int]) -> list[int]:
-        """The views whose affines the step updates: this rank's, or every rank's (the world's
-        batch, drawn alike everywhere) in sharded training."""
-        if not self.world.distributed:
-            return views
-        from splatforge.raster.collectives import all_gather_same
-
-        mine = torch.tensor(views, dtype=torch.int64, device=self._group_device)
-        return [int(v) for v in all_gather_same(mine, self.world.group).flatten()]
-
     def _rebalance(self) -> None:
-        """Even the shards out when their sizes drift apart by more than 10 %
-        (:data:`~splatforge.train.distributed.REBALANCE_DRIFT`): the rows that cross the new
-        boundaries move, with their Adam moments and strategy state, keeping the global order."""
-        from splatforge.train.distributed import even_sizes, move_rows, needs_rebalance, per_gaussian, shard_sizes
-
-        n = len(self.params["means"])
-        sizes = shard_sizes(n, self.world, self._group_device)
-        self.world_count = sum(sizes)
-        if not needs_rebalance(sizes):
-            return
-        target = even_sizes(sum(sizes), self.world.size)
-        log.debug("rebalancing shards %s -> %s", sizes, target)
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return move_rows(t, sizes, target, self.world)
-
-        for k in PARAM_KEYS:
-            opt, old = self.optimizers[k], self.params[k]
-            new = torch.nn.Parameter(move(old.detach()), requires_grad=old.requires_grad)
-            st = opt.state.pop(old, {})
-            opt.state[new] = {name: move(v) if name in per_gaussian(st, n) else v for name, v in st.items()}
-            opt.param_groups[0]["params"] = [new]
-            self.params[k] = new
-        for name in per_gaussian(self.strategy_state, n):
-            self.strategy_state[name] = move(self.strategy_state[name])
+        """Even the shards out when they drift apart by more than 10 % (:meth:`ShardSet.rebalance`)."""
+        self.shards.rebalance(self.params, self.optimizers, self.strategy_state)
 
     @contextlib.contextmanager
     def compute_threads(self) -> Iterator[None]:
@@ -663,8 +550,9 @@ class Trainer:
             yield
             self._strategy_rng = torch.get_rng_state()
 
-    def train(self, progress: Optional[Callable[[int, float, float, int, float], None]] = None,
-              report_every: int = 10) -> TrainResult:  # fmt: skip
+    def train(
+        self, progress: Callable[[int, float, float, int, float], None] | None = None, report_every: int = 10
+    ) -> TrainResult:
         """Run from ``self.step`` to ``cfg.steps``, checkpointing on the way and at the end, then
         write the PLY and ``cameras.json``. ``progress(step, loss, psnr, n_gaussians, it_per_s)``
         is called every ``report_every`` steps and after the last (the values of that step).
@@ -682,16 +570,24 @@ class Trainer:
                 self.train_seconds += dt
                 if progress is not None and (self.step % report_every == 0 or self.step == self.cfg.steps):
                     progress(self.step, float(loss), psnr_from_mse(float(mse)), self.num_gaussians, 1.0 / max(dt, 1e-9))
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
+                if (
+                    self.cfg.checkpoint_every
+                    and self.step % self.cfg.checkpoint_every == 0
+                    and self.step < self.cfg.steps
+                ):
                     self.save()
         self.save()
         full = self.full_splats()
         ply = self.export_ply(full)
         if lead:
             s, c2w = self.scene, self.refined_camtoworlds()
-            write_cameras_json(self.output / "cameras.json", cameras_json(s.image_names, c2w, s.Ks, s.widths, s.heights))
+            write_cameras_json(
+                self.output / "cameras.json", cameras_json(s.image_names, c2w, s.Ks, s.widths, s.heights)
+            )
             if self.poses is not None:  # the refined poses as a COLMAP model too
-                write_colmap_model(self.output / "sparse" / "0", s.image_names, c2w, s.Ks, s.widths, s.heights, s.points, s.points_rgb)
+                write_colmap_model(
+                    self.output / "sparse" / "0", s.image_names, c2w, s.Ks, s.widths, s.heights, s.points, s.points_rgb
+                )
         return TrainResult(self.step, len(full), self.train_seconds, ply, float(loss), psnr_from_mse(float(mse)))
 
     def refined_camtoworlds(self) -> np.ndarray:
@@ -699,9 +595,11 @@ class Trainer:
         corrections applied to the training views under ``pose_opt``."""
         if self.poses is None:
             return np.array(self.scene.camtoworlds, dtype=np.float64)
-        return corrected_camtoworlds(self.scene.camtoworlds, self.poses.deltas, self.train_ids, unit=self.cfg.world_unit)
+        return corrected_camtoworlds(
+            self.scene.camtoworlds, self.poses.deltas, self.train_ids, unit=self.cfg.world_unit
+        )
 
-    def export_ply(self, splats: Optional[Splats] = None) -> Path:
+    def export_ply(self, splats: Splats | None = None) -> Path:
         """Write ``point_cloud/iteration_<step>/point_cloud.ply`` (rank 0 only in sharded
         training; ``splats``: the whole run, default :meth:`full_splats`, a collective there)."""
         path = self.output / "point_cloud" / f"iteration_{self.step}" / "point_cloud.ply"
@@ -709,30 +607,3 @@ class Trainer:
         if self.world.rank == 0:
             write_ply(path, splats, rasterize_mode=self.cfg.rasterize_mode)
         return path
-
-
-class _Clock:
-    """Laps of one step into a :class:`StepTimes` (no-op without one)."""
-
-    def __init__(self, times: Optional[StepTimes], device: torch.device):
-        self.times, self.device = times, device
-        if times is not None:
-            self._sync()
-            self.t0 = self.t = time.perf_counter()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def lap(self, name: str) -> None:
-        if self.times is None:
-            return
-        self._sync()
-        now = time.perf_counter()
-        setattr(self.times, name, getattr(self.times, name) + now - self.t)
-        self.t = now
-
-    def done(self) -> None:
-        if self.times is not None:
-            self.times.total += time.perf_counter() - self.t0
-            self.times.steps += 1

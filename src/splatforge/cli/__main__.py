@@ -1,0 +1,7 @@
+"""``python -m splatforge.cli``: the ``splatforge`` command."""
+
+import sys
+
+from splatforge.cli import main
+
+sys.exit(main())

@@ -119,10 +119,15 @@ def test_local_pool_runs_dataset_jobs_as_before(tmp_path):
         ratio=0.5,
         stages=["postprocess"],
     )
-    events = []
+    events, lines = [], []
     pool = LocalExecutor([Slot("cpu"), Slot("cpu")], tmp_path / "logs")
-    results = pool.run([job, job], lambda *e: events.append(e[0]))  # one name: one at a time, one log
+    results = pool.run(  # one name: one at a time, one log
+        [job, job], lambda *e: events.append(e[0]), lambda j, line: lines.append((j.name, line))
+    )
     assert events == ["start", "end"] * 2 and [r["job"] for r in results] == ["x_0.5"] * 2
+    # the stages' events reach the parent as progress lines, per job
+    assert ("x_0.5", {"stage": "postprocess", "status": "started"}) in lines
+    assert any(n == "x_0.5" and line["status"] == "failed" and "nowhere" in line["error"] for n, line in lines)
     assert results[0]["status"] == "failed" and results[0]["stages"] == {"postprocess": "failed"}
     assert '"status": "failed"' in (tmp_path / "logs" / "x_0.5.log").read_text()
 
@@ -162,3 +167,27 @@ def test_ray_executor_runs_specs_with_progress_logs_and_cancel(ray_local, tmp_pa
     assert wait_all(ex, 1, timeout=60)["long"] == {"status": "failed", "error": "cancelled"}
     ex.close()
     assert Path(tmp_path / "logs").is_dir()
+
+
+def test_generate_board_shows_what_each_running_job_does():
+    import io
+    import types
+
+    from rich.console import Console
+
+    from splatforge.pipeline.board import JobBoard
+
+    def shown(board) -> str:
+        out = Console(record=True, width=100, file=io.StringIO())
+        out.print(board.renderable())
+        return out.export_text()
+
+    board = JobBoard(2, console=Console(file=io.StringIO()))
+    job = types.SimpleNamespace(name="skull_0.5")
+    board("start", job, None, "cpu0")
+    board.progress(job, {"stage": "train", "status": "running", "step": 1200, "steps": 3000, "psnr": 21.5})
+    assert "skull_0.5" in shown(board) and "train 1,200/3,000  PSNR 21.50" in shown(board)
+    board.progress(job, {"stage": "render", "status": "started"})
+    assert "render started" in shown(board)
+    board("end", job, {"status": "done"}, "cpu0")
+    assert "skull_0.5" not in shown(board) and "1/2 finished" in shown(board)

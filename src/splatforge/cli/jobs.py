@@ -146,7 +146,7 @@ class GenerateCommand(GenerateConfig):
             return
         board = JobBoard(len(plan_jobs(cfg, discover_scenes(cfg))), console=STDERR)
         with board.live:
-            summary = generate(cfg, on_event=board)
+            summary = generate(cfg, on_event=board, on_progress=board.progress)
         STDERR.print(
             f"{summary['done']} done, {summary['failed']} failed of {summary['jobs']} jobs "
             f"-> {cfg.output_dir / 'summary.md'}"

@@ -224,11 +224,17 @@ class Executor:
         if self.running():
             self.stop()
 
-    def run(self, jobs: list, on_event: Callable[[str, Any, dict | None, str], None] | None = None) -> list[dict]:
+    def run(
+        self,
+        jobs: list,
+        on_event: Callable[[str, Any, dict | None, str], None] | None = None,
+        on_progress: Callable[[Any, dict], None] | None = None,
+    ) -> list[dict]:
         """Run the dataset jobs ``jobs`` (:class:`~splatforge.pipeline.job.JobSpec`) as slots
-        free up; ``on_event("start"|"end", job, result, where)``; returns the results in the
-        order the jobs ended (a failing job is reported alone, the others go on; two jobs of the
-        same name, e.g. one scene in two subsets, never run at once: they share a log)."""
+        free up; ``on_event("start"|"end", job, result, where)``, ``on_progress(job, line)`` with
+        each progress line of a running job; returns the results in the order the jobs ended (a
+        failing job is reported alone, the others go on; two jobs of the same name, e.g. one scene
+        in two subsets, never run at once: they share a log)."""
         events = on_event or (lambda *a: None)
         queue = deque(jobs)
         by_name: dict[str, Any] = {}
@@ -240,7 +246,8 @@ class Executor:
                 if job is None:
                     break
                 queue.remove(job)
-                handle = self.submit(dataset_spec(job), name=job.name)
+                lines = None if on_progress is None else (lambda line, job=job: on_progress(job, line))
+                handle = self.submit(dataset_spec(job), name=job.name, on_progress=lines)
                 by_name[job.name] = job
                 events("start", job, None, handle.where)
             time.sleep(0.2)

@@ -252,7 +252,7 @@ def write_summary(out: Path, results: list[dict], unready: list[SceneEntry], sec
     return summary
 
 
-def generate(cfg: GenerateConfig, on_event: Callable | None = None) -> dict:
+def generate(cfg: GenerateConfig, on_event: Callable | None = None, on_progress: Callable | None = None) -> dict:
     """Plan and run every job; returns the summary (also in ``O/summary.json``). With
     ``cfg.dry_run`` nothing is written: the plan is returned as ``{"jobs": [...], "unready": [...]}``.
 
@@ -295,7 +295,7 @@ def generate(cfg: GenerateConfig, on_event: Callable | None = None) -> dict:
             slots = slots[: cfg.max_workers]
         executor = LocalExecutor(slots, out / "logs")  # type: ignore[assignment]
     try:
-        results = executor.run(jobs, on_event)
+        results = executor.run(jobs, on_event, on_progress)
     finally:
         executor.close()
     return write_summary(out, results, unready, time.perf_counter() - t)

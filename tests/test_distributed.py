@@ -10,6 +10,7 @@ this process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -283,7 +284,8 @@ def _children(pid: int) -> list[int]:
 @needs_skull
 def test_killed_rank_fails_the_run_and_resume_finishes_it(tmp_path):
     """SIGKILL of one rank past the first checkpoint: the command exits 1 with one ``error:``
-    line saying how to continue; ``--resume`` (also on one process) then finishes the run."""
+    line saying how to continue; the same command then finishes the run from its checkpoint, and
+    ``--resume`` continues it with more steps on one process."""
     run = tmp_path / "run"
     args = [
         str(SKULL),
@@ -319,8 +321,9 @@ def test_killed_rank_fails_the_run_and_resume_finishes_it(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: training on 2 processes stopped") and "--resume" in last, last
     assert not (run / "point_cloud").exists()
-    resumed = _train(*args, "--resume", "--nproc", "2")
+    resumed = _train(*args, "--nproc", "2")  # the same command: the train stage resumes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["resumed_from"] >= 10
     ckpt = torch.load(run / "checkpoints" / "ckpt_000060.pt", weights_only=True)
     assert ckpt["step"] == 60 and len(ckpt["shard_sizes"]) == 2
     assert (run / "point_cloud" / "iteration_60" / "point_cloud.ply").is_file()

@@ -91,6 +91,18 @@ class TrainStep:
     num_gaussians: int
     its: float
 
+    def line(self) -> dict[str, Any]:
+        """The step as a JSON progress line's fields: ``step``, ``steps``, ``loss`` (5 decimals),
+        ``psnr`` (dB, 2 decimals), ``num_gaussians`` (what the node's and the dataset jobs' lines
+        carry)."""
+        return {
+            "step": self.step,
+            "steps": self.steps,
+            "loss": round(self.loss, 5),
+            "psnr": round(self.psnr, 2),
+            "num_gaussians": self.num_gaussians,
+        }
+
     @property
     def eta_s(self) -> float | None:
         """Seconds left at this step's speed (None when unknown)."""

@@ -272,11 +272,7 @@ class NodeProgress:
                         "pct": self._pct("train", event.step / event.steps),
                         "stage": "train",
                         "status": "running",
-                        "step": event.step,
-                        "steps": event.steps,
-                        "loss": round(event.loss, 5),
-                        "psnr": round(event.psnr, 2),
-                        "num_gaussians": event.num_gaussians,
+                        **event.line(),
                         "eta_s": None if eta is None else round(eta),
                     }
                 )

@@ -39,17 +39,7 @@ def _event_lines(on_progress: ProgressFn):
             on_progress({"stage": stage, "status": "started", "steps": event.steps, "resumed_from": event.start_step})
         elif isinstance(event, TrainStep):
             if event.step % every["n"] == 0 or event.step == event.steps:
-                on_progress(
-                    {
-                        "stage": stage,
-                        "status": "running",
-                        "step": event.step,
-                        "steps": event.steps,
-                        "loss": round(event.loss, 5),
-                        "psnr": round(event.psnr, 2),
-                        "num_gaussians": event.num_gaussians,
-                    }
-                )
+                on_progress({"stage": stage, "status": "running", **event.line()})
         elif isinstance(event, StageDone):
             status = "skipped" if event.skipped else "completed"
             on_progress({"stage": stage, "status": status, "seconds": round(event.seconds, 2)})

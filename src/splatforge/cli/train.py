@@ -76,19 +76,16 @@ class TrainCommand(TrainConfig):
     def _launched_train(self, ctx, cfg: TrainConfig, force_resume: bool) -> tuple[list[Path], dict]:
         """The train stage of ``--nproc N``: this command on N processes through torchrun, into
         one run folder (continuing from its checkpoints when the stage is resumed)."""
-        import shutil
-
         from splatforge.errors import TrainingProcessError
+        from splatforge.pipeline.stages import resume_checkpoints
         from splatforge.train.distributed import launch
 
         argv = _drop_option(_drop_option(self.argv, "--nproc"), "--output")
         argv = _drop_option(_drop_option(argv, "--resume", takes_value=False), "--no-eval", takes_value=False)
         argv = [*argv, "--output", str(cfg.output), "--no-eval"]
         ckpts = Path(cfg.output) / "checkpoints"
-        if ctx.resumable or force_resume:
+        if resume_checkpoints(ctx, cfg.output, force_resume):
             argv.append("--resume")
-        elif ckpts.is_dir():
-            shutil.rmtree(ckpts)  # of an earlier run with other options
         code, out = launch(self.nproc, ["train", *argv], capture_stdout=True)
         if code != 0:
             raise TrainingProcessError(

@@ -73,6 +73,7 @@ from splatforge.pipeline.node import (
     scene_folder,
     write_frames,
 )
+from splatforge.pipeline.run import device_and_preset
 from splatforge.pipeline.stages import eval_stage, open_run, train_digest, train_stage
 from splatforge.train.config import TrainFeatures
 
@@ -162,12 +163,6 @@ def splatter_train_config(cfg: SplatterConfig):
         max_image_size=0 if cfg.data_factor is not None else None,  # the factor given decides the size
         **cfg.train_fields(),
     )
-
-
-def device_and_preset(cfg):
-    from splatforge.pipeline.run import device_and_preset as resolve
-
-    return resolve(cfg)
 
 
 def _prepare_captures(ctx: StageContext, cfg: SplatterConfig) -> tuple[list[Path], dict]:
@@ -263,6 +258,8 @@ def _previews(ctx: StageContext, out: Path, size: int) -> tuple[list[Path], dict
 
 def _complete(ctx: StageContext, cfg: SplatterConfig, runner: StageRunner) -> tuple[list[Path], dict]:
     """``result.json``, from the records of the stages before it."""
+    from splatforge.train.run import read_run_config
+
     root = Path(cfg.job_root_path)
     out = root / OUT_DIR
     info = {name: runner.info(name) for name in ("frames", "train", "eval", "export", "previews")}
@@ -274,7 +271,7 @@ def _complete(ctx: StageContext, cfg: SplatterConfig, runner: StageRunner) -> tu
         if (out / f).is_file()
     ]
     split = "test" if "test" in metrics else "train"
-    train_cfg = open_run(ctx, out / "run").cfg
+    train_cfg = read_run_config(out / "run")
     seconds = {name: float(runner.manifest.stage(name).get("seconds", 0.0)) for name in info}
     times = {
         "frames_s": seconds["frames"],

@@ -20,7 +20,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRAIN_UNHASHED", "eval_stage", "open_run", "scene_inputs", "train_digest", "train_stage"]
+__all__ = [
+    "TRAIN_UNHASHED",
+    "eval_stage",
+    "open_run",
+    "resume_checkpoints",
+    "scene_inputs",
+    "train_digest",
+    "train_stage",
+]
 
 #: Config fields that do not change what training produces (where it writes, how often it
 #: checkpoints, torch's thread count): left out of the train digest, so changing them does not
@@ -51,6 +59,19 @@ def train_digest(cfg: TrainConfig, upstream: Iterable[str] = ()) -> str:
     return digest("train", options, None if upstream else scene_inputs(cfg.data), upstream)
 
 
+def resume_checkpoints(ctx: StageContext, output: Path, force_resume: bool = False) -> bool:
+    """Whether the train stage in ``output`` continues from its checkpoints: when its last attempt
+    had the same digest (``ctx.resumable``) or ``force_resume``. Otherwise the checkpoints of an
+    earlier run with other options are removed, so that no later resume picks them up."""
+    if ctx.resumable or force_resume:
+        return True
+    ckpts = Path(output) / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        log.info("%s: checkpoints of an earlier run with other options: starting over", ckpts)
+        shutil.rmtree(ckpts)
+    return False
+
+
 def train_stage(
     ctx: StageContext,
     cfg: TrainConfig,
@@ -76,14 +97,9 @@ def train_stage(
     trainer = Trainer(cfg)
     cfg = trainer.cfg  # resolved
     ckpts = trainer.output / "checkpoints"
-    resumed = False
-    if ctx.resumable or force_resume:
-        resumed = trainer.resume()
-        if resumed:
-            log.info("resuming training from step %d (checkpoint in %s)", trainer.step, ckpts)
-    elif ckpts.is_dir() and any(ckpts.iterdir()):
-        log.info("%s: checkpoints of an earlier run with other options: starting over", ckpts)
-        shutil.rmtree(ckpts)
+    resumed = resume_checkpoints(ctx, trainer.output, force_resume) and trainer.resume()
+    if resumed:
+        log.info("resuming training from step %d (checkpoint in %s)", trainer.step, ckpts)
     i = trainer.train_ids[0]
     size = (int(trainer.scene.widths[i]), int(trainer.scene.heights[i]))
     text = describe_plan(trainer, estimate_seconds(trainer)) if plan and trainer.step < cfg.steps else ""
@@ -99,7 +115,6 @@ def train_stage(
     start = trainer.step
     result = trainer.train(report)
     ctx.shared["run"] = trainer.as_run()
-    ctx.shared["trainer"] = trainer
     latest = sorted(ckpts.glob("ckpt_*.pt"))[-1:]
     outputs = [result.ply_path, trainer.output / "cameras.json", trainer.output / "cfg.yml", *latest]
     info = {

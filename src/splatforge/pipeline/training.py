@@ -30,19 +30,15 @@ __all__ = ["run_folder", "train_job"]
 
 
 def run_folder(cfg: TrainConfig, root: Path = Path("runs"), reuse: bool = False) -> Path:
-    """The run folder for ``cfg`` when it names none: ``root/<scene folder name>``, or the first
-    of ``<name>-2``, ``<name>-3``, ... that holds no run (no ``cfg.yml``) or a run of the same
-    options (its manifest's train digest is this config's); with ``reuse``, ``root/<name>``."""
-    name = Path(cfg.data).resolve().name or "scene"
-    if reuse:
-        return Path(root) / name
+    """The run folder for ``cfg`` when it names none (:func:`~splatforge.train.config.default_output`):
+    ``root/<scene folder name>``, or the first of ``<name>-2``, ``<name>-3``, ... that holds no run
+    or a run of the same options (its manifest's train digest is this config's)."""
+    from splatforge.train.config import default_output
+
     wanted = train_digest(cfg)
-    k = 1
-    while True:
-        out = Path(root) / (name if k == 1 else f"{name}-{k}")
-        if not (out / "cfg.yml").exists() or Manifest(out).stage("train").get("hash") == wanted:
-            return out
-        k += 1
+    return default_output(
+        cfg.data, root, reuse, same_run=lambda out: Manifest(out).stage("train").get("hash") == wanted
+    )
 
 
 def train_job(

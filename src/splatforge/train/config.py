@@ -14,6 +14,7 @@ fills them in, and ``cfg.yml`` records the numbers used.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,15 +68,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def default_output(data: Path, root: Path = Path("runs"), reuse: bool = False) -> Path:
+def default_output(
+    data: Path, root: Path = Path("runs"), reuse: bool = False, same_run: Callable[[Path], bool] | None = None
+) -> Path:
     """``root/<name of the scene folder>``; when that folder already holds a run (``cfg.yml``)
-    and not ``reuse``, the first of ``<name>-2``, ``<name>-3``, ... that does not."""
+    and not ``reuse``, the first of ``<name>-2``, ``<name>-3``, ... that does not, or whose run
+    ``same_run(folder)`` says is this one (the same command started again)."""
     name = Path(data).resolve().name or "scene"
     out = Path(root) / name
     if reuse:
         return out
     k = 2
-    while (out / "cfg.yml").exists():
+    while (out / "cfg.yml").exists() and not (same_run is not None and same_run(out)):
         out = Path(root) / f"{name}-{k}"
         k += 1
     return out
